@@ -1,0 +1,211 @@
+"""Bake the default and an option matrix; check that every variant is complete, rendered and consistent."""
+
+import json
+import py_compile
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import MATRIX, TEMPLATE, make_targets, text_files
+from cookiecutter.main import cookiecutter
+
+ALWAYS = [
+    "README.md",
+    "pyproject.toml",
+    "Makefile",
+    ".gitignore",
+    ".pre-commit-config.yaml",
+    "configs/config.yaml",
+    "configs/logger/none.yaml",
+    "configs/experiment/default.yaml",
+    "1_planning/CHECKLIST.md",
+    "1_planning/PLAN.md",
+    "1_planning/requirements.yaml",
+    "2_data/CHECKLIST.md",
+    "3_training/CHECKLIST.md",
+    "4_debugging/CHECKLIST.md",
+    "4_debugging/FAILURE_MODES.md",
+    "5_deployment/CHECKLIST.md",
+    "6_metric_review/CHECKLIST.md",
+    "src/{pkg}/__init__.py",
+    "src/{pkg}/planning.py",
+    "src/{pkg}/metric_review.py",
+    "src/{pkg}/debugging/error_analysis.py",
+    "src/{pkg}/debugging/probes.py",
+    "tests",
+]
+EXAMPLE = [
+    "src/{pkg}/data/capture.py",
+    "src/{pkg}/data/bop.py",
+    "src/{pkg}/data/qa.py",
+    "src/{pkg}/pose/geometry.py",
+    "src/{pkg}/pose/model.py",
+    "src/{pkg}/pose/losses.py",
+    "src/{pkg}/pose/metrics.py",
+    "src/{pkg}/training.py",
+    "src/{pkg}/evaluation.py",
+    "src/{pkg}/debugging/doctor.py",
+    "src/{pkg}/deployment/export.py",
+    "src/{pkg}/deployment/serve.py",
+    "configs/data/synthetic.yaml",
+    "configs/experiment/smoke.yaml",
+    "configs/experiment/baseline.yaml",
+    "configs/experiment/zoo",
+    "2_data/LABELING.md",
+    "tests/example",
+]
+OPTIONAL = {
+    ("use_dvc", "yes"): ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config"],
+    ("use_wandb", "yes"): ["configs/logger/wandb.yaml"],
+    ("ci", "github-actions"): [".github/workflows/ci.yml"],
+}
+DEFAULTS = json.loads((TEMPLATE / "cookiecutter.json").read_text())
+# Python sources are copied unrendered (f-strings may hold "{{"), so only template tags count there.
+UNRENDERED = re.compile(r"(?<!\$)\{\{|\{%|\{#|cookiecutter\.")
+UNRENDERED_PY = re.compile(r"\{\{\s*cookiecutter|\{%-?\s|cookiecutter\.\w")
+
+
+def answers(extra):
+    chosen = {
+        key: (value[0] if isinstance(value, list) else value)
+        for key, value in DEFAULTS.items()
+        if not key.startswith("_") and "{{" not in str(value)
+    }
+    chosen.update(extra)
+    return chosen
+
+
+@pytest.fixture(scope="module", params=list(MATRIX), ids=list(MATRIX))
+def baked(request, tmp_path_factory):
+    """One bake per matrix row, shared by the checks below."""
+    out = tmp_path_factory.mktemp(request.param)
+    extra = MATRIX[request.param]
+    project = cookiecutter(str(TEMPLATE), no_input=True, extra_context=extra, output_dir=str(out))
+    return Path(project), answers(extra)
+
+
+def expected_paths(chosen, project):
+    pkg = next(p.name for p in (project / "src").iterdir() if p.is_dir())
+    present = list(ALWAYS)
+    absent = []
+    (present if chosen["include_example"] == "yes" else absent).extend(EXAMPLE)
+    for (option, value), paths in OPTIONAL.items():
+        (present if chosen[option] == value else absent).extend(paths)
+    (present if chosen["license"] != "none" else absent).append("LICENSE")
+    return [p.format(pkg=pkg) for p in present], [p.format(pkg=pkg) for p in absent]
+
+
+def test_file_set(baked):
+    project, chosen = baked
+    present, absent = expected_paths(chosen, project)
+    missing = [p for p in present if not (project / p).exists()]
+    extra = [p for p in absent if (project / p).exists()]
+    assert not missing, f"missing: {missing}"
+    assert not extra, f"opted out but present: {extra}"
+
+
+def test_names_follow_answers(baked):
+    project, chosen = baked
+    expected_slug = chosen["project_name"].lower().strip().replace(" ", "-").replace("_", "-")
+    assert project.name == chosen.get("project_slug", expected_slug)
+    package = chosen.get("package_name", project.name.replace("-", "_"))
+    assert (project / "src" / package / "__init__.py").exists()
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == project.name
+    assert pyproject["project"]["requires-python"] == f">={chosen['python_version']}"
+    deps = " ".join(pyproject["project"]["dependencies"])
+    assert ("wandb" in deps) == (chosen["use_wandb"] == "yes")
+    assert ("dvc" in deps) == (chosen["use_dvc"] == "yes")
+    assert ("roma" in deps) == (chosen["include_example"] == "yes")
+
+
+def test_nothing_unrendered(baked):
+    project, _ = baked
+    leftovers = [
+        f"{path.relative_to(project)}:{n}: {line.strip()}"
+        for path, text in text_files(project)
+        for n, line in enumerate(text.splitlines(), 1)
+        if (UNRENDERED_PY if path.suffix == ".py" else UNRENDERED).search(line)
+    ]
+    assert not leftovers, "\n".join(leftovers[:20])
+    assert not [p for p in project.rglob("*") if "{{" in p.name or "cookiecutter" in p.name]
+
+
+def test_yaml_and_toml_parse(baked):
+    project, _ = baked
+    for path, text in text_files(project):
+        if path.suffix in {".yaml", ".yml"}:
+            yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            tomllib.loads(text)
+
+
+def test_python_compiles_and_ruff_is_clean(baked, tmp_path):
+    project, _ = baked
+    for path in project.rglob("*.py"):
+        py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
+    ruff = [sys.executable, "-m", "ruff"]
+    check = subprocess.run([*ruff, "check", "."], cwd=project, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    fmt = subprocess.run([*ruff, "format", "--check", "."], cwd=project, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_readme_commands_exist(baked):
+    """Every `make <target>` named in any markdown file is a target of the Makefile (no dead references)."""
+    project, _ = baked
+    targets = make_targets((project / "Makefile").read_text())
+    named = {
+        (path.relative_to(project), target)
+        for path, text in text_files(project)
+        if path.suffix == ".md"
+        for target in re.findall(r"\bmake ([a-z][a-z0-9-]*)", text)
+    }
+    dead = sorted(f"{where}: make {target}" for where, target in named if target not in targets)
+    assert not dead, dead
+
+
+def test_ci_runs_the_readme_test_command(baked):
+    project, chosen = baked
+    readme = (project / "README.md").read_text()
+    assert "make test" in readme
+    workflow = project / ".github/workflows/ci.yml"
+    if chosen["ci"] == "github-actions":
+        ci = yaml.safe_load(workflow.read_text())
+        runs = " ".join(step.get("run", "") for step in ci["jobs"]["test"]["steps"])
+        assert "make test" in runs
+        assert "${{ github.workflow }}" in workflow.read_text()
+
+
+def test_hydra_config_composes_for_every_experiment(baked):
+    """The config tree composes with every shipped experiment, and every interpolation resolves."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    project, _ = baked
+    config_dir = project / "configs"
+    experiments = sorted(
+        str(p.relative_to(config_dir / "experiment").with_suffix(""))
+        for p in (config_dir / "experiment").rglob("*.yaml")
+    )
+    assert "default" in experiments
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        for name in experiments:
+            cfg = compose(config_name="config", overrides=[f"experiment={name}"])
+            OmegaConf.resolve(cfg)
+            assert cfg.paths.training.endswith("3_training")
+
+
+def test_git_repository_with_initial_commit(baked):
+    project, chosen = baked
+    log = subprocess.run(["git", "log", "--oneline"], cwd=project, capture_output=True, text=True)
+    assert log.returncode == 0 and len(log.stdout.splitlines()) == 1, log.stderr
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
+    assert status.stdout == "", status.stdout
+    if chosen["use_dvc"] == "yes":
+        config = (project / ".dvc/config").read_text()
+        assert "remote = local" in config and "dvc-storage" in config
