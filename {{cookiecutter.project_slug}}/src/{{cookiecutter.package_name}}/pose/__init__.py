@@ -1,0 +1,1 @@
+"""The pose domain: rotation/translation geometry (roma), the network, its losses and the BOP metrics."""

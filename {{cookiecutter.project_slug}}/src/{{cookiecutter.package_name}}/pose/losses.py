@@ -1,0 +1,166 @@
+"""Pose losses, selected by the Hydra config group `loss` (configs/loss/<name>.yaml).
+
+    build_criterion(loss_cfg, model_points_mm=None, symmetric=False, image_size=None) -> PoseCriterion
+    criterion(out, batch) -> (loss, parts)
+
+`out` is the network's raw output {"rot": [B, D], "trans": [B, 3]} (D = geometry.rotation_dim(loss_cfg.rotation));
+`batch` is a BopDataset batch with "R" [B, 3, 3], "t" [B, 3] (mm), "K" [B, 3, 3] and "image" [B, 3, H, W]
+(the image only supplies (H, W) for translation mode "centre_depth", or pass image_size).
+`loss` is a scalar tensor to backpropagate; `parts` maps names to detached 0-dim tensors (use float(v)):
+"loss", "rot" and "trans" (the unweighted terms), "rot_err_deg" and "trans_err_mm" (batch means of the
+decoded pose's errors, for monitoring). The criterion also exposes `.rotation` (representation the network
+must output) and `.translation` (translation mode) so the model can be built to match.
+
+Config keys: name, rotation (euler | quaternion | sixd), translation (direct | centre_depth),
+rotation_weight, translation_weight, and for point_matching n_points (model points used, default 500).
+
+Losses (each term: squared error summed over components, averaged over the batch):
+- euler_l2: the talk's seed baseline. L2 on (x, y, z) and L2 on Euler angles (phi, theta, psi) against
+  roma.rotmat_to_euler targets. No wrap-around handling on purpose: a prediction of +179 deg for a target
+  of -179 deg costs as much as a 358 deg error, and near theta = +-90 deg (gimbal lock) the targets jump.
+- quaternion: sign-invariant, min(|q - q_hat|^2, |q + q_hat|^2) with q_hat the normalised output (q and -q
+  are the same rotation).
+- sixd: Zhou et al. 2019 continuous 6D representation; squared Frobenius distance between rotation matrices,
+  |R_hat - R|_F^2 = 4 (1 - cos angle).
+- point_matching: PoseCNN's PLoss, mean over model points x of |R_hat x - R x|^2, points in units of the
+  object's diameter (so the value does not depend on the object's size); for a symmetric object the
+  ShapeMatch-Loss, mean over x of min over model points y of |R_hat x - R y|^2, which is zero for any
+  rotation that maps the point set onto itself. PoseCNN's constant 1/2 is left out.
+The translation term is the L2 between the raw output and geometry.encode_translation of the ground truth.
+"""
+
+import torch
+
+from . import geometry
+
+LOSSES = ("euler_l2", "quaternion", "sixd", "point_matching")
+# The representation a loss needs; point_matching works on rotation matrices from any representation.
+_REQUIRED_REPRESENTATION = {"euler_l2": "euler", "quaternion": "quaternion", "sixd": "sixd"}
+
+
+def _squared_distances(a, b):
+    """Pairwise squared distances [B, N, M] between point sets a [B, N, 3] and b [B, M, 3].
+
+    Written as |a|^2 + |b|^2 - 2ab instead of torch.cdist: cdist's gradient is NaN at zero distance,
+    which is exactly where ShapeMatch sits at the ground truth.
+    """
+    d2 = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1).unsqueeze(-2) - 2.0 * a @ b.transpose(-1, -2)
+    return d2.clamp_min(0.0)
+
+
+class PoseCriterion:
+    def __init__(
+        self,
+        name,
+        rotation,
+        translation,
+        rotation_weight,
+        translation_weight,
+        points=None,
+        symmetric=False,
+        image_size=None,
+    ):
+        self.name = name
+        self.rotation = rotation
+        self.translation = translation
+        self.rotation_weight = float(rotation_weight)
+        self.translation_weight = float(translation_weight)
+        self.points = points  # [N, 3] in units of the object's diameter, point_matching only
+        self.symmetric = bool(symmetric)
+        self.image_size = image_size
+
+    def __repr__(self):
+        return (
+            f"PoseCriterion(name={self.name!r}, rotation={self.rotation!r}, translation={self.translation!r}, "
+            f"rotation_weight={self.rotation_weight}, translation_weight={self.translation_weight}, "
+            f"symmetric={self.symmetric})"
+        )
+
+    def _image_size(self, batch):
+        if self.image_size is not None:
+            return self.image_size
+        if "image" in batch:
+            return tuple(batch["image"].shape[-2:])
+        return None
+
+    def rotation_loss(self, raw_rot, R_gt):
+        if self.name == "euler_l2":
+            target = geometry.rotmat_to_target(R_gt, "euler")
+            return ((raw_rot - target) ** 2).sum(-1).mean()
+        if self.name == "quaternion":
+            q_hat = torch.nn.functional.normalize(raw_rot, dim=-1, eps=1e-8)
+            q = geometry.rotmat_to_target(R_gt, "quaternion")
+            return torch.minimum(((q_hat - q) ** 2).sum(-1), ((q_hat + q) ** 2).sum(-1)).mean()
+        R_hat = geometry.raw_to_rotmat(raw_rot, self.rotation)
+        if self.name == "sixd":
+            return ((R_hat - R_gt) ** 2).sum((-1, -2)).mean()
+        points = self.points.to(device=R_gt.device, dtype=R_gt.dtype)
+        pred = points @ R_hat.transpose(-1, -2)  # [B, N, 3]
+        gt = points @ R_gt.transpose(-1, -2)
+        if self.symmetric:
+            return _squared_distances(pred, gt).min(-1).values.mean()
+        return ((pred - gt) ** 2).sum(-1).mean()
+
+    def __call__(self, out, batch):
+        R_gt, t_gt, K = batch["R"], batch["t"], batch["K"]
+        raw_rot, raw_trans = out["rot"], out["trans"]
+        image_size = self._image_size(batch)
+        rot = self.rotation_loss(raw_rot, R_gt)
+        target_trans = geometry.encode_translation(t_gt, K, self.translation, image_size)
+        trans = ((raw_trans - target_trans) ** 2).sum(-1).mean()
+        loss = self.rotation_weight * rot + self.translation_weight * trans
+        with torch.no_grad():
+            R_hat = geometry.raw_to_rotmat(raw_rot.detach(), self.rotation)
+            t_hat = geometry.decode_translation(raw_trans.detach(), K, self.translation, image_size)
+            parts = {
+                "loss": loss.detach(),
+                "rot": rot.detach(),
+                "trans": trans.detach(),
+                "rot_err_deg": geometry.geodesic_angle_deg(R_hat, R_gt).mean(),
+                "trans_err_mm": (t_hat - t_gt).norm(dim=-1).mean(),
+            }
+        return loss, parts
+
+
+def _diameter_units(model_points_mm, n_points, seed=0):
+    points = torch.as_tensor(model_points_mm, dtype=torch.float32)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) < 2:
+        raise ValueError(
+            f"model_points_mm must be an (N, 3) array with N >= 2, got shape {tuple(points.shape)}"
+        )
+    if len(points) > n_points:
+        generator = torch.Generator().manual_seed(seed)
+        points = points[torch.randperm(len(points), generator=generator)[:n_points]]
+    diameter = torch.cdist(points, points).max()
+    if not diameter > 0:
+        raise ValueError("model_points_mm are all the same point: the object has no extent")
+    return points / diameter
+
+
+def build_criterion(loss_cfg, model_points_mm=None, symmetric=False, image_size=None):
+    """The loss named by `loss_cfg.name` (see the module docstring); raises ValueError on a bad config."""
+    name = loss_cfg.get("name")
+    if name not in LOSSES:
+        raise ValueError(f"loss.name={name!r} is not a known loss; expected one of {LOSSES}")
+    rotation = loss_cfg.get("rotation")
+    geometry.rotation_dim(rotation)  # raises on an unknown representation
+    required = _REQUIRED_REPRESENTATION.get(name)
+    if required is not None and rotation != required:
+        raise ValueError(f"loss.name={name} needs loss.rotation={required}, got loss.rotation={rotation}")
+    translation = loss_cfg.get("translation")
+    geometry.translation_dim(translation)  # raises on an unknown mode
+    points = None
+    if name == "point_matching":
+        if model_points_mm is None:
+            raise ValueError("loss.name=point_matching needs the object's model points (model_points_mm)")
+        points = _diameter_units(model_points_mm, int(loss_cfg.get("n_points", 500)))
+    return PoseCriterion(
+        name,
+        rotation,
+        translation,
+        loss_cfg.get("rotation_weight", 1.0),
+        loss_cfg.get("translation_weight", 1.0),
+        points=points,
+        symmetric=symmetric,
+        image_size=image_size,
+    )
