@@ -18,6 +18,8 @@ OPTIONS = {
     "ci": "{{ cookiecutter.ci }}",
     "license": "{{ cookiecutter.license }}",
 }
+# The embedded default DVC remote: a folder beside the project. Replace with S3/GCS/... to share data.
+DVC_REMOTE = "../{{ cookiecutter.project_slug }}-dvc-storage"
 AUTHOR = ("{{ cookiecutter.author_name }}", "{{ cookiecutter.author_email }}")
 
 SRC = f"src/{PACKAGE}"
@@ -91,12 +93,11 @@ def init_repositories():
     dvc = dvc_command()
     if OPTIONS["use_dvc"] == "yes":
         if dvc is None:
-            steps.append("pip install dvc && dvc init && dvc remote add -d local ../{{ cookiecutter.project_slug }}-dvc-storage")
+            steps.append(f"pip install dvc && dvc init && dvc remote add -d local {DVC_REMOTE}")
         else:
             run(*dvc, "init", "-q")
             run(*dvc, "config", "core.analytics", "false")
-            # The embedded default remote: a folder beside the project. Replace with S3/GCS/... to share data.
-            run(*dvc, "remote", "add", "-d", "local", "../{{ cookiecutter.project_slug }}-dvc-storage")
+            run(*dvc, "remote", "add", "-d", "local", DVC_REMOTE)
     run("git", "add", "-A")
     identity = []
     if subprocess.run(["git", "config", "user.email"], capture_output=True).returncode != 0:

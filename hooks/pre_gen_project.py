@@ -4,24 +4,13 @@ On a bad answer: one clear message naming the prompt and what is wrong, exit 1. 
 removes the project folder it created for this run, so nothing is left on disk.
 """
 
+import json
 import keyword
 import re
 import sys
 
-ANSWERS = {
-    "project_name": {{ cookiecutter.project_name | tojson }},
-    "project_slug": {{ cookiecutter.project_slug | tojson }},
-    "package_name": {{ cookiecutter.package_name | tojson }},
-    "author_name": {{ cookiecutter.author_name | tojson }},
-    "author_email": {{ cookiecutter.author_email | tojson }},
-    "description": {{ cookiecutter.description | tojson }},
-    "python_version": {{ cookiecutter.python_version | tojson }},
-    "license": {{ cookiecutter.license | tojson }},
-    "include_example": {{ cookiecutter.include_example | tojson }},
-    "use_wandb": {{ cookiecutter.use_wandb | tojson }},
-    "use_dvc": {{ cookiecutter.use_dvc | tojson }},
-    "ci": {{ cookiecutter.ci | tojson }},
-}
+# Rendered by cookiecutter: JSON escapes every quote and backslash, so any answer is safe here.
+ANSWERS = json.loads(r"""{{ cookiecutter | tojson }}""")
 
 CHOICES = {
     "python_version": ["3.10", "3.11", "3.12"],

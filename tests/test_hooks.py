@@ -23,7 +23,10 @@ BAD_ANSWERS = {
     "email without at": ({"author_email": "me.example.com"}, "author_email"),
     "email without domain dot": ({"author_email": "me@localhost"}, "author_email"),
     "email with spaces": ({"author_email": "me @example.com"}, "author_email"),
-    "empty project name": ({"project_name": " ", "project_slug": "x", "package_name": "x_pkg"}, "project_name"),
+    "empty project name": (
+        {"project_name": " ", "project_slug": "x", "package_name": "x_pkg"},
+        "project_name",
+    ),
     "description with a quote": ({"description": 'the "best" model'}, "description"),
 }
 UNKNOWN_CHOICES = {
@@ -86,7 +89,11 @@ def test_bake_without_git_prints_next_steps(tmp_path):
 
 def test_good_custom_answers_are_accepted(cookies):
     result = cookies.bake(
-        extra_context={"project_name": "Robot Grasp", "package_name": "robot_grasp_pose", "author_email": "a.b@c.io"}
+        extra_context={
+            "project_name": "Robot Grasp",
+            "package_name": "robot_grasp_pose",
+            "author_email": "a.b@c.io",
+        }
     )
     assert result.exit_code == 0, result.exception
     assert (result.project_path / "src" / "robot_grasp_pose").is_dir()
