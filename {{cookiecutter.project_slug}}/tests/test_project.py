@@ -1,0 +1,53 @@
+"""The project's own wiring: every stage command exists, composes the config tree and is documented."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from {{ cookiecutter.package_name }}.paths import CONFIG_DIR, PROJECT_ROOT
+
+MAKEFILE = (PROJECT_ROOT / "Makefile").read_text()
+STAGE_FOLDERS = ["1_planning", "2_data", "3_training", "4_debugging", "5_deployment", "6_metric_review"]
+
+
+def make_commands():
+    """(target, module) for every Make target that runs `python -m $(PKG).<module>`."""
+    return re.findall(r"^([a-z-]+):.*\n(?:\t.*\n)*?\t\$\(PYTHON\) -m \$\(PKG\)\.([\w.]+)", MAKEFILE, flags=re.M)
+
+
+def experiments():
+    root = Path(CONFIG_DIR) / "experiment"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def test_every_stage_folder_has_a_checklist():
+    for folder in STAGE_FOLDERS:
+        assert (PROJECT_ROOT / folder / "CHECKLIST.md").is_file(), folder
+
+
+@pytest.mark.parametrize("target, module", make_commands())
+def test_make_target_runs_an_existing_hydra_app(target, module):
+    spec = importlib.util.find_spec(f"{{ cookiecutter.package_name }}.{module}")
+    assert spec is not None, f"make {target}: module {module} not found"
+    source = Path(spec.origin).read_text()
+    assert "hydra.main" in source and "def main" in source, f"make {target}: {module} is not a Hydra app"
+
+
+def test_checklists_name_only_existing_commands():
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", MAKEFILE, flags=re.M))
+    for checklist in PROJECT_ROOT.glob("*/CHECKLIST.md"):
+        for target in re.findall(r"`make ([a-z][a-z0-9-]*)", checklist.read_text()):
+            assert target in targets, f"{checklist.parent.name}/CHECKLIST.md names `make {target}`"
+
+
+@pytest.mark.parametrize("experiment", experiments())
+def test_config_tree_composes(experiment):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
+    OmegaConf.resolve(cfg)
+    for stage in ("planning", "data", "training", "debugging", "deployment", "metric_review"):
+        assert cfg.paths[stage].endswith(stage), stage
