@@ -101,7 +101,9 @@ class SampleRule:
         missing = [c for c in self.columns if c not in table]
         if missing:
             raise ValueError(f"per-sample rule `{self}` needs column(s) {missing}, not in the errors table")
-        threshold = self.value * np.asarray(table[self.scale_column], float) if self.scale_column else self.value
+        threshold = (
+            self.value * np.asarray(table[self.scale_column], float) if self.scale_column else self.value
+        )
         return _COMPARE[self.op](np.asarray(table[self.column], float), threshold)
 
     def __str__(self):
@@ -183,7 +185,9 @@ def _parse_one(path, index, item):
     if isinstance(target, bool) or not isinstance(target, int | float) or not math.isfinite(target):
         raise RequirementsError(f"{where}: field 'target' must be a finite number, got {target!r}")
     if item["op"] not in OPS:
-        raise RequirementsError(f"{where}: field 'op': unknown op {item['op']!r} (use one of {', '.join(OPS)})")
+        raise RequirementsError(
+            f"{where}: field 'op': unknown op {item['op']!r} (use one of {', '.join(OPS)})"
+        )
     if item["priority"] not in PRIORITIES:
         raise RequirementsError(
             f"{where}: field 'priority': unknown priority {item['priority']!r} (use must or should)"
@@ -242,7 +246,9 @@ def load_requirements(path):
         seen.add(req.name)
     headlines = [r.name for r in requirements if r.headline]
     if len(headlines) > 1:
-        raise RequirementsError(f"{path}: requirement '{headlines[1]}': field 'headline': only one may be true")
+        raise RequirementsError(
+            f"{path}: requirement '{headlines[1]}': field 'headline': only one may be true"
+        )
     return requirements
 
 

@@ -1,0 +1,657 @@
+"""Stage 4 (debugging): error analysis, the talk's way (Andrew Ng's procedure).
+
+`make analyze` reads a per-sample errors CSV (default `3_training/errors.csv`, one row per dev/test
+sample) and:
+
+1. selects the errors: samples that fail the headline requirement's per-sample rule
+   (`sample_fails_when` in `1_planning/requirements.yaml`, e.g. `add_s_mm >= 0.1 * diameter_mm`),
+   or `fail_when=...` given here, or (`select=worst`) the worst `worst_n` samples by `worst_by`;
+2. splits the dev set into an EYEBALL subset (you look at its errors) and a BLACKBOX subset (you never
+   do). Ng's reason: after a few rounds of looking, your ideas are tuned to the eyeball examples; if the
+   eyeball error rate falls much faster than the blackbox one, you have overfit what you looked at and
+   need a fresh eyeball set. The split is by a seeded hash of each sample's id, so it is reproducible,
+   independent of row order, and a sample stays on its side when the CSV is regenerated;
+3. samples ~100 eyeball errors (again by seeded hash: the same errors stay sampled across re-runs) and
+   tags each with categories; writes the tag sheet `tags.csv`, one row per sampled error, one column
+   per category ("x" = yes), a comments column;
+4. reports per category the "% of total" and the CEILING: with error rate X and a category covering a
+   fraction f of the sampled errors, fixing all of them gives at best Y = X * (1 - f), a relative
+   improvement of f (the talk: 10% error, 5 of 100 are dogs -> at best 9.5%, 5% relative).
+
+The tag sheet is yours to edit: mark or unmark cells, add NEW COLUMNS for categories you find while
+looking, write comments, then re-run. Precedence: a cell you changed from what the tool last wrote is
+a manual mark and always wins over the automatic tag (`0`, `no`, `-` or an empty cell unmarks; any other
+text marks); untouched cells follow the automatic tags (which change when thresholds change); your own
+columns and comments are kept verbatim. What the tool last wrote is kept in `tags_state.json` (delete
+it and tags.csv to start over; without it every cell that differs from the automatic tag is kept as
+manual).
+
+Automatic categories: any 0/1 column named `tag_<category>` in the errors CSV (for your own task), plus,
+only when the pose columns are present (6D pose example, see the "pose tags" section below): near a
+symmetry, Euler wrap-around, gimbal lock, far/small in image, truncated by the border, occluded, extreme
+viewpoint, and low light / blurry when `brightness` / `blur_px` columns exist.
+
+Outputs in `4_debugging/error_analysis/`: report.md, analysis.json, tags.csv, tags_state.json and,
+for pose errors with readable images, contact_sheet.png (GT axes green, predicted axes red).
+"""
+
+import csv
+import hashlib
+import io
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import numpy as np
+import yaml
+from omegaconf import OmegaConf
+
+from ..files import atomic_path, write_json, write_text
+from ..paths import CONFIG_DIR
+from ..planning import RequirementsError, SampleRule, headline, load_requirements
+from ..tracking import start_run
+
+POSE_COLUMNS = ("add_mm", "adds_mm", "diameter_mm", "symmetric", "visib_fract", "R_gt", "t_gt", "K")
+POSE_ID_COLUMNS = ("scene_id", "im_id", "obj_id", "gt_id")
+POSE_SHEET_COLUMNS = (
+    *POSE_ID_COLUMNS,
+    "rgb_path",
+    "re_deg",
+    "te_cm",
+    "add_s_mm",
+    "diameter_mm",
+    "visib_fract",
+)
+MATRIX_COLUMNS = ("R_gt", "t_gt", "R_pred", "t_pred", "K")
+FALSE_MARKS = {"", "0", "no", "n", "false", "-"}
+DEFAULT_SETTINGS = {
+    "select": "threshold",
+    "fail_when": None,
+    "worst_n": 100,
+    "worst_by": "re_deg",
+    "eyeball_fraction": 0.5,
+    "n_sample": 100,
+    "seed": 0,
+    "contact_sheet": {"max_images": 100, "thumb_px": 160, "nrow": 10},
+    "tags": {
+        "near_symmetry_ratio": 0.5,
+        "euler_margin_deg": 15.0,
+        "small_fraction": 0.15,
+        "occluded_below": 0.7,
+        "extreme_view_deg": 135.0,
+        "low_light_below": 0.25,
+        "blurry_above_px": 1.0,
+    },
+}
+
+
+class ErrorAnalysisError(ValueError):
+    """Bad input to error analysis; the message names the file or setting."""
+
+
+# --- the errors table ----------------------------------------------------------------------------------
+
+
+class ErrorsTable:
+    """The errors CSV: `rows` (list of dicts of strings), `keys` (one id per row), numeric columns."""
+
+    def __init__(self, path, rows, columns):
+        self.path, self.rows, self.columns = Path(path), rows, list(columns)
+        self.is_pose = all(c in self.columns for c in POSE_COLUMNS)
+        self.keys = [self._key(i, row) for i, row in enumerate(rows)]
+        dupes = [k for k, count in Counter(self.keys).items() if count > 1]
+        if dupes:
+            raise ErrorAnalysisError(f"{self.path}: duplicate sample ids {sorted(dupes)[:5]}")
+        self._numeric = {}
+        if self.is_pose:
+            add_pose_columns(self)
+
+    def _key(self, index, row):
+        if all(c in row for c in POSE_ID_COLUMNS):
+            return "/".join(row[c] for c in POSE_ID_COLUMNS)
+        for column in ("id", "sample_id"):
+            if column in row:
+                return row[column]
+        return f"row{index}"
+
+    def __len__(self):
+        return len(self.rows)
+
+    def column(self, name):
+        if name not in self._numeric:
+            if name not in self.columns:
+                raise ErrorAnalysisError(
+                    f"{self.path}: no column '{name}' (columns: {', '.join(self.columns)})"
+                )
+            try:
+                self._numeric[name] = np.array([_number(r[name]) for r in self.rows], float)
+            except ValueError as err:
+                raise ErrorAnalysisError(f"{self.path}: column '{name}': {err}") from None
+        return self._numeric[name]
+
+    def set_column(self, name, values):
+        self._numeric[name] = np.asarray(values, float)
+        if name not in self.columns:
+            self.columns.append(name)
+            for row, v in zip(self.rows, values, strict=True):
+                row[name] = f"{float(v):.6g}"
+
+    def matrices(self, name, shape):
+        try:
+            return np.array([np.array(r[name].split(), float).reshape(shape) for r in self.rows])
+        except (ValueError, KeyError) as err:
+            raise ErrorAnalysisError(
+                f"{self.path}: column '{name}' is not {shape} row-major floats: {err}"
+            ) from None
+
+
+def _number(text):
+    text = str(text).strip().lower()
+    if text in ("true", "false"):
+        return float(text == "true")
+    return float(text) if text not in ("", "nan") else math.nan
+
+
+def read_errors(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ErrorAnalysisError(f"{path}: errors CSV not found (stage 3 writes it: make evaluate)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if not rows:
+        raise ErrorAnalysisError(f"{path}: no samples in the errors CSV")
+    return ErrorsTable(path, rows, columns)
+
+
+# --- selection and the eyeball / blackbox split -------------------------------------------------------
+
+
+def unit_hash(seed, key):
+    """A number in [0, 1) fixed by (seed, key): seeded, order-independent, stable across runs/machines."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def error_rule(settings, requirements_path):
+    """The per-sample rule that makes a sample an error, and where it came from."""
+    if settings.get("fail_when"):
+        try:
+            return SampleRule.parse(settings["fail_when"]), "fail_when setting"
+        except ValueError as err:
+            raise ErrorAnalysisError(f"debugging.error_analysis.fail_when: {err}") from None
+    if requirements_path is None or not Path(requirements_path).is_file():
+        raise ErrorAnalysisError(
+            f"no per-sample error rule: {requirements_path} not found; set debugging.error_analysis.fail_when "
+            "(e.g. 're_deg > 10') or select=worst"
+        )
+    req = headline(load_requirements(requirements_path))
+    if req.sample_fails_when is None:
+        raise ErrorAnalysisError(
+            f"{requirements_path}: requirement '{req.name}' (the headline) has no 'sample_fails_when'; add one "
+            "or set debugging.error_analysis.fail_when / select=worst"
+        )
+    return req.sample_fails_when, f"headline requirement '{req.name}' ({req.describe()})"
+
+
+def select_errors(table, settings, requirements_path):
+    """Boolean array over the table's rows: True = error. Also returns a description of the rule."""
+    if settings["select"] == "worst":
+        values = table.column(settings["worst_by"])
+        n = min(int(settings["worst_n"]), len(table))
+        order = np.argsort(-np.nan_to_num(values, nan=np.inf), kind="stable")
+        failing = np.zeros(len(table), bool)
+        failing[order[:n]] = True
+        return failing, f"the worst {n} samples by {settings['worst_by']}"
+    if settings["select"] != "threshold":
+        raise ErrorAnalysisError(
+            f"debugging.error_analysis.select={settings['select']!r}: use threshold or worst"
+        )
+    rule, source = error_rule(settings, requirements_path)
+    try:
+        failing = rule.fails({c: table.column(c) for c in rule.columns if c in table.columns})
+    except ValueError as err:
+        raise ErrorAnalysisError(f"{table.path}: {err}") from None
+    return failing, f"`{rule}` (from the {source})"
+
+
+def split_and_sample(keys, failing, eyeball_fraction, n_sample, seed):
+    """(eyeball mask, sampled row indices): Ng's eyeball/blackbox split and ~n sampled eyeball errors."""
+    if not 0 < eyeball_fraction <= 1:
+        raise ErrorAnalysisError(
+            f"debugging.error_analysis.eyeball_fraction={eyeball_fraction}: must be in (0, 1]"
+        )
+    eyeball = np.array([unit_hash(f"{seed}:split", k) < eyeball_fraction for k in keys], bool)
+    candidates = np.flatnonzero(eyeball & failing)
+    order = sorted(candidates, key=lambda i: unit_hash(f"{seed}:sample", keys[i]))
+    return eyeball, np.array(sorted(order[: int(n_sample)]), int)
+
+
+def ceiling(error_rate, fraction):
+    """Best error after fixing every error of a category covering `fraction` of them: X * (1 - f)."""
+    return error_rate * (1.0 - fraction)
+
+
+# --- automatic tags ------------------------------------------------------------------------------------
+
+
+def generic_tags(table):
+    """`tag_<category>` 0/1 columns of the errors CSV -> {category: bool array}."""
+    tags = {}
+    for name in table.columns:
+        if name.startswith("tag_") and len(name) > 4:
+            tags[name[4:]] = np.nan_to_num(table.column(name)) > 0.5
+    return tags
+
+
+# --- pose tags (used only when the errors CSV has the pose columns) --------------------------------------
+
+
+def add_pose_columns(table):
+    """Derived per-sample pose columns: add_s_mm (ADD, or ADD-S for symmetric objects), depth_mm,
+    apparent_px (object diameter in pixels), rot_deg (geodesic angle of R_gt from identity) and
+    view_deg (angle between the camera direction in model coordinates and the canonical view, -z)."""
+    symmetric = np.nan_to_num(table.column("symmetric")) > 0.5
+    table.set_column("add_s_mm", np.where(symmetric, table.column("adds_mm"), table.column("add_mm")))
+    R, t, K = table.matrices("R_gt", (3, 3)), table.matrices("t_gt", (3,)), table.matrices("K", (3, 3))
+    table.set_column("depth_mm", t[:, 2])
+    table.set_column("apparent_px", K[:, 0, 0] * table.column("diameter_mm") / np.maximum(t[:, 2], 1e-6))
+    cos = np.clip((np.trace(R, axis1=1, axis2=2) - 1) / 2, -1, 1)
+    table.set_column("rot_deg", np.degrees(np.arccos(cos)))
+    camera_in_model = -np.einsum("nji,nj->ni", R, t)  # -R^T t
+    cos_view = -camera_in_model[:, 2] / np.maximum(np.linalg.norm(camera_in_model, axis=1), 1e-9)
+    table.set_column("view_deg", np.degrees(np.arccos(np.clip(cos_view, -1, 1))))
+
+
+def euler_angles_deg(R):
+    """Euler angles of R (N,3,3) in degrees with the pose package's convention (roma), as the Euler
+    baseline sees its targets; returns (angles, convention)."""
+    try:
+        import roma
+        import torch
+    except ImportError:  # no roma (a bake without the example): numpy, extrinsic xyz = Rz @ Ry @ Rx
+        angles = np.stack(
+            [
+                np.arctan2(R[:, 2, 1], R[:, 2, 2]),
+                -np.arcsin(np.clip(R[:, 2, 0], -1, 1)),
+                np.arctan2(R[:, 1, 0], R[:, 0, 0]),
+            ],
+            axis=1,
+        )
+        return np.degrees(angles), "xyz"
+    try:
+        from ..pose.geometry import EULER_CONVENTION as convention
+    except ImportError:  # a bake without the pose package: the example's convention
+        convention = "xyz"
+    angles = roma.rotmat_to_euler(convention, torch.as_tensor(R, dtype=torch.float64), degrees=True)
+    return angles.numpy(), convention
+
+
+def pose_tags(table, thresholds):
+    """{category: bool array over all rows} for the pose example. Thresholds: configs/debugging/error_analysis."""
+    t = thresholds
+    R, tvec, K = table.matrices("R_gt", (3, 3)), table.matrices("t_gt", (3,)), table.matrices("K", (3, 3))
+    tags = {}
+    symmetric = np.nan_to_num(table.column("symmetric")) > 0.5
+    # The prediction is close to a symmetric copy of the GT: large ADD but small ADD-S.
+    tags["near_symmetry"] = symmetric & (
+        table.column("adds_mm") < t["near_symmetry_ratio"] * np.maximum(table.column("add_mm"), 1e-9)
+    )
+    euler, convention = euler_angles_deg(R)
+    margin = t["euler_margin_deg"]
+    tait_bryan = len(set(convention.lower())) == 3
+    # Wrap-around: an outer angle near +-180 deg, where a tiny rotation flips the target by 360 deg.
+    tags["euler_wrap"] = (np.abs(euler[:, [0, 2]]) > 180 - margin).any(axis=1)
+    # Gimbal lock: middle angle near +-90 (Tait-Bryan) or near 0/180 (proper Euler): outer angles ambiguous.
+    middle = np.abs(euler[:, 1])
+    tags["gimbal_lock"] = middle > 90 - margin if tait_bryan else (middle < margin) | (middle > 180 - margin)
+    width, height = 2 * K[:, 0, 2], 2 * K[:, 1, 2]  # principal point at the image centre
+    tags["far_small"] = table.column("apparent_px") < t["small_fraction"] * width
+    # Projected bounding sphere (radius diameter/2 about the model origin) crossing the image border:
+    # an over-approximation, so a truncated object always gets the tag and a near-border one may too.
+    z = np.maximum(tvec[:, 2], 1e-6)
+    u = K[:, 0, 0] * tvec[:, 0] / z + K[:, 0, 2]
+    v = K[:, 1, 1] * tvec[:, 1] / z + K[:, 1, 2]
+    r = table.column("apparent_px") / 2
+    tags["truncated"] = (u - r < 0) | (v - r < 0) | (u + r > width) | (v + r > height)
+    tags["occluded"] = np.nan_to_num(table.column("visib_fract"), nan=1.0) < t["occluded_below"]
+    tags["extreme_view"] = table.column("view_deg") > t["extreme_view_deg"]
+    if "brightness" in table.columns:
+        brightness = table.column("brightness")
+        brightness = brightness / 255 if np.nanmax(brightness) > 1 else brightness
+        tags["low_light"] = brightness < t["low_light_below"]
+    if "blur_px" in table.columns:
+        tags["blurry"] = np.nan_to_num(table.column("blur_px")) > t["blurry_above_px"]
+    return tags
+
+
+def _axes_keypoints(R, t, K, length):
+    """Pixel coordinates of the object origin and the tips of its x, y, z axes (length mm)."""
+    points = np.vstack([np.zeros(3), np.eye(3) * length])
+    cam = points @ R.T + t
+    z = np.maximum(cam[:, 2:], 1e-6)
+    return (cam @ K.T)[:, :2] / z, bool((cam[:, 2] > 0).all())
+
+
+def _find_image(path_text, search_dirs):
+    path = Path(path_text)
+    for candidate in [path, *(Path(d) / path for d in search_dirs)]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def contact_sheet(table, indices, out_path, settings, search_dirs):
+    """Draw the sampled errors with GT (green) and predicted (red) axes into one PNG grid.
+    Returns (number of tiles, note)."""
+    if not table.is_pose or "rgb_path" not in table.columns:
+        return 0, "no contact sheet: the errors CSV has no pose columns / rgb_path"
+    try:
+        import torch
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import resize
+        from torchvision.utils import draw_bounding_boxes, draw_keypoints, make_grid
+    except ImportError as err:
+        return 0, f"no contact sheet: {err.name} is not installed"
+    sheet = settings["contact_sheet"]
+    chosen = list(indices)[: int(sheet["max_images"])]
+    R_gt, t_gt = table.matrices("R_gt", (3, 3)), table.matrices("t_gt", (3,))
+    R_pred, t_pred = table.matrices("R_pred", (3, 3)), table.matrices("t_pred", (3,))
+    K = table.matrices("K", (3, 3))
+    tiles, missing = [], 0
+    thumb = int(sheet["thumb_px"])
+    for n, i in enumerate(chosen, start=1):
+        path = _find_image(table.rows[i]["rgb_path"], search_dirs)
+        if path is None:
+            missing += 1
+            continue
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        h, w = image.shape[-2:]
+        image = resize(image, [thumb, thumb], antialias=True)
+        scale = np.array([thumb / w, thumb / h])
+        length = table.column("diameter_mm")[i] / 2
+        for R, t, color in ((R_gt, t_gt, "lime"), (R_pred, t_pred, "red")):
+            uv, in_front = _axes_keypoints(R[i], t[i], K[i], length)
+            if in_front:
+                kp = torch.as_tensor(uv * scale, dtype=torch.float32)[None]
+                image = draw_keypoints(
+                    image, kp, connectivity=[(0, 1), (0, 2), (0, 3)], colors=color, radius=1, width=2
+                )
+        box = torch.tensor([[0, 0, thumb - 1, thumb - 1]], dtype=torch.float32)
+        image = draw_bounding_boxes(image, box, labels=[f"#{n}"], colors="white")
+        tiles.append(image)
+    if not tiles:
+        return 0, f"no contact sheet: none of the {len(chosen)} sampled images could be found (rgb_path)"
+    grid = make_grid(tiles, nrow=int(sheet["nrow"]), padding=2, pad_value=0)
+    with atomic_path(out_path) as tmp:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    note = f"{len(tiles)} tiles, numbered as the `n` column of tags.csv; GT axes green, predicted red"
+    return len(tiles), note + (f"; {missing} images not found" if missing else "")
+
+
+# --- the tag sheet -------------------------------------------------------------------------------------
+
+
+def is_marked(text):
+    return str(text).strip().lower() not in FALSE_MARKS
+
+
+def _read_sheet(path):
+    if not path.is_file():
+        return [], {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if rows and "key" not in columns:
+        raise ErrorAnalysisError(
+            f"{path}: the tag sheet lost its 'key' column; restore it or delete the file"
+        )
+    return columns, {r["key"]: r for r in rows}
+
+
+def merge_tag_sheet(sheet_path, state_path, sample_rows, info_columns, auto):
+    """Merge the automatic tags of the sampled errors with the user's sheet (see the module docstring).
+
+    sample_rows: list of (key, {info column: text}); auto: {category: {key: bool}}.
+    Returns (columns, rows, categories, manual_edits, state): categories maps name -> "auto" | "manual",
+    manual_edits counts cells where a manual mark differs from the automatic tag, state goes to tags_state.json.
+    """
+    old_columns, old_rows = _read_sheet(sheet_path)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    written, manual_state = state.get("written", {}), state.get("manual", {})
+    fixed = {"n", "key", "comments", *info_columns, *state.get("info_columns", [])}
+    user_columns = [c for c in old_columns if c not in fixed and c not in auto]
+    columns = ["n", "key", *info_columns, *auto, *user_columns, "comments"]
+    rows, new_written, new_manual, manual_edits = [], {}, {}, 0
+    for n, (key, info) in enumerate(sample_rows, start=1):
+        old = old_rows.get(key, {})
+        row = {"n": str(n), "key": key, **info}
+        for category, values in auto.items():
+            automatic = bool(values[key])
+            manual = manual_state.get(key, {}).get(category)
+            cell = old.get(category)
+            if cell is not None:
+                before = written.get(key, {}).get(category)
+                if before is not None and is_marked(cell) != is_marked(before):
+                    manual = is_marked(cell)  # the user changed what the tool wrote
+                elif before is None and is_marked(cell) != automatic:
+                    manual = is_marked(cell)  # no record of what was written: keep the user's mark
+            final = automatic if manual is None else manual
+            row[category] = "x" if final else ("0" if automatic else "")
+            new_written.setdefault(key, {})[category] = row[category]
+            if manual is not None:
+                new_manual.setdefault(key, {})[category] = manual
+                manual_edits += manual != automatic
+        for column in user_columns + ["comments"]:
+            row[column] = old.get(column) or ""
+        rows.append(row)
+    categories = {c: "auto" for c in auto} | {c: "manual" for c in user_columns}
+    new_state = {"info_columns": list(info_columns), "written": new_written, "manual": new_manual}
+    return columns, rows, categories, manual_edits, new_state
+
+
+def _csv_text(columns, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# --- the analysis --------------------------------------------------------------------------------------
+
+
+def checklist_items(path, section=None):
+    """The `- [ ]` items of a CHECKLIST.md (under the heading containing `section`, when given)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    items, inside = [], section is None
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            inside = section is None or section.lower() in line.lower()
+        elif inside and line.lstrip().startswith("- ["):
+            items.append(line.strip()[6:].strip())
+    return items
+
+
+def analyze(
+    errors_path, out_dir, requirements_path=None, settings=None, search_dirs=(), checklist=None, run=None
+):
+    """Run the whole analysis; returns the analysis dict (also written to out_dir/analysis.json)."""
+    s = _merge_settings(settings or {})
+    out_dir = Path(out_dir)
+    table = read_errors(errors_path)
+    failing, rule_text = select_errors(table, s, requirements_path)
+    eyeball, sampled = split_and_sample(
+        table.keys, failing, float(s["eyeball_fraction"]), s["n_sample"], s["seed"]
+    )
+    blackbox = ~eyeball
+    rate = float(failing.mean())
+    rates = {
+        "dev": rate,
+        "eyeball": float(failing[eyeball].mean()) if eyeball.any() else math.nan,
+        "blackbox": float(failing[blackbox].mean()) if blackbox.any() else math.nan,
+    }
+    auto_all = generic_tags(table) | (pose_tags(table, s["tags"]) if table.is_pose else {})
+    keys = [table.keys[i] for i in sampled]
+    auto = {c: {table.keys[i]: bool(v[i]) for i in sampled} for c, v in auto_all.items()}
+    if table.is_pose:
+        info_columns = [c for c in POSE_SHEET_COLUMNS if c in table.columns]
+    else:
+        info_columns = [c for c in table.columns if c not in MATRIX_COLUMNS and not c.startswith("tag_")]
+    sample_rows = [(table.keys[i], {c: table.rows[i].get(c, "") for c in info_columns}) for i in sampled]
+    sheet_path, state_path = out_dir / "tags.csv", out_dir / "tags_state.json"
+    columns, rows, categories, manual_edits, state = merge_tag_sheet(
+        sheet_path, state_path, sample_rows, info_columns, auto
+    )
+    n = len(rows)
+    stats = []
+    for category, source in categories.items():
+        count = sum(is_marked(r[category]) for r in rows)
+        fraction = count / n if n else 0.0
+        entry = {
+            "category": category,
+            "source": source,
+            "count": count,
+            "pct": 100 * fraction,
+            "best_error_pct": 100 * ceiling(rate, fraction),
+            "relative_pct": 100 * fraction,
+        }
+        if category in auto_all:
+            entry["dev_set_pct"] = 100 * float(auto_all[category].mean())
+        stats.append(entry)
+    stats.sort(key=lambda e: -e["count"])
+    analysis = {
+        "errors_csv": str(errors_path),
+        "rule": rule_text,
+        "n_dev": len(table),
+        "n_errors": int(failing.sum()),
+        "error_rate": rates,
+        "n_eyeball": int(eyeball.sum()),
+        "n_blackbox": int(blackbox.sum()),
+        "n_eyeball_errors": int((eyeball & failing).sum()),
+        "n_sampled": n,
+        "sampled_keys": keys,
+        "seed": s["seed"],
+        "manual_edits": manual_edits,
+        "categories": stats,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tiles, sheet_note = contact_sheet(table, sampled, out_dir / "contact_sheet.png", s, search_dirs)
+    analysis["contact_sheet"] = {"tiles": tiles, "note": sheet_note}
+    write_json(state_path, state)
+    write_text(sheet_path, _csv_text(columns, rows))
+    write_json(out_dir / "analysis.json", analysis)
+    write_text(out_dir / "report.md", render_report(analysis, checklist))
+    if run is not None:
+        names = ["category", "source", "count", "pct", "best_error_pct", "relative_pct"]
+        run.log_table("error_analysis/categories", [[e[k] for k in names] for e in stats], names)
+        run.log({"error_analysis/error_rate": rate, "error_analysis/n_sampled": n})
+        if tiles:
+            from PIL import Image
+
+            run.log_image(
+                "error_analysis/contact_sheet", np.asarray(Image.open(out_dir / "contact_sheet.png"))
+            )
+    return analysis
+
+
+def _merge_settings(settings):
+    merged = json.loads(json.dumps(DEFAULT_SETTINGS))
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _pct(x):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def render_report(a, checklist=None):
+    rate = a["error_rate"]
+    lines = [
+        "# Error analysis",
+        "",
+        f"Errors: {a['rule']}. Source: `{a['errors_csv']}`.",
+        "",
+        "| subset | samples | error rate |",
+        "|---|---|---|",
+        f"| dev set (all) | {a['n_dev']} | {_pct(rate['dev'])} |",
+        f"| eyeball (inspected) | {a['n_eyeball']} | {_pct(rate['eyeball'])} |",
+        f"| blackbox (not inspected) | {a['n_blackbox']} | {_pct(rate['blackbox'])} |",
+        "",
+        "If the eyeball error rate falls much faster than the blackbox one over several rounds, your fixes "
+        "are tuned to what you looked at: draw a new eyeball subset (change `seed`).",
+        "",
+        f"Sampled {a['n_sampled']} of the {a['n_eyeball_errors']} eyeball errors (seed {a['seed']}); "
+        f"the tag sheet is `tags.csv` ({a['manual_edits']} manual marks differ from the automatic tags).",
+        "",
+        "| category | source | count | % of total | dev set % | fixing all of these takes error from → at best | relative |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in a["categories"]:
+        dev = f"{e['dev_set_pct']:.1f}%" if "dev_set_pct" in e else "—"
+        lines.append(
+            f"| {e['category']} | {e['source']} | {e['count']} | {e['pct']:.1f}% | {dev} | "
+            f"{100 * rate['dev']:.1f}% → {e['best_error_pct']:.2f}% | {e['relative_pct']:.1f}% |"
+        )
+    if not a["categories"]:
+        lines.append("| (no categories yet: add columns to tags.csv) | | | | | | |")
+    lines += [
+        "",
+        "Ceiling: with error rate X and a category covering a fraction f of the sampled errors, fixing all "
+        "of them gives at best X·(1 − f). Categories overlap, so the percentages need not sum to 100. "
+        "'dev set %' is the category's share of the whole dev set (automatic tags only): a category much "
+        "more common among errors than in the dev set is where the model struggles.",
+        "",
+        f"Contact sheet: {a['contact_sheet']['note']}.",
+        "",
+        "Edit `tags.csv` (mark cells, add a column per new category, comment) and re-run `make analyze`: your "
+        "edits are kept and override the automatic tags. Then pick the fix with the largest ceiling.",
+    ]
+    if checklist:
+        lines += ["", "Serves these items of `4_debugging/CHECKLIST.md`:", ""] + [
+            f"- {item}" for item in checklist
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg):
+    settings = OmegaConf.to_container(cfg.debugging.error_analysis, resolve=True)
+    errors_path, out_dir = Path(settings.pop("errors")), Path(settings.pop("out"))
+    run = start_run(cfg, "error_analysis")
+    try:
+        analysis = analyze(
+            errors_path,
+            out_dir,
+            requirements_path=cfg.paths.requirements,
+            settings=settings,
+            search_dirs=[cfg.paths.root, errors_path.parent],
+            checklist=checklist_items(Path(cfg.paths.debugging) / "CHECKLIST.md", "error analysis"),
+            run=run,
+        )
+    except (ErrorAnalysisError, RequirementsError, yaml.YAMLError) as err:
+        print(f"analyze: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        run.finish()
+    top = analysis["categories"][:3]
+    print(f"error rate {_pct(analysis['error_rate']['dev'])}; sampled {analysis['n_sampled']} errors")
+    for e in top:
+        print(f"  {e['category']}: {e['pct']:.0f}% of errors -> at best {e['best_error_pct']:.2f}% error")
+    print(f"report: {out_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
