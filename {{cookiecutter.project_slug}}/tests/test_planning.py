@@ -144,3 +144,18 @@ def test_make_plan_prints_targets_or_fails_with_one_message(tmp_path):
     done = run_plan(tmp_path, broken)
     assert done.returncode == 1
     assert "unknown op" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_lifecycle_loop_modules_import_nothing_heavy():
+    # planning, error analysis and metric review also ship in a bake without the pose example
+    code = (
+        "import sys\n"
+        "import {{ cookiecutter.package_name }}.planning, {{ cookiecutter.package_name }}.metric_review\n"
+        "import {{ cookiecutter.package_name }}.debugging.error_analysis\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'roma', '{{ cookiecutter.package_name }}.pose') if m in sys.modules))\n"
+    )
+    pythonpath = os.pathsep.join([str(PROJECT / "src"), os.environ.get("PYTHONPATH", "")])
+    env = os.environ | {"PYTHONPATH": pythonpath}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
