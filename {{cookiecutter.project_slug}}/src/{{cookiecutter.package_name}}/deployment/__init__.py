@@ -1,0 +1,1 @@
+"""Stage 5 (deployment): ONNX export with parity check, the HTTP service, production feedback, benchmark."""

@@ -1,0 +1,421 @@
+"""Stage 5: the pose service - FastAPI over onnxruntime, one InferenceSession created at startup.
+
+    python -m <package>.deployment.serve                      # 127.0.0.1:8000 (deployment.host/port)
+    curl -F image=@rgb.png -F fx=572.4 -F fy=573.6 -F cx=325.3 -F cy=242.0 http://127.0.0.1:8000/predict
+
+Endpoints:
+- `POST /predict` (multipart/form-data): `image` (PNG or JPEG file) and `fx`, `fy`, `cx`, `cy`, the
+  OpenCV pinhole intrinsics of the image *as sent*, in its pixels. Answers `id`, `R` (3x3, model to
+  camera), `t_mm` (3), `score`, `latency_ms`, `model_input` (the size and K the model saw).
+- `GET /health`: status and the model's metadata (everything inference needs travels in model.onnx).
+- `POST /feedback/{id}` (JSON `{"reason": "..."}`, optional): flag a prediction as wrong.
+
+Images of another size are resized to the model input size (PIL bilinear, antialiased like the
+training loader's torchvision resize) and K is scaled with them the way BopDataset does (pixel
+centres at integer coordinates): fx *= sx, cx = (cx + 0.5) * sx - 0.5, likewise fy, cy with sy. The aspect ratio must match the model's within
+`deployment.aspect_tolerance` (relative); otherwise the request is rejected with 422 rather than
+distorted or padded: crop to the model's aspect ratio on the client, where the crop offset is known
+and cx, cy can be shifted by it.
+
+`score` is an agreement score, not a calibrated probability: the model runs on the image and on a
+copy shifted by `deployment.score.shift_px` pixels with cx, cy shifted the same (the true pose is
+identical), and score = exp(-(rotation difference / score.rot_deg + translation difference /
+(score.rel_t * |t|))). 1 means the two predictions agree; shift_px=0 turns it off (score null).
+A prediction scoring below `score.flag_below` is flagged by the service itself (a feedback record
+with source "service", `flagged: true` in the answer), so the caller can re-capture.
+
+Bad input is a 4xx naming what is wrong, and the server stays up: the body size is capped before
+anything is parsed (413), non-image/truncated/oversized-in-pixels images are 400/413, other part
+content types 415, missing or invalid intrinsics 422. Every answered prediction is appended to the
+service log (`deployment.service_log`, see feedback.py).
+"""
+
+import hashlib
+import io
+import json
+import math
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+import hydra
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from ..paths import CONFIG_DIR
+from .feedback import ServiceLog, feedback_record, prediction_ids, utc_now
+
+IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/octet-stream", ""}
+IMAGE_FORMATS = {"PNG", "JPEG"}
+
+
+class BadInput(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+def open_session(path, intra_op_threads=2, graph_optimization="all"):
+    """An onnxruntime CPU session with explicit threads and graph optimization level."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} does not exist (run: make export)")
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if graph_optimization not in levels:
+        raise ValueError(
+            f"deployment.graph_optimization={graph_optimization!r}; expected one of {sorted(levels)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[graph_optimization]
+    options.intra_op_num_threads = int(intra_op_threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def model_metadata(session):
+    """The metadata_props written by export.py, plus the input size as ints."""
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [k for k in ("input_height", "input_width") if k not in meta]
+    if missing:
+        raise ValueError(f"ONNX model has no {missing} metadata; re-export it with deployment.export")
+    return meta
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- input checks and preprocessing ---------------------------------------------------------------
+
+
+def decode_image(data, content_type=None, max_pixels=4096 * 4096):
+    """PNG/JPEG bytes -> RGB PIL image; BadInput for anything else, truncated or too many pixels."""
+    content_type = (content_type or "").split(";")[0].strip().lower()
+    if content_type not in IMAGE_CONTENT_TYPES:
+        raise BadInput(415, f"image part has content type {content_type!r}; send image/png or image/jpeg")
+    if not data:
+        raise BadInput(400, "image is empty")
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own guard, for headers claiming billions of pixels
+        raise BadInput(413, f"image is too large ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadInput(400, f"image is not a readable PNG or JPEG ({e})") from e
+    if img.format not in IMAGE_FORMATS:
+        raise BadInput(415, f"image format is {img.format}; send PNG or JPEG")
+    w, h = img.size
+    if w < 1 or h < 1 or w * h > max_pixels:
+        raise BadInput(413, f"image is {w}x{h} pixels; at most {max_pixels} pixels are accepted")
+    try:
+        img.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES is off)
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadInput(400, f"image could not be decoded, it may be truncated ({e})") from e
+
+
+def check_intrinsics(fx, fy, cx, cy, width, height):
+    for name, value in (("fx", fx), ("fy", fy), ("cx", cx), ("cy", cy)):
+        if not math.isfinite(value):
+            raise BadInput(422, f"{name}={value} is not a finite number")
+    for name, value in (("fx", fx), ("fy", fy)):
+        if value <= 0:
+            raise BadInput(422, f"{name}={value}: focal lengths must be positive (pixels)")
+    # pixel centres at integer coordinates: the image spans [-0.5, width - 0.5]
+    if not -0.5 <= cx <= width - 0.5:
+        raise BadInput(422, f"cx={cx} is outside the image [-0.5, {width - 0.5}] (pixels of the sent image)")
+    if not -0.5 <= cy <= height - 0.5:
+        raise BadInput(422, f"cy={cy} is outside the image [-0.5, {height - 0.5}] (pixels of the sent image)")
+
+
+def fit_to_input(img, K, width, height, aspect_tolerance):
+    """Resize to the model input size and scale K with it; BadInput on an aspect-ratio mismatch."""
+    w, h = img.size
+    if (w, h) == (width, height):
+        return img, K
+    mismatch = abs((w / h) / (width / height) - 1)
+    if mismatch > aspect_tolerance:
+        raise BadInput(
+            422,
+            f"image is {w}x{h} (aspect {w / h:.4f}) but the model takes {width}x{height} "
+            f"(aspect {width / height:.4f}); crop it to that aspect ratio and shift cx, cy by the crop offset",
+        )
+    sx, sy = width / w, height / h
+    K = K.copy()
+    # as BopDataset: pixel centres sit at integer coordinates, so the scaling pivots on -0.5
+    K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
+    K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
+    return img.resize((width, height), Image.BILINEAR), K
+
+
+def shifted(image, K, px):
+    """The image moved by px pixels right and down (edges replicated) with the principal point moved too."""
+    moved = np.pad(image, ((0, 0), (px, 0), (px, 0)), mode="edge")[:, : image.shape[1], : image.shape[2]]
+    K = K.copy()
+    K[0, 2] += px
+    K[1, 2] += px
+    return moved, K
+
+
+def rotation_difference_deg(R1, R2):
+    cos = (np.trace(R1.T @ R2) - 1) / 2
+    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+class Predictor:
+    def __init__(self, session, score_shift_px=4, score_rot_deg=5.0, score_rel_t=0.05):
+        self.session = session
+        self.metadata = model_metadata(session)
+        self.width = int(self.metadata["input_width"])
+        self.height = int(self.metadata["input_height"])
+        self.score_shift_px = int(score_shift_px)
+        self.score_rot_deg = float(score_rot_deg)
+        self.score_rel_t = float(score_rel_t)
+
+    def run(self, image, K):
+        """image float32 [3,H,W] in [0,1], K [3,3] in model-input pixels -> (R, t_mm, score)."""
+        images, Ks = [image], [K]
+        if self.score_shift_px:
+            moved, K_moved = shifted(image, K, self.score_shift_px)
+            images.append(moved)
+            Ks.append(K_moved)
+        R, t = self.session.run(["R", "t"], {"image": np.stack(images), "K": np.stack(Ks).astype(np.float32)})
+        score = None
+        if self.score_shift_px:
+            rot = rotation_difference_deg(R[0], R[1])
+            rel = float(np.linalg.norm(t[0] - t[1]) / max(float(np.linalg.norm(t[0])), 1e-6))
+            score = math.exp(-(rot / self.score_rot_deg + rel / self.score_rel_t))
+        return R[0], t[0], score
+
+    def warm_up(self):
+        K = np.array(
+            [[self.width, 0, self.width / 2], [0, self.width, self.height / 2], [0, 0, 1]], np.float32
+        )
+        self.run(np.full((3, self.height, self.width), 0.5, np.float32), K)
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse a request body over max_bytes (413) before any of it is parsed.
+
+    Starlette's multipart parser has no total size limit for file parts, so the body is read here
+    (Content-Length checked first, then counted while streaming) and replayed to the app.
+    """
+
+    def __init__(self, app, max_bytes):
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_bytes
+            except ValueError:
+                return await self.reject(send, 400, f"Content-Length {length!r} is not a number")
+            if too_big:
+                return await self.reject(send, 413, self.too_big_message())
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self.reject(send, 413, self.too_big_message())
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def too_big_message(self):
+        return f"request body is larger than {self.max_bytes} bytes (deployment.max_upload_mb)"
+
+    @staticmethod
+    async def reject(send, status, message):
+        body = json.dumps({"detail": message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class FeedbackIn(BaseModel):
+    reason: str = Field("", max_length=2000)
+
+
+def create_app(
+    model_path,
+    log_path,
+    max_upload_mb=10.0,
+    max_image_pixels=4096 * 4096,
+    aspect_tolerance=0.02,
+    intra_op_threads=2,
+    graph_optimization="all",
+    score_shift_px=4,
+    score_rot_deg=5.0,
+    score_rel_t=0.05,
+    score_flag_below=0.0,
+):
+    """The FastAPI app; the onnxruntime session is created here, once, and warmed up."""
+    session = open_session(model_path, intra_op_threads, graph_optimization)
+    predictor = Predictor(session, score_shift_px, score_rot_deg, score_rel_t)
+    predictor.warm_up()
+    model_sha256 = sha256_file(model_path)
+    log = ServiceLog(log_path)
+    known_ids = prediction_ids(log_path)
+    counts = {"predictions": 0, "rejected": 0}
+    counts_lock = threading.Lock()
+
+    def count(key):
+        with counts_lock:
+            counts[key] += 1
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        log.close()
+
+    app = FastAPI(title="pose estimation service", description=__doc__.split("\n\n")[0], lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
+    app.state.predictor = predictor
+    app.state.log = log
+
+    @app.get("/health")
+    def health():
+        return {
+            "status": "ok",
+            "model_path": str(model_path),
+            "model_sha256": model_sha256,
+            "metadata": predictor.metadata,
+            "max_upload_bytes": int(max_upload_mb * 1024 * 1024),
+            "predictions_since_start": counts["predictions"],
+            "rejected_since_start": counts["rejected"],
+        }
+
+    # A plain `def`: FastAPI runs it in its thread pool, so inference does not block the event loop.
+    @app.post("/predict")
+    def predict(
+        image: Annotated[UploadFile, File(description="PNG or JPEG")],
+        fx: Annotated[float, Form(description="focal length x of the sent image, pixels")],
+        fy: Annotated[float, Form(description="focal length y of the sent image, pixels")],
+        cx: Annotated[float, Form(description="principal point x of the sent image, pixels")],
+        cy: Annotated[float, Form(description="principal point y of the sent image, pixels")],
+    ):
+        start = time.perf_counter()
+        data = image.file.read()
+        try:
+            img = decode_image(data, image.content_type, max_image_pixels)
+            sent_size = img.size
+            check_intrinsics(fx, fy, cx, cy, *sent_size)
+            K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], np.float64)
+            img, K = fit_to_input(img, K, predictor.width, predictor.height, aspect_tolerance)
+        except BadInput as e:
+            count("rejected")
+            raise HTTPException(e.status, e.message) from e
+        pixels = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
+        R, t, score = predictor.run(np.ascontiguousarray(pixels), K.astype(np.float32))
+        if not (np.isfinite(R).all() and np.isfinite(t).all()):
+            count("rejected")
+            raise HTTPException(422, f"the model's pose for this image is not finite (t_mm={t.tolist()})")
+        latency_ms = (time.perf_counter() - start) * 1000
+        record = {
+            "type": "prediction",
+            "id": uuid.uuid4().hex,
+            "timestamp": utc_now(),
+            "image_sha256": hashlib.sha256(data).hexdigest(),
+            "image_size": list(sent_size),
+            "K": {"fx": fx, "fy": fy, "cx": cx, "cy": cy},
+            "R": R.astype(float).tolist(),
+            "t_mm": t.astype(float).tolist(),
+            "score": score,
+            "latency_ms": latency_ms,
+            "model_sha256": model_sha256,
+        }
+        log.append(record)
+        known_ids.add(record["id"])
+        count("predictions")
+        flagged = score is not None and score < score_flag_below
+        if flagged:
+            log.append(feedback_record(record["id"], f"score {score:.3f} < {score_flag_below}", "service"))
+        return {
+            "id": record["id"],
+            "R": record["R"],
+            "t_mm": record["t_mm"],
+            "score": score,
+            "flagged": flagged,
+            "latency_ms": latency_ms,
+            "model_input": {"width": predictor.width, "height": predictor.height, "K": K.tolist()},
+        }
+
+    @app.post("/feedback/{prediction_id}")
+    def feedback(prediction_id: str, body: FeedbackIn | None = None):
+        if prediction_id not in known_ids:
+            known_ids.update(prediction_ids(log_path))  # another process may have served it
+        if prediction_id not in known_ids:
+            raise HTTPException(404, f"no prediction with id {prediction_id!r} in {log_path}")
+        record = feedback_record(prediction_id, body.reason if body else "", "api")
+        log.append(record)
+        return record
+
+    return app
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg):
+    d = cfg.deployment
+    try:
+        app = create_app(
+            d.onnx,
+            d.service_log,
+            max_upload_mb=d.max_upload_mb,
+            max_image_pixels=d.max_image_pixels,
+            aspect_tolerance=d.aspect_tolerance,
+            intra_op_threads=d.intra_op_threads,
+            graph_optimization=d.graph_optimization,
+            score_shift_px=d.score.shift_px,
+            score_rot_deg=d.score.rot_deg,
+            score_rel_t=d.score.rel_t,
+            score_flag_below=d.score.flag_below,
+        )
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"serve: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"serving {d.onnx} on http://{d.host}:{d.port} (log: {d.service_log})", flush=True)
+    uvicorn.run(app, host=str(d.host), port=int(d.port), log_level=str(d.log_level))
+
+
+if __name__ == "__main__":
+    main()
