@@ -346,16 +346,17 @@ def _find_image(path_text, search_dirs):
 
 
 def contact_sheet(table, indices, out_path, settings, search_dirs):
-    """Draw the sampled errors with GT (green) and predicted (red) axes into one PNG grid.
+    """Draw the sampled errors with GT (green) and predicted (red) object axes (x, y, z; half the
+    diameter long) into one PNG grid (torchvision make_grid).
     Returns (number of tiles, note)."""
     if not table.is_pose or "rgb_path" not in table.columns:
         return 0, "no contact sheet: the errors CSV has no pose columns / rgb_path"
     try:
         import torch
-        from PIL import Image
+        from PIL import Image, ImageDraw
         from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2.functional import resize
-        from torchvision.utils import draw_bounding_boxes, draw_keypoints, make_grid
+        from torchvision.utils import draw_bounding_boxes, make_grid
     except ImportError as err:
         return 0, f"no contact sheet: {err.name} is not installed"
     sheet = settings["contact_sheet"]
@@ -372,16 +373,18 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
             continue
         image = decode_image(str(path), mode=ImageReadMode.RGB)
         h, w = image.shape[-2:]
-        image = resize(image, [thumb, thumb], antialias=True)
+        tile = Image.fromarray(resize(image, [thumb, thumb], antialias=True).permute(1, 2, 0).numpy())
+        # torchvision's draw_keypoints draws its connecting lines white only, so the coloured axes use PIL.
+        draw = ImageDraw.Draw(tile)
         scale = np.array([thumb / w, thumb / h])
         length = table.column("diameter_mm")[i] / 2
-        for R, t, color in ((R_gt, t_gt, "lime"), (R_pred, t_pred, "red")):
+        for R, t, color in ((R_gt, t_gt, (0, 255, 0)), (R_pred, t_pred, (255, 0, 0))):
             uv, in_front = _axes_keypoints(R[i], t[i], K[i], length)
             if in_front:
-                kp = torch.as_tensor(uv * scale, dtype=torch.float32)[None]
-                image = draw_keypoints(
-                    image, kp, connectivity=[(0, 1), (0, 2), (0, 3)], colors=color, radius=1, width=2
-                )
+                origin, *tips = [tuple(p) for p in (uv * scale).clip(-10 * thumb, 11 * thumb)]
+                for tip in tips:
+                    draw.line([origin, tip], fill=color, width=2)
+        image = torch.from_numpy(np.asarray(tile).copy()).permute(2, 0, 1)
         box = torch.tensor([[0, 0, thumb - 1, thumb - 1]], dtype=torch.float32)
         image = draw_bounding_boxes(image, box, labels=[f"#{n}"], colors="white")
         tiles.append(image)
@@ -607,6 +610,13 @@ def render_report(a, checklist=None):
         )
     if not a["categories"]:
         lines.append("| (no categories yet: add columns to tags.csv) | | | | | | |")
+    lines.append("")
+    for e in a["categories"]:
+        if e["count"]:
+            lines.append(
+                f"- **{e['category']}**: fixing all of these takes error from {100 * rate['dev']:.1f}% to at best "
+                f"{e['best_error_pct']:.2f}%: {e['relative_pct']:.1f}% relative."
+            )
     lines += [
         "",
         "Ceiling: with error rate X and a category covering a fraction f of the sampled errors, fixing all "
