@@ -1,0 +1,124 @@
+"""ONNX export: checker, dynamic batch, parity with eager PyTorch, metadata, atomic write, latency report."""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from {{ cookiecutter.package_name }}.deployment import export, serve
+from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model
+
+SIZE = (24, 32)  # H != W catches a swapped axis
+
+
+def tiny_estimator(rotation="sixd", translation="centre_depth", seed=0):
+    cfg = OmegaConf.create(
+        {
+            "model": {"arch": "small_resnet", "width": 4, "depth": 1, "stages": 2, "pool": 2, "hidden": 16},
+            "loss": {"rotation": rotation, "translation": translation},
+            "data": {"image_size": list(SIZE)},
+        }
+    )
+    torch.manual_seed(seed)
+    return PoseEstimator(build_model(cfg)).eval()
+
+
+def batch(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, *SIZE, generator=generator)
+    K = torch.tensor([[40.0, 0, 15.5], [0, 40.0, 11.5], [0, 0, 1]]).repeat(n, 1, 1)
+    K[:, :2, 2] += torch.rand(n, 2, generator=generator) * 4 - 2  # the graph must use each sample's K
+    return images, K
+
+
+def metadata(tmp_path, rotation="sixd", translation="centre_depth"):
+    return export.build_metadata(SIZE, rotation, translation, "test", 1, tmp_path / "ckpt.pt", 18)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    estimator = tiny_estimator()
+    path = tmp / "model.onnx"
+    export.export_onnx(estimator, path, SIZE, 18, metadata(tmp))
+    return estimator, path
+
+
+def test_onnx_checker_passes_and_the_batch_axis_is_dynamic(exported):
+    _, path = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == 18
+    inputs = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+    }
+    outputs = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output
+    }
+    assert inputs == {"image": ["batch", 3, *SIZE], "K": ["batch", 3, 3]}
+    assert outputs == {"R": ["batch", 3, 3], "t": ["batch", 3]}
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_parity_with_eager_pytorch(exported, n):
+    estimator, path = exported
+    result = export.parity(estimator, path, *batch(n, seed=n), atol_R=1e-4, atol_t_mm=0.05, threads=1)
+    assert result["n_images"] == n
+    assert result["max_abs_diff_R"] <= 1e-4 and result["max_abs_diff_t_mm"] <= 0.05
+
+
+def test_parity_fails_loudly_when_the_graph_is_another_model(exported):
+    _, path = exported
+    with pytest.raises(export.ParityError, match="differs from PyTorch"):
+        export.parity(tiny_estimator(seed=1), path, *batch(4), atol_R=1e-4, atol_t_mm=0.05, threads=1)
+
+
+@pytest.mark.slow  # each export takes several seconds; the default (sixd, centre_depth) is tested above
+@pytest.mark.parametrize("rotation,translation", [("euler", "direct"), ("quaternion", "centre_depth")])
+def test_other_representations_export_with_parity(tmp_path, rotation, translation):
+    estimator = tiny_estimator(rotation, translation)
+    path = tmp_path / "model.onnx"
+    export.export_onnx(estimator, path, SIZE, 18, metadata(tmp_path, rotation, translation))
+    export.parity(estimator, path, *batch(3), atol_R=1e-4, atol_t_mm=0.05, threads=1)
+
+
+def test_metadata_is_complete_and_read_by_the_service(exported):
+    _, path = exported
+    session = serve.open_session(path, 1)
+    meta = serve.model_metadata(session)
+    missing = [k for k in export.METADATA_KEYS if not meta.get(k)]
+    assert not missing
+    assert (int(meta["input_height"]), int(meta["input_width"])) == SIZE
+    assert meta["channel_order"] == "RGB" and meta["rotation_representation"] == "sixd"
+    assert meta["translation_mode"] == "centre_depth" and meta["opset"] == "18"
+    assert "millimetres" in meta["translation_output"] and "OpenCV" in meta["intrinsics"]
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, image, K):
+            raise RuntimeError("cannot trace this")
+
+    path = tmp_path / "model.onnx"
+    with pytest.raises(Exception, match="cannot trace this"):
+        export.export_onnx(Broken(), path, SIZE, 18, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_latency_report_is_a_flat_dict_of_numbers(exported):
+    _, path = exported
+    latency = export.measure_latency(path, *batch(4), threads=1, warmup=1, runs=5, batch=8)
+    for key in ("latency_ms_p50", "latency_ms_p95", "latency_ms_mean", "throughput_ips", "model_size_mb"):
+        assert isinstance(latency[key], float) and math.isfinite(latency[key]) and latency[key] > 0
+    assert all(isinstance(v, int | float) for v in latency.values())
+    assert latency["latency_ms_p50"] <= latency["latency_ms_p95"]
+    assert latency["model_size_mb"] == pytest.approx(path.stat().st_size / 1e6)
+
+
+def test_tile_repeats_a_batch_to_the_requested_size():
+    x = torch.arange(3).view(3, 1)
+    assert export.tile(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert np.array_equal(export.tile(x, 2).numpy(), x[:2].numpy())
