@@ -158,8 +158,9 @@ def test_slices_of_the_headline(tmp_path):
     settings = setup(tmp_path, latency={"latency_ms_p95": 20.0}, errors=errors)
     result = run_review(tmp_path, settings)
     slices = result["slices"]
-    assert set(slices) == {"distance", "rotation magnitude", "visibility", "symmetry"}
-    distance = slices["distance"]
+    assert set(slices) == {"distance (camera depth)", "rotation magnitude", "visibility", "symmetry"}
+    distance = slices["distance (camera depth)"]
+    assert [row["slice"] for row in distance] == ["30–50 cm", "50–70 cm", "70–90 cm"]
     assert [row["n"] for row in distance] == [10, 10, 10]
     assert distance[-1]["pass_rate"] == 0.0 and distance[0]["pass_rate"] == pytest.approx(0.5)
     visibility = {row["slice"]: row for row in slices["visibility"]}
@@ -167,7 +168,7 @@ def test_slices_of_the_headline(tmp_path):
     rotation = {row["slice"]: row["n"] for row in slices["rotation magnitude"]}
     assert rotation == {"0–45°": 20, "90–135°": 10}
     assert {row["slice"] for row in slices["symmetry"]} == {"asymmetric", "symmetric"}
-    assert any("far" in weak for weak in result["weak_slices"])
+    assert "distance (camera depth): 70–90 cm" in result["weak_slices"]
     assert (tmp_path / "review" / "slices.png").is_file()
     # extra slices on any numeric column
     result = run_review(tmp_path, settings | {"extra_slices": {"visib_fract": [0, 0.5, 1.01]}})

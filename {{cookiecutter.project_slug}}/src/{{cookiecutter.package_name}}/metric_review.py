@@ -94,6 +94,7 @@ def measurements(settings):
         if values is None:
             notes.append(f"{label}: {path} not found")
             continue
+        notes.append(f"{label}: {path}")
         for key, value in values.items():
             if key in metrics:
                 notes.append(f"{key} is in {sources[key]} and {path}; using {sources[key]}")
@@ -147,12 +148,16 @@ def _bins(values, edges, labels):
 
 def pose_slices(table):
     depth_cm = table.column("depth_mm") / 10
-    q = np.nanquantile(depth_cm, [0, 1 / 3, 2 / 3, 1])
+    edges = np.unique(np.nanquantile(depth_cm, [0, 1 / 3, 2 / 3, 1]))  # terciles; fewer when depths repeat
+    if len(edges) < 2:
+        distance = ([f"{edges[0]:.0f} cm"] * len(depth_cm), [f"{edges[0]:.0f} cm"])
+    else:
+        distance = _bins(
+            depth_cm, edges, [f"{lo:.0f}–{hi:.0f} cm" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+        )
     symmetric = ["symmetric" if s > 0.5 else "asymmetric" for s in np.nan_to_num(table.column("symmetric"))]
     return {
-        "distance": _bins(
-            depth_cm, q, [f"near ≤{q[1]:.0f} cm", f"{q[1]:.0f}–{q[2]:.0f} cm", f"far >{q[2]:.0f} cm"]
-        ),
+        "distance (camera depth)": distance,
         "rotation magnitude": _bins(
             table.column("rot_deg"), [0, 45, 90, 135, 180], ["0–45°", "45–90°", "90–135°", "135–180°"]
         ),
