@@ -41,6 +41,7 @@ import hydra
 import numpy as np
 import torch
 import torchvision
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from . import tracking, training
@@ -232,32 +233,45 @@ def write_plots(directory, records, grid=None):
 
 
 def draw_axes(image, R, t, K, length_mm, shade, width=1):
-    """The object's x (red), y (green), z (blue) axes projected onto a uint8 3xHxW image."""
+    """The object's x (red), y (green), z (blue) axes projected onto a uint8 3xHxW image.
+
+    PIL's ImageDraw rather than torchvision.utils.draw_keypoints: the latter draws every connecting line
+    in white whatever `colors` says, and the axes must be told apart.
+    """
     axes = torch.cat([torch.zeros(1, 3), torch.eye(3)]).double() * length_mm
-    uv = geometry.project(axes, torch.as_tensor(R), torch.as_tensor(t), torch.as_tensor(K)).float()
+    uv = geometry.project(axes, torch.as_tensor(R), torch.as_tensor(t), torch.as_tensor(K))
     if not torch.isfinite(uv).all():
         return image
+    canvas = Image.fromarray(image.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(canvas)
+    origin = tuple(uv[0].tolist())
     for axis in range(3):
         color = [0, 0, 0]
         color[axis] = shade
-        image = torchvision.utils.draw_keypoints(
-            image, uv[[0, axis + 1]][None], connectivity=[(0, 1)], colors=tuple(color), radius=0, width=width
-        )
-    return image
+        draw.line([origin, tuple(uv[axis + 1].tolist())], fill=tuple(color), width=width)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
 
 
-def prediction_grid(dataset, records, n=16):
-    """Up to `n` test images, evenly spread over the split, with true (dark) and predicted (bright) axes."""
+def prediction_grid(dataset, records, n=16, min_size=128):
+    """Up to `n` test images, evenly spread over the split, with true (dark) and predicted (bright) axes.
+
+    Small images are enlarged (nearest neighbour, K scaled to match) so the axes stay readable.
+    """
     picks = np.unique(np.linspace(0, len(records) - 1, min(n, len(records))).round().astype(int))
     drawn = []
     for i in picks:
         image = (dataset[int(i)]["image"].clamp(0, 1) * 255).to(torch.uint8)
+        scale = max(1, math.ceil(min_size / max(image.shape[-2:])))
+        image = image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
         r = records[i]
+        K = r["K"].copy()
+        K[:2] *= scale
+        K[:2, 2] += 0.5 * (scale - 1)  # pixel centres sit at integer coordinates
         length = 0.5 * r["diameter_mm"]
-        image = draw_axes(image, r["R_gt"], r["t_gt"], r["K"], length, 110)
-        image = draw_axes(image, r["R_pred"], r["t_pred"], r["K"], length, 255)
+        image = draw_axes(image, r["R_gt"], r["t_gt"], K, length, 110, width=scale)
+        image = draw_axes(image, r["R_pred"], r["t_pred"], K, length, 255, width=scale)
         drawn.append(image)
-    return torchvision.utils.make_grid(drawn, nrow=max(1, int(math.ceil(math.sqrt(len(drawn))))), padding=2)
+    return torchvision.utils.make_grid(drawn, nrow=max(1, math.ceil(math.sqrt(len(drawn)))), padding=2)
 
 
 def evaluate(cfg, estimator=None, device=None):
