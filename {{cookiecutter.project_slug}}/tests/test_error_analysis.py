@@ -142,6 +142,18 @@ def test_tag_sheet_keeps_user_columns_and_edits_across_reruns(tmp_path):
     assert third[dogs[1]]["instagram_filter"] == "x"
     state = json.loads((out / "tags_state.json").read_text())
     assert state["manual"][dogs[0]]["dog"] is False
+
+    # A new evaluation fixes the commented error: its row leaves the sheet but is parked, not lost.
+    fixed = int(dogs[1][3:])
+    rows[fixed]["correct"] = 1
+    write_csv(errors, rows)
+    analysis = ea.analyze(errors, out, settings=settings)
+    assert dogs[1] not in {r["key"] for r in read_sheet(out / "tags.csv")} and analysis["parked_rows"] == 1
+    rows[fixed]["correct"] = 0  # and the next model gets it wrong again
+    write_csv(errors, rows)
+    ea.analyze(errors, out, settings=settings)
+    back = {r["key"]: r for r in read_sheet(out / "tags.csv")}[dogs[1]]
+    assert back["comments"] == "pitbull, sepia filter" and back["instagram_filter"] == "x"
 {%- if cookiecutter.include_example == "yes" %}
 
 

@@ -274,7 +274,8 @@ def dvc_metrics_diff(root):
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+    table = done.stdout.strip()
+    return table if done.returncode == 0 and len(table.splitlines()) > 2 else None  # header-only: no metrics
 
 
 # --- the two questions ---------------------------------------------------------------------------------
@@ -332,6 +333,7 @@ def plot_trend(path, requirements, history, metrics):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     shown = [
         r
@@ -350,6 +352,7 @@ def plot_trend(path, requirements, history, metrics):
         )
         ax.set_title(r.name, fontsize=9)
         ax.set_xlabel("review #")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -374,6 +377,9 @@ def plot_slices(path, slices, req):
             ax.axhline(req.target, ls="--", color="tab:red", label=req.describe())
             ax.legend(fontsize=7)
         ax.set_ylim(0, 1)
+        ax.set_ylabel(
+            f"share passing `{req.sample_fails_when}`" if family == next(iter(slices)) else "", fontsize=7
+        )
         ax.set_title(family, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:

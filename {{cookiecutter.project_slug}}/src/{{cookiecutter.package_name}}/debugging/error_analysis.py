@@ -431,9 +431,24 @@ def merge_tag_sheet(sheet_path, state_path, sample_rows, info_columns, auto):
     fixed = {"n", "key", "comments", *info_columns, *state.get("info_columns", [])}
     user_columns = [c for c in old_columns if c not in fixed and c not in auto]
     columns = ["n", "key", *info_columns, *auto, *user_columns, "comments"]
+    # Rows with your marks that are no longer sampled (a new evaluation changed the errors) are parked in
+    # the state file, not lost: they come back, marks and comments included, when sampled again.
+    parked = state.get("parked", {})
+    sampled = {key for key, _ in sample_rows}
+    for key, old in old_rows.items():
+        edited = (
+            key in manual_state
+            or any(old.get(c) for c in [*user_columns, "comments"])
+            or any(c in old and is_marked(old[c]) != is_marked(written.get(key, {}).get(c, "")) for c in auto)
+        )
+        if key not in sampled and edited:
+            parked[key] = {"row": old, "written": written.get(key, {}), "manual": manual_state.get(key, {})}
     rows, new_written, new_manual, manual_edits = [], {}, {}, 0
     for n, (key, info) in enumerate(sample_rows, start=1):
-        old = old_rows.get(key, {})
+        restored = parked.pop(key, None)
+        if key not in old_rows and restored:
+            written[key], manual_state[key] = restored["written"], restored["manual"]
+        old = old_rows.get(key) or (restored or {}).get("row", {})
         row = {"n": str(n), "key": key, **info}
         for category, values in auto.items():
             automatic = bool(values[key])
@@ -455,7 +470,12 @@ def merge_tag_sheet(sheet_path, state_path, sample_rows, info_columns, auto):
             row[column] = old.get(column) or ""
         rows.append(row)
     categories = {c: "auto" for c in auto} | {c: "manual" for c in user_columns}
-    new_state = {"info_columns": list(info_columns), "written": new_written, "manual": new_manual}
+    new_state = {
+        "info_columns": list(info_columns),
+        "written": new_written,
+        "manual": new_manual,
+        "parked": parked,
+    }
     return columns, rows, categories, manual_edits, new_state
 
 
@@ -544,6 +564,7 @@ def analyze(
         "sampled_keys": keys,
         "seed": s["seed"],
         "manual_edits": manual_edits,
+        "parked_rows": len(state["parked"]),
         "categories": stats,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -597,7 +618,13 @@ def render_report(a, checklist=None):
         "are tuned to what you looked at: draw a new eyeball subset (change `seed`).",
         "",
         f"Sampled {a['n_sampled']} of the {a['n_eyeball_errors']} eyeball errors (seed {a['seed']}); "
-        f"the tag sheet is `tags.csv` ({a['manual_edits']} manual marks differ from the automatic tags).",
+        f"the tag sheet is `tags.csv` ({a['manual_edits']} manual marks differ from the automatic tags"
+        + (
+            f"; {a['parked_rows']} earlier rows with your marks are no longer sampled errors: kept in "
+            "tags_state.json, they return if sampled again)."
+            if a["parked_rows"]
+            else ")."
+        ),
         "",
         "| category | source | count | % of total | dev set % | fixing all of these takes error from → at best | relative |",
         "|---|---|---|---|---|---|---|",
