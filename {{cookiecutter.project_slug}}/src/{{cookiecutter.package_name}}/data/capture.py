@@ -1,0 +1,484 @@
+"""Stage 2: the capture rig. Renders the object at random 6D poses and writes a BOP dataset.
+
+    python -m <package>.data.capture                                  # 2_data/dataset/ (configs/data/synthetic.yaml)
+    python -m <package>.data.capture data.capture.num_images.train=64 # fewer images
+    python -m <package>.data.capture data.obj_id=2                    # the symmetric object
+
+Mitsuba 3 (variant scalar_rgb: CPU, no GPU, no OpenGL) renders each image twice: the colour image with
+`spp` random samples per pixel, and the labels (depth, masks) with one ray through each pixel centre, so
+labels are exact for the pose: a model point X projects to u = K (R X + t) and the ray through pixel u hits
+the surface at depth z = (R X + t)_z. Ground truth needs no annotation; `make qa` checks it anyway.
+
+Conventions (BOP): mm, OpenCV camera (+x right, +y down, +z forward), cam_R_m2c row-major, pixel
+centres at integer coordinates. Mitsuba's camera looks down +z with +x left and +y up, so the sensor
+sits at the world origin with a 180 deg turn about z, and the world frame is the OpenCV camera frame.
+The whole dataset is written into a temporary folder that replaces cfg.data.root only when complete.
+"""
+
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import hydra
+import numpy as np
+import roma
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from .. import tracking
+from ..files import atomic_dir
+from ..paths import CONFIG_DIR
+from .bop import BopFormatError, load_models_info, read_ply
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "models"
+SPLITS = ("train", "val", "test")
+DEPTH_SCALE = 0.1  # mm per depth-PNG unit: uint16 covers 0-6.5 m at 0.1 mm
+NEAR_CLIP = 1.0  # mm
+
+
+class CaptureError(ValueError):
+    """The capture configuration is unusable; the message names the key."""
+
+
+def srgb_to_linear(c):
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c):
+    c = np.clip(c, 0.0, 1.0)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+def intrinsics(camera):
+    return np.array([[camera.fx, 0.0, camera.cx], [0.0, camera.fy, camera.cy], [0.0, 0.0, 1.0]])
+
+
+class Renderer:
+    """Mitsuba scenes for each object, in the object's frame; `render` moves the camera (and the light,
+    occluders) to a pose and renders colour and labels. Per object: `plain` (object and point light),
+    `occluded` (plus the occluders; only it needs its ray-tracing structure rebuilt per image) and `alone`
+    (the object only, for the full silhouette behind occluders).
+
+    Lighting: a point light and ambient light. Ambient is emitted by each surface itself (an area emitter
+    with radiance ambient x colour and sampling weight 0), which is noise-free; with BSDF sampling off the
+    direct integrator then only samples the point light, so `spp` only antialiases."""
+
+    def __init__(self, models_dir, obj_ids, K, size, spp, max_occluders):
+        import mitsuba as mi
+
+        mi.set_variant("scalar_rgb")
+        mi.set_log_level(mi.LogLevel.Warn)
+        self.mi, self.K, self.size, self.spp = mi, np.asarray(K, float), int(size), int(spp)
+        self.max_occluders = int(max_occluders)
+        fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
+        if not np.isclose(fx, fy):
+            raise CaptureError(f"data.camera: fx ({fx}) != fy ({fy}); the mitsuba pinhole has square pixels")
+        # Mitsuba film coordinates put pixel centres at i + 0.5, OpenCV/BOP at i: shift the principal point.
+        base = {
+            "type": "perspective",
+            "fov": float(np.degrees(2 * np.arctan(size / (2 * fx)))),
+            "fov_axis": "x",
+            "principal_point_offset_x": float((cx + 0.5 - size / 2) / size),
+            "principal_point_offset_y": float((cy + 0.5 - size / 2) / size),
+            "near_clip": NEAR_CLIP,
+            "far_clip": 1e6,
+        }
+        film = {
+            "type": "hdrfilm",
+            "width": size,
+            "height": size,
+            "rfilter": {"type": "box"},
+            "pixel_format": "rgba",
+        }
+        color_sampler = {"type": "independent", "sample_count": self.spp}
+        self.color_sensor = mi.load_dict(base | {"film": film, "sampler": color_sampler})
+        # One sample exactly at each pixel centre: labels that agree with K [R|t] to float precision.
+        label_sampler = {"type": "stratified", "sample_count": 1, "jitter": False}
+        self.label_sensor = mi.load_dict(base | {"film": film, "sampler": label_sampler})
+        self.sensor_params = [mi.traverse(self.color_sensor), mi.traverse(self.label_sensor)]
+        self.color_integrator = mi.load_dict({"type": "direct", "bsdf_samples": 0, "emitter_samples": 1})
+        self.depth_integrator = mi.load_dict({"type": "depth"})
+        # Ray length -> z depth: the ray through pixel (u, v) has direction K^-1 (u, v, 1) normalised.
+        v, u = np.mgrid[0:size, 0:size]
+        x, y = (u - cx) / fx, (v - cy) / fy
+        self.ray_to_z = 1.0 / np.sqrt(x * x + y * y + 1.0)
+        self.models = {}
+        for obj_id in obj_ids:
+            path = models_dir / f"obj_{obj_id:06d}.ply"
+            verts, faces, colors = read_ply(path)
+            if len(faces) == 0:
+                raise CaptureError(f"{path}: the model has no faces to render")
+            if colors is None:
+                colors = np.full((len(verts), 3), 180, np.uint8)
+            self.models[obj_id] = self._build(verts, faces, colors)
+
+    def _mesh(self, verts, faces, colors=None):
+        mi = self.mi
+        props = mi.Properties()
+        if colors is not None:
+            vertex_color = {"type": "mesh_attribute", "name": "vertex_color"}
+            props["bsdf"] = mi.load_dict({"type": "diffuse", "reflectance": vertex_color})
+            props["emitter"] = mi.load_dict(
+                {"type": "area", "radiance": vertex_color, "sampling_weight": 0.0}
+            )
+        mesh = mi.Mesh("object", len(verts), len(faces), props=props, has_vertex_normals=False)
+        if colors is not None:
+            mesh.add_attribute("vertex_color", 3, srgb_to_linear(colors / 255.0).astype(np.float32).ravel())
+        params = mi.traverse(mesh)
+        params["vertex_positions"] = verts.astype(np.float32).ravel()
+        params["faces"] = faces.astype(np.uint32).ravel()
+        params.update()
+        return mesh
+
+    def _build(self, verts, faces, colors):
+        mi = self.mi
+        light = {
+            "type": "point",
+            "position": [0.0, 0.0, 0.0],
+            "intensity": {"type": "rgb", "value": [1.0] * 3},
+        }
+        plain = mi.load_dict({"type": "scene", "object": self._mesh(verts, faces, colors), "light": light})
+        scene = {"type": "scene", "object": self._mesh(verts, faces, colors), "light": light}
+        for i in range(self.max_occluders):
+            # even: a sphere (moved by to_world), odd: a box (a mesh, moved by its vertices). Distinct
+            # initial values: mitsuba merges identical plugin dicts into one shared instance.
+            value = [0.5, 0.5, 0.5 - 0.01 * i]
+            scene[f"occluder{i}"] = {
+                "type": "sphere" if i % 2 == 0 else "cube",
+                "bsdf": {"type": "diffuse", "reflectance": {"type": "rgb", "value": value}},
+                "emitter": {
+                    "type": "area",
+                    "radiance": {"type": "rgb", "value": value},
+                    "sampling_weight": 0.0,
+                },
+            }
+        occluded = mi.load_dict(scene)
+        params = mi.traverse(occluded)
+        cube = (
+            np.array(params["occluder1.vertex_positions"]).reshape(-1, 3) if self.max_occluders > 1 else None
+        )
+        alone = mi.load_dict({"type": "scene", "object": self._mesh(verts, faces)})
+        return {
+            "verts": verts,
+            "plain": (plain, mi.traverse(plain)),
+            "occluded": (occluded, params),
+            "alone": alone,
+            "cube": cube,
+        }
+
+    def _depth(self, scene, seed):
+        out = np.asarray(
+            self.mi.render(scene, sensor=self.label_sensor, integrator=self.depth_integrator, seed=seed)
+        )
+        hit = out[..., -1] > 0.5
+        # mitsuba starts camera rays on the near plane: the ray length misses NEAR_CLIP of z
+        return np.where(hit, out[..., 0] * self.ray_to_z + NEAR_CLIP, 0.0), hit
+
+    def render(self, obj_id, R, t, occluders, light, ambient, background, seed):
+        """Colour image (uint8 HxWx3, sRGB), depth (float mm, 0 = nothing), mask, mask_visib (bool HxW).
+
+        Everything is given in the OpenCV camera frame: the pose (R, t mm); occluders, a list of (kind,
+        centre mm, size mm, rgb in [0,1], rotation 3x3), spheres at even and boxes at odd positions;
+        light (position mm, rgb intensity); ambient (radiance factor); background HxWx3 sRGB in [0,1]."""
+        mi, model = self.mi, self.models[obj_id]
+        R, t = np.asarray(R, float), np.asarray(t, float)
+        # camera -> object frame; the mitsuba camera is the OpenCV one turned 180 deg about z
+        cam_to_obj = np.eye(4)
+        cam_to_obj[:3, :3], cam_to_obj[:3, 3] = R.T, -R.T @ t
+        to_world = mi.ScalarTransform4f((cam_to_obj @ np.diag([-1.0, -1.0, 1.0, 1.0])).tolist())
+        for params in self.sensor_params:
+            params["to_world"] = to_world
+            params.update()
+
+        def in_object_frame(points):
+            return (np.asarray(points, float) - t) @ R
+
+        scene, params = model["occluded"] if occluders else model["plain"]
+        for i, (_, centre, size, rgb, rot) in enumerate(occluders):
+            half = float(size) / 2  # sphere radius / cube half-edge (mitsuba's cube spans [-1, 1])
+            if i % 2 == 0:
+                centre_obj = [float(c) for c in in_object_frame(centre)]
+                params[f"occluder{i}.to_world"] = mi.ScalarTransform4f().translate(centre_obj).scale(half)
+            else:
+                verts = in_object_frame(half * model["cube"] @ rot.T + centre)
+                params[f"occluder{i}.vertex_positions"] = verts.astype(np.float32).ravel()
+            albedo = srgb_to_linear(np.asarray(rgb, float))
+            params[f"occluder{i}.bsdf.reflectance.value"] = [float(c) for c in albedo]
+            params[f"occluder{i}.emitter.radiance.value"] = [float(c) for c in ambient * albedo]
+        if occluders:  # park the unused ones far behind the camera
+            park = in_object_frame([0.0, 0.0, -1e5])
+            for i in range(len(occluders), self.max_occluders):
+                if i % 2 == 0:
+                    params[f"occluder{i}.to_world"] = mi.ScalarTransform4f().translate(
+                        [float(c) for c in park]
+                    )
+                else:
+                    params[f"occluder{i}.vertex_positions"] = (
+                        (model["cube"] + park).astype(np.float32).ravel()
+                    )
+        position, intensity = light
+        params["light.position"] = [float(c) for c in in_object_frame(position)]
+        params["light.intensity.value"] = [float(c) for c in intensity]
+        params["object.emitter.radiance.scale"] = float(ambient)
+        params.update()
+        rgba = np.asarray(
+            mi.render(
+                scene, sensor=self.color_sensor, integrator=self.color_integrator, seed=seed, spp=self.spp
+            )
+        )
+        # Premultiplied colour over the background, in linear light, then sRGB for the PNG.
+        alpha = np.clip(rgba[..., 3:4], 0.0, 1.0)
+        color = rgba[..., :3] + (1.0 - alpha) * srgb_to_linear(background)
+        image = np.round(linear_to_srgb(color) * 255).astype(np.uint8)
+        depth, hit = self._depth(scene, seed)
+        if occluders:
+            depth_obj, mask = self._depth(model["alone"], seed)
+            # Visible where the first surface on the ray is the object's own (same depth).
+            mask_visib = mask & hit & (np.abs(depth - depth_obj) < 1e-4 * depth_obj + 1e-3)
+        else:
+            mask, mask_visib = hit, hit
+        return image, depth, mask, mask_visib
+
+
+# --- random scene parameters --------------------------------------------------------------------------------
+
+
+def sample_translation(rng, rotated, K, size, distance, margin, candidates=32, tries=20):
+    """A translation at a random distance along the ray through a random pixel, such that every model
+    vertex (already rotated) projects at least `margin` px inside the image (vectorised rejection)."""
+    Kinv = np.linalg.inv(K)
+    for _ in range(tries):
+        d = rng.uniform(*distance, size=candidates)
+        uv1 = np.concatenate(
+            [rng.uniform(margin, size - 1 - margin, size=(candidates, 2)), np.ones((candidates, 1))], 1
+        )
+        rays = uv1 @ Kinv.T
+        ts = d[:, None] * rays / np.linalg.norm(rays, axis=1, keepdims=True)
+        cam = rotated[None] + ts[:, None, :]  # candidates x N x 3
+        z = cam[..., 2]
+        proj = (cam @ K.T)[..., :2] / np.maximum(z, 1e-6)[..., None]
+        ok = (
+            (z.min(1) > 1.0)
+            & (proj.min(axis=(1, 2)) >= margin)
+            & (proj.max(axis=(1, 2)) <= size - 1 - margin)
+        )
+        if ok.any():
+            return ts[int(np.argmax(ok))]
+    raise CaptureError(
+        f"data.capture.distance_mm {list(distance)}: the object does not fit in a {size} px image at this "
+        "distance; increase the distance or decrease the focal length"
+    )
+
+
+def sample_occluders(rng, cfg_occ, t, diameter, box_rotation):
+    """0..max_count spheres/boxes between camera and object, each over a random part of the object."""
+    if rng.random() >= cfg_occ.probability:
+        return []
+    occluders = []
+    for i in range(int(rng.integers(1, cfg_occ.max_count + 1))):
+        size = rng.uniform(*cfg_occ.size) * diameter
+        depth = rng.uniform(0.45, 0.8) * t[2]
+        # aim at a point of the object within ~ its radius from the centre, seen from the camera
+        target = t + rng.uniform(-0.4, 0.4, size=3) * diameter
+        centre = target * depth / target[2]
+        occluders.append(
+            ("sphere" if i % 2 == 0 else "box", centre, size, rng.uniform(0.05, 0.95, size=3), box_rotation)
+        )
+    return occluders
+
+
+def sample_light(rng, cfg_light, t):
+    """A point light around the object, on the camera's side, with intensity set so that a surface facing
+    it is lit to radiance ~ `intensity` x albedo, and an ambient radiance."""
+    direction = rng.normal(size=3)
+    direction[2] = -abs(direction[2])  # towards the camera (camera looks along +z)
+    direction /= np.linalg.norm(direction)
+    distance = rng.uniform(*cfg_light.distance_mm)
+    tint = rng.uniform(0.85, 1.15, size=3)
+    intensity = rng.uniform(*cfg_light.intensity) * np.pi * distance**2 * tint
+    ambient = float(rng.uniform(*cfg_light.ambient))
+    return (t + distance * direction, intensity), ambient
+
+
+def sample_background(rng, kinds, size):
+    """HxWx3 sRGB in [0,1]: a flat colour, a linear two-colour gradient, or blotchy noise."""
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "flat":
+        return np.broadcast_to(rng.uniform(0, 1, size=3), (size, size, 3)).copy()
+    if kind == "gradient":
+        a, b = rng.uniform(0, 1, size=(2, 3))
+        angle = rng.uniform(0, 2 * np.pi)
+        v, u = np.mgrid[0:size, 0:size] / (size - 1)
+        s = (np.cos(angle) * (u - 0.5) + np.sin(angle) * (v - 0.5)) / np.sqrt(0.5) + 0.5
+        return a + np.clip(s, 0, 1)[..., None] * (b - a)
+    if kind == "noise":
+        cells = int(rng.integers(2, 9))
+        coarse = (rng.uniform(0, 1, size=(cells, cells, 3)) * 255).astype(np.uint8)
+        smooth = (
+            np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float64) / 255
+        )
+        return np.clip(smooth + rng.normal(0, 0.04, size=(size, size, 3)), 0, 1)
+    raise CaptureError(f"data.capture.background.kinds: unknown kind {kind!r} (flat, gradient, noise)")
+
+
+# --- BOP annotations ----------------------------------------------------------------------------------------
+
+
+def bbox(mask):
+    """BOP [x, y, w, h] of a mask's pixels, [-1, -1, -1, -1] when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [-1, -1, -1, -1]
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def gt_info(mask, mask_visib, depth):
+    px_all, px_visib = int(mask.sum()), int(mask_visib.sum())
+    return {
+        "bbox_obj": bbox(mask),
+        "bbox_visib": bbox(mask_visib),
+        "px_count_all": px_all,
+        "px_count_valid": int((mask & (depth > 0)).sum()),
+        "px_count_visib": px_visib,
+        "visib_fract": float(px_visib / px_all) if px_all else 0.0,
+    }
+
+
+def save_png(path, array):
+    Image.fromarray(array).save(path, compress_level=1)
+
+
+def capture_split(renderer, cfg, split, split_index, out_dir, infos, progress, writer):
+    """Render one split into out_dir/<split>/000000/ and write its three scene JSON files."""
+    cap = cfg.data.capture
+    size, K = int(cfg.data.image_size), renderer.K
+    scene_dir = out_dir / split / "000000"
+    for sub in ("rgb", "depth", "mask", "mask_visib"):
+        (scene_dir / sub).mkdir(parents=True)
+    # Each split has its own random stream: (seed, split) -> the same images every time.
+    rng = np.random.default_rng([int(cap.seed), split_index])
+    generator = torch.Generator().manual_seed(int(cap.seed) * 1000 + split_index)
+    scene_gt, scene_camera, scene_gt_info = {}, {}, {}
+    pending = []
+    im_id = 0
+    n = int(cap.num_images[split])
+    for obj_id in [int(o) for o in cap.objects]:
+        verts, diameter = renderer.models[obj_id]["verts"], infos[obj_id]["diameter"]
+        rotations = roma.random_rotmat(n, generator=generator).double().numpy()  # uniform on SO(3)
+        box_rotations = roma.random_rotmat(n, generator=generator).double().numpy()
+        for R, box_rotation in zip(rotations, box_rotations, strict=True):
+            t = sample_translation(rng, verts @ R.T, K, size, cap.distance_mm, cap.margin_px)
+            occluders = sample_occluders(rng, cap.occluders, t, diameter, box_rotation)
+            light, ambient = sample_light(rng, cap.light, t)
+            background = sample_background(rng, list(cap.background.kinds), size)
+            seed = split_index * 10_000_000 + im_id
+            image, depth, mask, mask_visib = renderer.render(
+                obj_id, R, t, occluders, light, ambient, background, seed
+            )
+            name = f"{im_id:06d}"
+            # PNG encoding and file writes overlap with the next render (they release the GIL)
+            for path, array in (
+                (scene_dir / "rgb" / f"{name}.png", image),
+                (scene_dir / "depth" / f"{name}.png", np.round(depth / DEPTH_SCALE).astype(np.uint16)),
+                (scene_dir / "mask" / f"{name}_000000.png", mask.astype(np.uint8) * 255),
+                (scene_dir / "mask_visib" / f"{name}_000000.png", mask_visib.astype(np.uint8) * 255),
+            ):
+                pending.append(writer.submit(save_png, path, array))
+            scene_gt[str(im_id)] = [
+                {
+                    "cam_R_m2c": [float(x) for x in R.reshape(-1)],
+                    "cam_t_m2c": [float(x) for x in t],
+                    "obj_id": obj_id,
+                }
+            ]
+            scene_camera[str(im_id)] = {
+                "cam_K": [float(x) for x in K.reshape(-1)],
+                "depth_scale": DEPTH_SCALE,
+            }
+            scene_gt_info[str(im_id)] = [gt_info(mask, mask_visib, depth)]
+            im_id += 1
+            progress.update(1)
+            if len(pending) > 512:
+                pending = [f for f in pending if not f.done() or f.result()]
+    for future in pending:
+        future.result()  # re-raises a failed write
+    for name, data in (
+        ("scene_gt", scene_gt),
+        ("scene_camera", scene_camera),
+        ("scene_gt_info", scene_gt_info),
+    ):
+        (scene_dir / f"{name}.json").write_text(json.dumps(data) + "\n")
+    return im_id
+
+
+def validate(cfg):
+    d = cfg.data
+    if d.get("capture") is None:
+        raise CaptureError(f"data={d.get('name')}: has no `capture` section; capture renders data=synthetic")
+    cap = d.capture
+    if int(d.image_size) < 8:
+        raise CaptureError(f"data.image_size: {d.image_size} is too small (>= 8 px)")
+    lo, hi = (float(x) for x in cap.distance_mm)
+    if not 0 < lo <= hi:
+        raise CaptureError(f"data.capture.distance_mm: {list(cap.distance_mm)} must be 0 < min <= max")
+    for split in SPLITS:
+        if int(cap.num_images[split]) < 1:
+            raise CaptureError(f"data.capture.num_images.{split}: must be >= 1 (got {cap.num_images[split]})")
+    if int(cap.spp) < 1:
+        raise CaptureError(f"data.capture.spp: must be >= 1 (got {cap.spp})")
+    if not 0 <= float(cap.occluders.probability) <= 1:
+        raise CaptureError(f"data.capture.occluders.probability: {cap.occluders.probability} not in [0, 1]")
+
+
+def capture(cfg):
+    """Render the dataset described by cfg.data into cfg.data.root, atomically. Returns (images, seconds)."""
+    validate(cfg)
+    cap = cfg.data.capture
+    models_dir = Path(cap.get("models_dir") or ASSETS)
+    if models_dir.name != "models":
+        raise CaptureError(f"data.capture.models_dir: {models_dir} must be a BOP models/ folder")
+    infos = load_models_info(models_dir.parent)
+    obj_ids = [int(o) for o in cap.objects]
+    missing = [o for o in obj_ids if o not in infos]
+    if missing:
+        raise CaptureError(f"data.capture.objects: {missing} not in {models_dir / 'models_info.json'}")
+    size = int(cfg.data.image_size)
+    K = intrinsics(cfg.data.camera)
+    renderer = Renderer(models_dir, obj_ids, K, size, cap.spp, cap.occluders.max_count)
+    total = sum(int(cap.num_images[s]) for s in SPLITS) * len(obj_ids)
+    root = Path(cfg.data.root)
+    start = time.perf_counter()
+    with (
+        atomic_dir(root) as tmp,
+        tqdm(total=total, desc="capture", unit="img", file=sys.stdout) as progress,
+        ThreadPoolExecutor(max_workers=2) as writer,
+    ):
+        shutil.copytree(models_dir, tmp / "models", ignore=shutil.ignore_patterns(".*"))
+        camera = {"cx": K[0, 2], "cy": K[1, 2], "fx": K[0, 0], "fy": K[1, 1], "width": size, "height": size}
+        (tmp / "camera.json").write_text(json.dumps(camera | {"depth_scale": DEPTH_SCALE}, indent=2) + "\n")
+        for index, split in enumerate(SPLITS):
+            capture_split(renderer, cfg, split, index, tmp, infos, progress, writer)
+    return total, time.perf_counter() - start
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig):
+    try:
+        run = tracking.start_run(cfg, "capture")
+        images, seconds = capture(cfg)
+        rate = images / seconds
+        print(f"captured {images} images into {cfg.data.root} in {seconds:.1f} s: {rate:.0f} images/s")
+        run.log({"capture/images": images, "capture/images_per_s": rate})
+        run.finish()
+    except (CaptureError, BopFormatError, OSError) as e:
+        print(f"capture failed: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
