@@ -481,13 +481,19 @@ def review(settings, requirements_path, root=".", checklist=None, run=None):
         ]
     history = read_history(s["history"])
     trend_rows = trend(requirements, history[-int(s["trend_runs"]) :], metrics)
-    failing = [x for x in results if x["status"] != "pass"]
-    must_bad = [x["name"] for x in failing if x["priority"] == "must"]
-    should_bad = [x["name"] for x in failing if x["priority"] == "should"]
-    if must_bad:
-        verdict = f"FAIL: must requirement(s) not met: {', '.join(must_bad)}"
-    else:
-        verdict = "PASS: every must requirement is met"
+
+    def names(priority, status):
+        return [x["name"] for x in results if x["priority"] == priority and x["status"] == status]
+
+    must_failed, must_unmeasured = names("must", "fail"), names("must", "not measured")
+    should_bad = names("should", "fail") + names("should", "not measured")
+    problems = [f"failed: {', '.join(must_failed)}"] * bool(must_failed)
+    problems += [f"not measured: {', '.join(must_unmeasured)}"] * bool(must_unmeasured)
+    verdict = (
+        f"FAIL: must requirement(s) {'; '.join(problems)}"
+        if problems
+        else "PASS: every must requirement is met"
+    )
     if should_bad:
         verdict += f" (warning: should requirement(s) not met: {', '.join(should_bad)})"
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (UTC needs 3.11)

@@ -24,7 +24,8 @@ a manual mark and always wins over the automatic tag (`0`, `no`, `-` or an empty
 text marks); untouched cells follow the automatic tags (which change when thresholds change); your own
 columns and comments are kept verbatim. What the tool last wrote is kept in `tags_state.json` (delete
 it and tags.csv to start over; without it every cell that differs from the automatic tag is kept as
-manual).
+manual). A row you edited that drops out of the sample (a new model no longer gets it wrong) is parked
+in tags_state.json and comes back with your marks if it is sampled again.
 
 Automatic categories: any 0/1 column named `tag_<category>` in the errors CSV (for your own task), plus,
 only when the pose columns are present (6D pose example, see the "pose tags" section below): near a
