@@ -321,10 +321,12 @@ def train_one_epoch(c, epoch, state, stop, progress):
         loss, parts = c.criterion({k: v.float() for k, v in out.items()}, batch)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise TrainingDiverged(
-                f"loss is {loss_value} at epoch {epoch} step {state['step']} ({parts}); training stopped. "
-                f"The last good checkpoint is {checkpoint_dir(cfg) / 'last.pt'}. Lower training.lr, keep "
-                "training.grad_clip on, or run the doctor (make doctor)."
+                f"loss is {loss_value} at epoch {epoch + 1}, step {state['step'] + 1} ({terms}); training "
+                f"stopped. The last good checkpoint (from the last finished epoch) is kept: "
+                f"{checkpoint_dir(cfg) / 'last.pt'}. Lower training.lr, keep training.grad_clip on, "
+                "or run the doctor (make doctor)."
             )
         c.optimizer.zero_grad(set_to_none=True)
         c.scaler.scale(loss).backward()
