@@ -175,6 +175,21 @@ def test_slices_of_the_headline(tmp_path):
     assert [row["n"] for row in result["slices"]["visib_fract"]] == [15, 15]
 
 
+def test_slices_of_your_own_task(tmp_path):
+    requirements = [
+        {"name": "acc", "metric": "accuracy", "op": ">=", "target": 0.9, "priority": "must", "why": "users"}
+        | {"headline": True, "sample_fails_when": "correct == 0"}
+    ]
+    errors = [
+        {"id": i, "correct": int(i % 4 != 0), "slice_camera": "night" if i % 2 else "day"} for i in range(40)
+    ]
+    settings = setup(tmp_path, metrics={"accuracy": 0.75}, requirements=requirements, errors=errors)
+    result = run_review(tmp_path, settings)
+    camera = {row["slice"]: row for row in result["slices"]["camera"]}
+    assert camera["day"]["pass_rate"] == pytest.approx(0.5) and camera["night"]["pass_rate"] == 1.0
+    assert result["weak_slices"] == ["camera: day"] and result["exit_code"] == 1
+
+
 def test_history_trend_and_opposite_moves(tmp_path):
     latency = {"latency_ms_p95": 20.0}
     settings = setup(tmp_path, latency=latency)

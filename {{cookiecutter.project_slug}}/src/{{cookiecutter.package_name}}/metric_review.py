@@ -8,8 +8,9 @@
 - A requirement whose metric is in none of them (or is NaN) is "not measured"; a `must` that is not
   measured counts as failing: a gate that passes because nothing was measured is no gate.
 - The headline requirement is broken into slices (pose: distance, rotation magnitude, visibility,
-  symmetry; any numeric column via `extra_slices`) from the per-sample errors CSV, using the headline's
-  `sample_fails_when` rule: the slice value is the share of samples that pass it.
+  symmetry; your task: `slice_<name>` columns, any column via `extra_slices`) from the per-sample
+  errors CSV, using the headline's `sample_fails_when` rule: a slice's value is the share of its
+  samples that pass it.
 - Trend: each review appends one line to `6_metric_review/history.jsonl`; the report shows the last
   reviews and, inside a DVC repo, `dvc metrics diff` (best effort, never fails the review).
 - Flags the talk's two loops back to planning: the headline metric and a downstream requirement
@@ -183,14 +184,18 @@ def slice_headline(errors_path, req, extra_slices):
     except ValueError as err:
         raise ReviewError(f"{errors_path}: {err}") from None
     families = pose_slices(table) if table.is_pose else {}
-    for column, edges in (extra_slices or {}).items():
-        values = table.column(column)
+    # your own task: `slice_<name>` columns of the errors CSV are categorical slices, plus extra_slices
+    columns = {c[6:]: (c, None) for c in table.columns if c.startswith("slice_") and len(c) > 6}
+    columns |= {c: (c, edges) for c, edges in (extra_slices or {}).items()}
+    for family, (column, edges) in columns.items():
         if edges:
             labels = [f"{lo:g}–{hi:g}" for lo, hi in zip(edges[:-1], edges[1:], strict=False)]
-            families[column] = _bins(values, list(edges), labels)
+            families[family] = _bins(table.column(column), list(edges), labels)
         else:
-            per_sample = [f"{v:g}" for v in values]
-            families[column] = (per_sample, sorted(set(per_sample), key=lambda t: float(t)))
+            if column not in table.columns:
+                raise ReviewError(f"{errors_path}: no column '{column}' to slice by")
+            per_sample = [row[column] for row in table.rows]
+            families[family] = (per_sample, sorted(set(per_sample)))
     result = {}
     for family, (per_sample, order) in families.items():
         per_sample = np.array(per_sample)
@@ -205,7 +210,10 @@ def slice_headline(errors_path, req, extra_slices):
                 row["te_cm_median"] = float(np.nanmedian(table.column("te_cm")[mask]))
             rows.append(row)
         result[family] = rows
-    return result, f"`{rule}` per sample from {errors_path} ({len(table)} samples)"
+    note = f"`{rule}` per sample from {errors_path} ({len(table)} samples)"
+    if not families:
+        note += "; no slice columns: set metric_review.extra_slices ({column: [bin edges]} or {column: null})"
+    return result, note
 
 
 # --- history and trend ---------------------------------------------------------------------------------
