@@ -1,0 +1,172 @@
+"""The bug zoo's faults that are not plain config knobs, injected by `debugging.fault` (default null).
+
+Each configs/experiment/zoo/<cause>.yaml breaks the pose example in one way. Knob faults (a learning rate
+of 3, batch size 2, ...) are ordinary config values; the faults below change data or model code, so they
+live here instead of in training.py. `training.build` passes its Components through `apply(c)`, so
+`make train EXPERIMENT=zoo/answer_in_input` trains on the broken data just like the doctor sees it.
+
+    shuffled_targets   every image gets another image's pose: targets independent of inputs  (unsolvable)
+    answer_in_input    the pose is written into the top-left pixels of every image            (answer_in_input)
+    val_in_train       the validation images are copies of training images                    (answer_in_input)
+    sorted_by_target   training data ordered by distance, presented without shuffling        (data_not_shuffled)
+    tiny_val           the validation set cut to `debugging.fault_size` (default 12) samples  (test_set_too_small)
+    batch_mixing       a reshape bug mixes the images of a batch before the network sees them (implementation_bug)
+    ignores_input      a bug overwrites the images with zeros inside the forward pass         (implementation_bug)
+    raw_pixels         images arrive as 0..255 floats (uint8 never divided by 255)            (poor_input_features)
+"""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+FAULTS = ("shuffled_targets", "answer_in_input", "val_in_train", "sorted_by_target", "tiny_val",
+          "batch_mixing", "ignores_input", "raw_pixels")
+DATA_FAULTS = ("shuffled_targets", "answer_in_input", "val_in_train", "sorted_by_target", "tiny_val",
+               "raw_pixels")
+TARGET_KEYS = ("R", "t")
+
+
+def fault_of(cfg):
+    fault = cfg.get("debugging", {}).get("fault") if cfg.get("debugging") is not None else None
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"debugging.fault must be null or one of {FAULTS} (got '{fault}')")
+    return fault
+
+
+class Mapped(torch.utils.data.Dataset):
+    """dataset[index[i]] with `fn(i, item)` applied; the dataset's other attributes pass through."""
+
+    def __init__(self, dataset, index=None, fn=None):
+        self.dataset = dataset
+        self.index = list(range(len(dataset))) if index is None else [int(i) for i in index]
+        self.fn = fn
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        item = self.dataset[self.index[i]]
+        return self.fn(i, dict(item)) if self.fn else item
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+
+def _targets(dataset):
+    """(R, t) of every sample, cheaply from a BopDataset's annotations when available."""
+    base = dataset
+    while not hasattr(base, "items") or not isinstance(getattr(base, "items", None), list):
+        if not hasattr(base, "dataset"):
+            break
+        base = base.dataset
+    records = getattr(base, "items", None)
+    if isinstance(records, list) and len(records) == len(dataset) and len(records[0]) >= 7:
+        return [(torch.as_tensor(np.asarray(r[5]), dtype=torch.float32), torch.as_tensor(np.asarray(r[6]), dtype=torch.float32))
+                for r in records]
+    return [(dataset[i]["R"], dataset[i]["t"]) for i in range(len(dataset))]
+
+
+def shuffled_targets(dataset, seed=0):
+    targets = _targets(dataset)
+    perm = np.random.default_rng(seed).permutation(len(dataset))
+
+    def fn(i, item):
+        item["R"], item["t"] = targets[perm[i]]
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
+def answer_in_input(dataset):
+    """The translation (and the rotation's first row) written into the first pixels of the red channel,
+    scaled into [0, 1]: what a leaked label or a filename-derived feature looks like to the network."""
+
+    def fn(i, item):
+        image = item["image"].clone()
+        t = torch.as_tensor(item["t"], dtype=torch.float32)
+        R = torch.as_tensor(item["R"], dtype=torch.float32)
+        code = torch.cat([(t[:2] / t[2] + 1) / 2, t[2:] / 1000.0, (R[0] + 1) / 2]).clamp(0, 1)
+        image[0, 0, : len(code)] = code
+        item["image"] = image
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
+def sorted_by_target(dataset):
+    """Ordered by the distance to the camera (t_z), as a capture session recorded near to far would be."""
+    z = np.array([float(t[2]) for _, t in _targets(dataset)])
+    return Mapped(dataset, index=np.argsort(z, kind="stable"))
+
+
+def raw_pixels(dataset):
+    def fn(i, item):
+        item["image"] = item["image"] * 255.0
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
+def fault_datasets(cfg, train_set, val_set):
+    fault = fault_of(cfg)
+    size = int(cfg.debugging.get("fault_size", 12) or 12) if fault else 0
+    seed = int(cfg.get("seed", 0))
+    if fault == "shuffled_targets":
+        return shuffled_targets(train_set, seed), shuffled_targets(val_set, seed + 1)
+    if fault == "answer_in_input":
+        return answer_in_input(train_set), answer_in_input(val_set)
+    if fault == "val_in_train":
+        picks = np.random.default_rng(seed).choice(len(train_set), size=min(len(val_set), len(train_set)), replace=False)
+        return train_set, Mapped(train_set, index=picks)
+    if fault == "sorted_by_target":
+        return sorted_by_target(train_set), val_set
+    if fault == "tiny_val":
+        return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
+    if fault == "raw_pixels":
+        return raw_pixels(train_set), raw_pixels(val_set)
+    return train_set, val_set
+
+
+def _mix_batch(module, args):
+    # The classic view bug: a [B, C, H, W] batch reshaped as if it were [C, B, H, W] and transposed back,
+    # so sample i's channels come from other samples.
+    (images, *rest) = args
+    b, c, h, w = images.shape
+    return (images.reshape(c, b, h, w).transpose(0, 1).contiguous(), *rest)
+
+
+def _zero_input(module, args):
+    (images, *rest) = args
+    return (torch.zeros_like(images), *rest)
+
+
+def fault_model(cfg, model):
+    """Code faults as forward pre-hooks, so the model's state_dict and checkpoints stay unchanged."""
+    fault = fault_of(cfg)
+    if fault == "batch_mixing":
+        model.register_forward_pre_hook(_mix_batch)
+    elif fault == "ignores_input":
+        model.register_forward_pre_hook(_zero_input)
+    return model
+
+
+def apply(c):
+    """The hook training.build calls on its Components: returns them unchanged unless `debugging.fault` is set."""
+    cfg = c.cfg
+    fault = fault_of(cfg)
+    if fault is None or getattr(c.model, "zoo_fault", None) == fault:  # none, or applied already
+        return c
+    from .. import training  # late import: training imports this module
+
+    model = fault_model(cfg, c.model)
+    model.zoo_fault = fault
+    train_set, val_set = fault_datasets(cfg, c.train_set, c.val_set)
+    if train_set is c.train_set and val_set is c.val_set:
+        return dataclasses.replace(c, model=model)
+    train_loader, val_loader = training.build_loaders(cfg, train_set, val_set)
+    scheduler = training.build_scheduler(cfg, c.optimizer, len(train_loader))
+    return dataclasses.replace(c, model=model, train_set=train_set, val_set=val_set, train_loader=train_loader,
+                               val_loader=val_loader, scheduler=scheduler)
