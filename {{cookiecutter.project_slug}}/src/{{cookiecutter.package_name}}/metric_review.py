@@ -23,6 +23,7 @@ fails or is not measured and `metric_review.strict` is true (the default; the DV
 
 import json
 import math
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -270,8 +271,8 @@ def trend(requirements, history, metrics):
 
 def dvc_metrics_diff(root):
     """`dvc metrics diff --md` inside a DVC repo; None when not applicable or it fails (best effort)."""
-    if not (Path(root) / ".dvc").is_dir():
-        return None
+    if not (Path(root) / ".dvc").is_dir() or os.environ.get("DVC_STAGE"):
+        return None  # not a DVC repo, or running as a `dvc repro` stage (the repo is locked by it)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "dvc", "metrics", "diff", "--md"],
