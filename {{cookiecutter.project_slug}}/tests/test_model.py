@@ -1,0 +1,103 @@
+import pytest
+import torch
+import torchvision
+from conftest import compose
+
+from {{ cookiecutter.package_name }}.pose import geometry
+from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model, initialize
+
+K64 = torch.tensor([[80.0, 0.0, 31.5], [0.0, 80.0, 31.5], [0.0, 0.0, 1.0]])
+
+
+def small(*overrides):
+    return compose("model.width=8", "model.hidden=32", *overrides)
+
+
+def assert_rotations(R):
+    eye = torch.eye(3).expand(len(R), 3, 3)
+    torch.testing.assert_close(R @ R.transpose(1, 2), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(R), torch.ones(len(R)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["euler_l2", "quaternion", "sixd", "point_matching"])
+def test_output_shapes_and_decode_per_representation(loss):
+    cfg = small(f"loss={loss}")
+    net = build_model(cfg).eval()
+    images = torch.rand(3, 3, 64, 64)
+    out = net(images)
+    assert out["rot"].shape == (3, geometry.rotation_dim(cfg.loss.rotation))
+    assert out["trans"].shape == (3, 3)
+    R, t = net.decode(out, K64.expand(3, 3, 3))
+    assert_rotations(R)
+    # decode is exactly the geometry module's decoding of the raw outputs
+    expected = geometry.decode_translation(out["trans"], K64.expand(3, 3, 3), cfg.loss.translation, 64)
+    torch.testing.assert_close(t, expected)
+
+
+def test_pose_estimator_returns_valid_poses_in_front_of_the_camera():
+    net = build_model(small())
+    R, t = PoseEstimator(net).eval()(torch.rand(4, 3, 64, 64), K64.expand(4, 3, 3))
+    assert R.shape == (4, 3, 3) and t.shape == (4, 3)
+    assert_rotations(R)
+    assert (t[:, 2] > 0).all()  # centre_depth decodes depth through exp: always in front
+
+
+def test_the_network_normalizes_its_input():
+    cfg = small()
+    net = build_model(cfg).eval()
+    raw = build_model(small("model.normalize_input=false")).eval()
+    raw.load_state_dict(net.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    normalized = (images - net.mean) / net.std
+    torch.testing.assert_close(net(images)["rot"], raw(normalized)["rot"])
+
+
+@pytest.mark.parametrize("init", ["he_normal", "xavier_uniform", "small_normal", "zeros"])
+def test_inits(init):
+    net = build_model(small(f"model.init={init}"))
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    if init == "zeros":
+        assert not conv.weight.any()
+    elif init == "small_normal":
+        assert conv.weight.std() < 0.02
+    else:
+        assert conv.weight.std() > 0.02
+
+
+def test_width_depth_and_stem_stride_change_the_network():
+    base = build_model(small())
+    wide = build_model(small("model.width=16"))
+    deep = build_model(small("model.depth=2"))
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(wide) > count(base) and count(deep) > count(base)
+    images = torch.rand(1, 3, 64, 64)
+    assert base.trunk(images).shape[-1] == 8  # stride 1 stem, 3 stride-2 stages
+    assert build_model(small("model.stem_stride=2")).trunk(images).shape[-1] == 4
+
+
+def test_torchvision_backbone_with_local_weights(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, tmp_path / "resnet18.pth")
+    net = build_model(compose("model=gpu", f"model.weights={tmp_path / 'resnet18.pth'}"))
+    torch.testing.assert_close(net.trunk[0].weight, state["conv1.weight"])
+    assert net(torch.rand(2, 3, 64, 64))["rot"].shape == (2, 6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=gpu", "model.arch=resnet_nonexistent"], "model.arch: unknown torchvision model"),
+        (["model=gpu", "model.width=8"], "model.width applies to model.arch=small_resnet only"),
+        (["model=gpu", "model.weights=/nonexistent.pth"], "model.weights: no such file"),
+        (["model.init=uniform_nonsense"], "model.init must be one of"),
+        (["model.width=0"], "model: width, depth and stages must be >= 1"),
+    ],
+)
+def test_bad_model_config_is_a_clear_error(overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        build_model(compose(*overrides))
+
+
+def test_initialize_rejects_unknown_init():
+    with pytest.raises(ValueError, match="model.init"):
+        initialize(torch.nn.Linear(2, 2), "orthogonal_typo")
