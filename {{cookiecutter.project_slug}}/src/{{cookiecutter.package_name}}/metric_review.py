@@ -60,6 +60,11 @@ def _is_number(x):
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _finite(values):
+    """Only the finite numbers (NaN means not measured; kept out of the JSON outputs)."""
+    return {k: float(v) for k, v in values.items() if _is_number(v) and math.isfinite(v)}
+
+
 def read_flat_json(path):
     """{key: float} of a flat metrics JSON (non-numeric values are skipped); None when the file is absent."""
     path = Path(path)
@@ -83,8 +88,7 @@ def production_summary(path):
         from .deployment.feedback import load_service_log
     except ImportError:
         return None, f"{path} exists but this project has no deployment package to read it"
-    summary = load_service_log(path)
-    return {k: float(v) for k, v in summary.items() if _is_number(v)}, f"production log {path}"
+    return _finite(load_service_log(path)), f"production log {path}"
 
 
 def measurements(settings):
@@ -251,8 +255,8 @@ def trend(requirements, history, metrics):
     """Per requirement: previous values (oldest first), current value, change and whether it is better."""
     rows = []
     for r in requirements:
-        previous = [e["metrics"].get(r.metric) for e in history]
-        current = metrics.get(r.metric)
+        previous = [_finite(e["metrics"]).get(r.metric) for e in history]
+        current = _finite(metrics).get(r.metric)
         last = next((v for v in reversed(previous) if v is not None), None)
         change = None if current is None or last is None else current - last
         better = None if not change else (change * direction(r.op) > 0)
@@ -538,13 +542,13 @@ def review(settings, requirements_path, root=".", checklist=None, run=None):
         s["history"],
         {
             "time": now,
-            "metrics": metrics,
+            "metrics": _finite(metrics),
             "status": {x["name"]: x["status"] for x in results},
             "exit_code": code,
         },
     )
     if run is not None:
-        run.log({f"review/{k}": v for k, v in metrics.items()})
+        run.log({f"review/{k}": v for k, v in _finite(metrics).items()})
         columns = ["name", "metric", "target", "value", "priority", "status"]
         run.log_table("review/requirements", [[x[c] for c in columns] for x in results], columns)
     return result

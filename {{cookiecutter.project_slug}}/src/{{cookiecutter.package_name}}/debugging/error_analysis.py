@@ -350,8 +350,8 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
     """Draw the sampled errors with GT (green) and predicted (red) object axes (x, y, z; half the
     diameter long) into one PNG grid (torchvision make_grid).
     Returns (number of tiles, note)."""
-    if not table.is_pose or "rgb_path" not in table.columns:
-        return 0, "no contact sheet: the errors CSV has no pose columns / rgb_path"
+    if not table.is_pose or not {"rgb_path", "R_pred", "t_pred"} <= set(table.columns):
+        return 0, "no contact sheet: the errors CSV has no pose columns (rgb_path, R_pred, t_pred, ...)"
     try:
         import torch
         from PIL import Image, ImageDraw
