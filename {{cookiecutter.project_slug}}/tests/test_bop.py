@@ -35,7 +35,7 @@ def test_items_match_the_files(tiny_dataset):
     assert len(dataset) == len(scene_gt) == 16
     item = dataset[3]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 32, 32)
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["image"].min() >= 0.0 and item["image"].max() <= 1.0
     png = np.array(Image.open(root / "train/000000/rgb/000003.png"))
     assert torch.equal((item["image"] * 255).round().byte(), torch.from_numpy(png).permute(2, 0, 1))
     gt = scene_gt["3"][0]
@@ -77,7 +77,9 @@ def test_models_info_symmetry_and_points(tiny_dataset):
     dist = np.linalg.norm(vertices[:, None] - vertices[None], axis=-1).max()
     assert dist == pytest.approx(infos[1]["diameter"], rel=1e-5)
     subset = bop.load_model_points(tiny_dataset.root, 1, n=100)
-    assert subset.shape == (100, 3) and np.array_equal(subset, bop.load_model_points(tiny_dataset.root, 1, n=100))
+    assert subset.shape == (100, 3) and np.array_equal(
+        subset, bop.load_model_points(tiny_dataset.root, 1, n=100)
+    )
     assert {tuple(p) for p in subset} <= {tuple(v) for v in vertices}
     more = bop.load_model_points(tiny_dataset.root, 1, n=len(vertices) + 500)
     assert more.shape == (len(vertices) + 500, 3)
@@ -148,7 +150,9 @@ def test_wrong_length_and_nan_are_named(dataset_copy):
     edit_json(path, lambda d: d["2"][0].update(cam_R_m2c=[1, 0, 0]))
     with pytest.raises(BopFormatError, match=r"image 2 instance 0 cam_R_m2c has 3 numbers, expected 9"):
         BopDataset(dataset_copy, "test", obj_id=1)
-    edit_json(path, lambda d: d["2"][0].update(cam_R_m2c=[1, 0, 0, 0, 1, 0, 0, 0, 1], cam_t_m2c=[0, "NaN", 1]))
+    edit_json(
+        path, lambda d: d["2"][0].update(cam_R_m2c=[1, 0, 0, 0, 1, 0, 0, 0, 1], cam_t_m2c=[0, "NaN", 1])
+    )
     with pytest.raises(BopFormatError, match="NaN"):
         BopDataset(dataset_copy, "test", obj_id=1)
 
@@ -165,7 +169,10 @@ def test_translations_in_metres_are_caught(dataset_copy):
 
 
 def test_wrong_depth_scale_is_caught(dataset_copy):
-    edit_json(dataset_copy / "train/000000/scene_camera.json", lambda d: [c.update(depth_scale=1.0) for c in d.values()])
+    edit_json(
+        dataset_copy / "train/000000/scene_camera.json",
+        lambda d: [c.update(depth_scale=1.0) for c in d.values()],
+    )
     with pytest.raises(BopFormatError, match=r"depth/000000\.png: median depth .*\(depth_scale wrong"):
         BopDataset(dataset_copy, "train", obj_id=1)
 

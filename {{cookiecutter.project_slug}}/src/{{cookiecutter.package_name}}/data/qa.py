@@ -146,19 +146,18 @@ def check_instance(rec, K, size, model, scene_dir, im_id, gt_id, depth_scale, cf
         return [("outside_image", "no part of the model projects inside the image")]
     name = f"{im_id:06d}_{gt_id:06d}.png"
     mask_path, visib_path = scene_dir / "mask" / name, scene_dir / "mask_visib" / name
+    disagree = []
     if mask_path.exists():
         score = iou(silhouette, _read_mask(mask_path))
         if score < cfg_qa.mask_iou:
-            problems.append(
-                ("mask_mismatch", f"IoU(model at pose, mask/{name}) = {score:.3f} < {cfg_qa.mask_iou}")
-            )
+            disagree.append(f"IoU(model at pose, mask/{name}) = {score:.3f} < {cfg_qa.mask_iou}")
     visib = _read_mask(visib_path) if visib_path.exists() else None
     if visib is not None and visib.sum() > 0:
         inside = float((visib & silhouette).sum() / visib.sum())
         if inside < cfg_qa.mask_iou:
-            problems.append(
-                ("mask_mismatch", f"{1 - inside:.1%} of mask_visib/{name} lies outside the model at the pose")
-            )
+            disagree.append(f"{1 - inside:.1%} of mask_visib/{name} lies outside the model at the pose")
+    if disagree:  # a wrong pose: its depth disagrees too, reported once here
+        return [("mask_mismatch", "; ".join(disagree))]
     depth_path = scene_dir / "depth" / f"{im_id:06d}.png"
     if visib is not None and depth_path.exists():
         measured = np.asarray(Image.open(depth_path), dtype=np.float64) * depth_scale
@@ -166,10 +165,8 @@ def check_instance(rec, K, size, model, scene_dir, im_id, gt_id, depth_scale, cf
         if valid.sum() >= 10:
             error = float(np.median(np.abs(measured[valid] - depth_render[valid])))
             if error > cfg_qa.depth_tol * model.diameter:
-                problems.append(
-                    ("depth_mismatch", f"median |depth - rendered depth| = {error:.1f} mm in mask_visib")
-                )
-    return problems
+                return [("depth_mismatch", f"median |depth - rendered depth| = {error:.1f} mm in mask_visib")]
+    return []
 
 
 def image_size(scene_dir, im_id, camera_json):
