@@ -117,6 +117,8 @@ def test_command_writes_report_and_exit_code(tiny_dataset, damaged, tmp_path, mo
     markdown = (out / "2_data/qa/report.md").read_text()
     assert "**FAILED**" in markdown and "| behind_camera | 1 |" in markdown and "Label QA passes" in markdown
     assert "behind_camera 1" in capsys.readouterr().out
+    sheet = Image.open(out / "2_data/qa/labels.png")
+    assert sheet.width >= 4 * 128 and sheet.height >= 4 * 128  # 16 tiles of at least 128 px
 
     monkeypatch.setattr(
         sys, "argv", ["qa", f"paths.root={out}", f"data.root={tiny_dataset.root}", "logger=none"]

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from .. import tracking
-from ..files import write_json, write_text
+from ..files import atomic_path, write_json, write_text
 from ..paths import CONFIG_DIR
 from .bop import BopFormatError, load_models_info, model_path, read_json, read_ply, split_scenes
 
@@ -269,6 +269,9 @@ def write_report(out_dir, root, splits, issues, n_images, n_instances, max_liste
         "|---|---|",
         *[f"| {check} | {counts[check]} |" for check in CHECKS],
         "",
+        "`labels.png`: images with the model drawn at the labelled pose (green) and its box (yellow);",
+        "look at it (checklist: a sample of labels has been looked at with your own eyes).",
+        "",
     ]
     for check in CHECKS:
         if issues[check]:
@@ -284,6 +287,63 @@ def write_report(out_dir, root, splits, issues, n_images, n_instances, max_liste
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", "\n".join(lines))
     return report
+
+
+def label_sheet(root, split, path, n=16, min_size=128):
+    """A grid of `n` images of `split` (evenly spaced) with the model's silhouette at the labelled pose
+    overlaid in green (torchvision drawing utils) and its box in yellow: for the checklist item "a sample of
+    labels has been looked at with your own eyes"."""
+    import torch
+    import torchvision
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+    root = Path(root)
+    infos = load_models_info(root)
+    entries = []
+    for scene_dir in split_scenes(root, split):
+        scene_gt = read_json(scene_dir / "scene_gt.json")
+        scene_camera = read_json(scene_dir / "scene_camera.json")
+        entries += [
+            (scene_dir, key, gt_id, rec, scene_camera[key])
+            for key in scene_gt
+            for gt_id, rec in enumerate(scene_gt[key])
+        ]
+    tiles, models = [], {}
+    for index in np.linspace(0, len(entries) - 1, min(n, len(entries))).astype(int):
+        scene_dir, key, gt_id, rec, cam = entries[index]
+        (height, width), image_path = image_size(scene_dir, int(key), {"height": 0, "width": 0})
+        if image_path is None:
+            continue
+        image = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1)
+        obj_id = int(rec["obj_id"])
+        if obj_id not in models and obj_id in infos:
+            models[obj_id] = Model(root, obj_id, infos[obj_id])
+        R, t = np.asarray(rec["cam_R_m2c"], float).reshape(3, 3), np.asarray(rec["cam_t_m2c"], float)
+        K = np.asarray(cam["cam_K"], float).reshape(3, 3)
+        scale = max(1, int(np.ceil(min_size / max(height, width))))
+        image = torch.nn.functional.interpolate(image[None], scale_factor=scale, mode="nearest")[0]
+        if obj_id in models:
+            model = models[obj_id]
+            # nearest upsampling by `scale`: pixel centres map as u' + 0.5 = scale (u + 0.5)
+            K_up = np.diag([scale, scale, 1.0]) @ K + [
+                [0, 0, (scale - 1) / 2],
+                [0, 0, (scale - 1) / 2],
+                [0, 0, 0],
+            ]
+            silhouette = (
+                rasterize(model.verts @ R.T + t, model.faces, K_up, height * scale, width * scale) > 0
+            )
+            image = draw_segmentation_masks(image, torch.from_numpy(silhouette), alpha=0.4, colors="lime")
+            if silhouette.any():
+                ys, xs = np.nonzero(silhouette)
+                box = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]])
+                image = draw_bounding_boxes(image, box, colors="yellow")
+        tiles.append(
+            torchvision.transforms.v2.functional.resize(image, [min_size, min_size], antialias=False)
+        )
+    grid = make_grid(torch.stack(tiles), nrow=int(np.ceil(np.sqrt(len(tiles)))), padding=2)
+    with atomic_path(path) as tmp:
+        torchvision.io.write_png(grid, str(tmp))
 
 
 QA_DEFAULTS = {"splits": None, "rotation_tol": 1e-4, "mask_iou": 0.9, "depth_tol": 0.05}
@@ -306,6 +366,7 @@ def main(cfg: DictConfig):
         out_dir = Path(cfg.paths.data) / "qa"
         issues, n_images, n_instances = run_qa(cfg.data.root, settings.splits, settings)
         report = write_report(out_dir, cfg.data.root, settings.splits, issues, n_images, n_instances)
+        label_sheet(cfg.data.root, settings.splits[0], out_dir / "labels.png")
         run.log({f"qa/{k}": v for k, v in report["counts"].items()} | {"qa/errors": report["errors"]})
         run.finish()
     except (BopFormatError, OSError) as e:
