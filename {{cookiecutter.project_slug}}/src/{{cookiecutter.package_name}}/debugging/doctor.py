@@ -164,13 +164,10 @@ class Doctor:
         return run
 
     def fix_effect(self, base, run):
-        """Paired permutation test that the fixed run's val losses are lower, and the relative gain."""
-        p, gain = probes.paired_test(base.val_losses, run.val_losses)
-        if base.diverged and not run.diverged:
-            p, gain = 0.0, 1.0
-        helped = p < self.th.alpha and gain >= self.th.min_fix_gain and not run.diverged
-        return {"p_value": p, "gain": gain, "helped": bool(helped), "val_loss_before": base.val_loss,
-                "val_loss_after": run.val_loss}
+        """Paired permutation tests that the fixed run is better (loss or a criterion part), and by how much."""
+        r = probes.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain)
+        return {"helped": r["better"], "metric": r["metric"], "p_value": r["p_value"], "gain": r["gain"],
+                "val_loss_before": base.val_loss, "val_loss_after": run.val_loss, "metrics": r["metrics"]}
 
     def add(self, cause, present, strength, evidence, fix, summary, plot=None):
         self.causes[cause] = {"id": cause, "present": bool(present), "strength": float(strength),
@@ -276,7 +273,7 @@ class Doctor:
                   "forgetting_after": f_after}, "training.shuffle=true",
                  f"The training loader yields targets in blocks (runs test z = {order['runs_z']:.1f}, p = "
                  f"{order['p_value']:.1e}, lag-1 autocorrelation {order['lag1_autocorrelation']:.2f}); shuffling "
-                 f"changes the val loss by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).", "curves.png")
+                 f"{_effect(effect)}.", "curves.png")
 
     def lr_probe(self):
         """LR range test at a batch size where gradient noise does not decide the outcome."""
@@ -308,8 +305,7 @@ class Doctor:
             self.add(cause, effect["helped"], effect["gain"], {"lr_range": _short(lr), "lr_fix": effect},
                      f"training.lr={suggestion:.2g}",
                      f"training.lr={t.lr:g} is {'above' if t.lr > valley else 'far below'} the LR range test's "
-                     f"valley ({valley:.2g}; suggestion {suggestion:.2g}); training at the suggestion changes the val "
-                     f"loss by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).", "lr_range_test.png")
+                     f"valley ({valley:.2g}; suggestion {suggestion:.2g}); training at the suggestion {_effect(effect)}.", "lr_range_test.png")
 
         # minibatch too small: noise-dominated gradient (B << B_simple) and a larger batch calms the loss
         b_simple = gns.get("b_simple")
@@ -320,8 +316,7 @@ class Doctor:
             self.add("batch_too_small", effect["helped"], effect["gain"], {"gradient_noise": gns, "batch_fix": effect},
                      f"training.batch_size={big}",
                      f"At batch size {t.batch_size} the gradient is noise-dominated (noise scale B_simple = "
-                     f"{b_simple:.0f}, McCandlish et al. 2018); batch size {big} changes the val loss by "
-                     f"{-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).", "curves.png")
+                     f"{b_simple:.0f}, McCandlish et al. 2018); batch size {big} {_effect(effect)}.", "curves.png")
 
         if s["no_learning"]["present"] or s["plateau"]["present"]:
             self.probe_no_learning(user)
@@ -333,15 +328,15 @@ class Doctor:
         m = cfg.model
         # architecture: wider and shallower
         if m.get("width"):
-            changes = {"model.width": m.width * 4}
-            fix = {"model.width": user.model.width * 4}
+            changes = {"model.width": m.width * 4, "model.hidden": m.get("hidden", 64) * 4}
+            fix = {"model.width": user.model.width * 4, "model.hidden": user.model.get("hidden", 64) * 4}
             if m.get("depth", 1) > 1:
                 changes["model.depth"] = fix["model.depth"] = max(1, m.depth // 2)
             fixed = self.train("wider", a.task(with_overrides(cfg, changes)))
             effect = self.fix_effect(self.base, fixed)
             self.add("architecture", effect["helped"], effect["gain"], {"wider_fix": effect, "model": dict(changes)},
-                     _overrides(fix), f"A 4x wider{' and shallower' if len(changes) > 1 else ''} network changes "
-                     f"the val loss by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).", "curves.png")
+                     _overrides(fix), f"A 4x wider{' and shallower' if 'model.depth' in changes else ''} network "
+                     f"{_effect(effect)}.", "curves.png")
         # initialization: He-normal, and the statistics at init
         init = self.checks["init"]
         if m.get("init") is not None:
@@ -356,7 +351,7 @@ class Doctor:
                      f"model.init={new}",
                      f"model.init={m.init}: loss at init {init['loss_at_init']:.3g} vs {self.control.val_loss:.3g} for "
                      f"the input-independent control; weight std / He-normal std ranges {min(he):.2g}..{max(he):.2g}; "
-                     f"{new} init changes the val loss by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).",
+                     f"{new} init {_effect(effect)}.",
                      "curves.png")
         # input features: standardize the inputs with the training set's statistics
         st = self.checks["input_statistics"]
@@ -375,7 +370,7 @@ class Doctor:
             self.add("poor_input_features", effect["helped"], effect["gain"], {"input_statistics": st, "standardize_fix": effect},
                      self.fault_fix("standardize the inputs (per-channel mean/std of the training set)"),
                      f"Inputs have channel means {_fmt(st['channel_mean'])} and stds {_fmt(st['channel_std'])}; "
-                     f"standardizing them changes the val loss by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).",
+                     f"standardizing them {_effect(effect)}.",
                      "curves.png")
         # not started: train longer (is the trend significant?)
         longer_epochs = min(self.d.longer_epochs, max(3 * t.epochs, t.epochs + 2))
@@ -388,7 +383,7 @@ class Doctor:
                   "epochs": [t.epochs, longer_epochs]},
                  f"training.epochs={max(user.training.epochs * 3, longer_epochs)}",
                  f"Over the configured {t.epochs} epoch(s) the val loss trend is {slope:+.3g}/epoch (p = {p_trend:.3g}); "
-                 f"{longer_epochs} epochs change it by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}) and "
+                 f"{longer_epochs} epochs: {_effect(effect)}, and "
                  f"{'do' if fixed_learning['learned'] else 'do not'} beat the input-independent control.", "curves.png")
         # implementation bug: can it overfit a small subset?
         over = probes.overfit_subset(t, n=self.d.overfit_samples, steps=self.d.overfit_steps,
@@ -409,8 +404,7 @@ class Doctor:
             effect = self.fix_effect(self.base, fixed)
             self.add("poor_optimizer", effect["helped"], effect["gain"], {"adam_fix": effect},
                      "training.optimizer=adam training.lr=0.001",
-                     f"SGD (momentum {cfg.training.momentum}) -> Adam (lr 1e-3, Kingma & Ba's default) changes the val "
-                     f"loss by {-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).", "curves.png")
+                     f"SGD (momentum {cfg.training.momentum}) -> Adam (lr 1e-3, Kingma & Ba's default) {_effect(effect)}.", "curves.png")
         # regularization: ablate dropout and weight decay
         dropout, wd = float(cfg.model.get("dropout") or 0.0), float(cfg.training.get("weight_decay") or 0.0)
         if dropout > 0 or wd > self.th.weight_decay_ignore:
@@ -420,8 +414,8 @@ class Doctor:
             self.add("too_much_regularization", effect["helped"], effect["gain"],
                      {"dropout": dropout, "weight_decay": wd, "no_regularization_fix": effect},
                      "model.dropout=0.0 training.weight_decay=0.0",
-                     f"dropout {dropout:g}, weight decay {wd:g}; without both the val loss changes by "
-                     f"{-effect['gain']:+.0%} (p = {effect['p_value']:.3g}).", "curves.png")
+                     f"dropout {dropout:g}, weight decay {wd:g}; without both training "
+                     f"{_effect(effect)}.", "curves.png")
 
     def probe_residual(self):
         """Implementation bug by a failed overfit test, then `unsolvable`, when nothing else explains it."""
@@ -475,6 +469,12 @@ class Doctor:
 
 def zero_inputs(items):
     return probes.zero_inputs(items)
+
+
+def _effect(effect):
+    """'lowers val rot_err_deg by 23% (p = 0.0001)' for a fix_effect result."""
+    verb = "lowers" if effect["gain"] >= 0 else "raises"
+    return f"{verb} val {effect['metric']} by {abs(effect['gain']):.0%} (p = {effect['p_value']:.2g})"
 
 
 def _short(lr):

@@ -168,8 +168,12 @@ class Task:
 
 
 @torch.no_grad()
-def per_sample_losses(task, model, items, batch_size=64):
-    """Eval-mode loss of every item (the criterion applied to one-sample slices of a batched forward)."""
+def per_sample_losses(task, model, items, batch_size=64, parts=None):
+    """Eval-mode loss of every item (the criterion applied to one-sample slices of a batched forward).
+
+    With a dict `parts`, the criterion's scalar parts (when it returns `(loss, parts)`) are appended to
+    parts[name], one value per item: the probes treat every part as lower-is-better (errors, loss terms).
+    """
     model.eval()
     losses = []
     for start in range(0, len(items), batch_size):
@@ -179,7 +183,12 @@ def per_sample_losses(task, model, items, batch_size=64):
         n = len(chunk)
         for i in range(n):
             one = _slice(out, slice(i, i + 1), n)
-            losses.append(float(loss_value(task.criterion(one, _slice(batch, slice(i, i + 1), n)))))
+            result = task.criterion(one, _slice(batch, slice(i, i + 1), n))
+            losses.append(float(loss_value(result)))
+            if parts is not None and isinstance(result, tuple | list) and len(result) > 1:
+                for name, value in dict(result[1]).items():
+                    if name != "loss" and (not torch.is_tensor(value) or value.numel() == 1):
+                        parts.setdefault(name, []).append(float(value))
     return np.asarray(losses, dtype=np.float64)
 
 
@@ -259,6 +268,7 @@ class Run:
     val_curve: list  # mean val loss after each epoch (eval mode)
     val_losses: np.ndarray  # per-sample val losses at the end
     val_losses_per_epoch: list
+    val_parts: dict  # criterion part name -> per-sample values at the end
     forgetting: list  # per epoch: (losses on the epoch's first quarter right after it, the same at epoch end)
     diverged: bool
     seconds: float
@@ -331,30 +341,64 @@ def train(task, *, items=None, val_items=None, epochs=None, lr=None, batch_size=
             break
         if quarter is not None:
             forgetting.append((quarter, per_sample_losses(task, model, seen)))
-        losses = per_sample_losses(task, model, val_items)
+        val_parts = {}
+        losses = per_sample_losses(task, model, val_items, parts=val_parts)
         val_per_epoch.append(losses)
         val_curve.append(float(np.mean(losses)))
         if not np.all(np.isfinite(losses)):
             diverged = True
             break
-    final = val_per_epoch[-1] if val_per_epoch and not diverged else np.full(len(val_items), np.inf)
-    return Run(steps, per_epoch, val_curve, final, val_per_epoch, forgetting, diverged,
+    if val_per_epoch and not diverged:
+        final, parts = val_per_epoch[-1], {k: np.asarray(v) for k, v in val_parts.items()}
+    else:
+        final, parts = np.full(len(val_items), np.inf), {}
+    return Run(steps, per_epoch, val_curve, final, val_per_epoch, parts, forgetting, diverged,
                time.perf_counter() - start, model)
 
 
 # --- symptom measures ----------------------------------------------------------------------------------------
 
 
+def compare_runs(worse, better, alpha=0.01, min_gain=0.05):
+    """Is `better` better than `worse` on held-out data, by the total loss or by any criterion part?
+
+    Each metric (the loss, then each part the criterion reports, e.g. rotation and translation errors) gets
+    a paired one-sided permutation test; Bonferroni over the metrics keeps the family-wise error at `alpha`.
+    A metric counts when significant AND at least `min_gain` relative better (significant but tiny gains are
+    not "better"). Returns the best metric's name, p-value and gain, and `better`: True/False.
+    A total loss that got significantly worse vetoes a part's gain.
+    """
+    if better.diverged:
+        return {"better": False, "metric": "loss", "p_value": 1.0, "gain": -1.0, "metrics": {}}
+    if worse.diverged:
+        return {"better": True, "metric": "loss", "p_value": 0.0, "gain": 1.0, "metrics": {}}
+    metrics = {"loss": (worse.val_losses, better.val_losses)}
+    for name, values in better.val_parts.items():
+        if name in worse.val_parts and len(values) == len(worse.val_parts[name]):
+            metrics[name] = (worse.val_parts[name], values)
+    level = alpha / len(metrics)
+    results = {name: paired_test(a, b) for name, (a, b) in metrics.items()}
+    total_worse = paired_test(better.val_losses, worse.val_losses)
+    veto = total_worse[0] < alpha and total_worse[1] > min_gain
+    hits = {k: v for k, v in results.items() if v[0] < level and v[1] >= min_gain}
+    if hits and not veto:
+        name = max(hits, key=lambda k: hits[k][1])
+    else:
+        name = "loss"
+    p, gain = results[name]
+    return {"better": bool(hits) and not veto, "metric": name, "p_value": p, "gain": gain,
+            "metrics": {k: {"p_value": v[0], "gain": v[1]} for k, v in results.items()}}
+
+
 def learning_vs_control(run, control, alpha=0.01, min_gain=0.05):
     """Does the model beat a control (input-independent or shuffled-target) on held-out data?
 
-    learned = the paired test rejects "no better than the control" at `alpha` AND the mean loss is at least
-    `min_gain` (relative) below the control's: a significant but tiny gain is not "above random".
+    learned = compare_runs finds the model better than the control at `alpha` by at least `min_gain`
+    relative, on the loss or on one of the criterion's parts.
     """
-    p, gain = paired_test(control.val_losses, run.val_losses)
-    learned = (not run.diverged) and p < alpha and gain >= min_gain
-    return {"learned": bool(learned), "p_value": p, "gain_vs_control": gain,
-            "val_loss": run.val_loss, "control_val_loss": control.val_loss}
+    r = compare_runs(control, run, alpha, min_gain)
+    return {"learned": r["better"], "metric": r["metric"], "p_value": r["p_value"], "gain_vs_control": r["gain"],
+            "val_loss": run.val_loss, "control_val_loss": control.val_loss, "metrics": r["metrics"]}
 
 
 def bounce_statistics(run, alpha=0.01):

@@ -13,6 +13,7 @@ live here instead of in training.py. `training.build` passes its Components thro
     batch_mixing       a reshape bug mixes the images of a batch before the network sees them (implementation_bug)
     ignores_input      a bug overwrites the images with zeros inside the forward pass         (implementation_bug)
     raw_pixels         images arrive as 0..255 floats (uint8 never divided by 255)            (poor_input_features)
+    divided_twice      images divided by 255 twice: values in 0..0.004                        (poor_input_features)
 """
 
 import dataclasses
@@ -21,10 +22,7 @@ import numpy as np
 import torch
 
 FAULTS = ("shuffled_targets", "answer_in_input", "val_in_train", "sorted_by_target", "tiny_val",
-          "batch_mixing", "ignores_input", "raw_pixels")
-DATA_FAULTS = ("shuffled_targets", "answer_in_input", "val_in_train", "sorted_by_target", "tiny_val",
-               "raw_pixels")
-TARGET_KEYS = ("R", "t")
+          "batch_mixing", "ignores_input", "raw_pixels", "divided_twice")
 
 
 def fault_of(cfg):
@@ -102,9 +100,9 @@ def sorted_by_target(dataset):
     return Mapped(dataset, index=np.argsort(z, kind="stable"))
 
 
-def raw_pixels(dataset):
+def scaled_pixels(dataset, factor):
     def fn(i, item):
-        item["image"] = item["image"] * 255.0
+        item["image"] = item["image"] * factor
         return item
 
     return Mapped(dataset, fn=fn)
@@ -125,8 +123,9 @@ def fault_datasets(cfg, train_set, val_set):
         return sorted_by_target(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
-    if fault == "raw_pixels":
-        return raw_pixels(train_set), raw_pixels(val_set)
+    if fault in ("raw_pixels", "divided_twice"):
+        factor = 255.0 if fault == "raw_pixels" else 1 / 255.0
+        return scaled_pixels(train_set, factor), scaled_pixels(val_set, factor)
     return train_set, val_set
 
 

@@ -1,0 +1,147 @@
+"""The failure-mode probes on small generic problems (no pose code involved): each probe must flag its
+failure and stay quiet on a healthy case."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from {{ cookiecutter.package_name }}.debugging import probes
+
+torch.set_num_threads(1)
+
+
+def regression_items(n=320, seed=0, noise=0.1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    w = torch.randn(8, 2, generator=g)
+    y = x @ w + noise * torch.randn(n, 2, generator=g)
+    return [(x[i], y[i]) for i in range(n)]
+
+
+def mse(out, batch):
+    return nn.functional.mse_loss(out, batch[1])
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+class IgnoresInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return self.net(torch.zeros_like(x))
+
+
+class ViewBug(nn.Module):
+    """Mixes samples: the batch is reshaped as if features came first (the classic .view bug)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        b, f = x.shape
+        return self.net(x.reshape(f, b).t().reshape(b, f) if b != f else x)
+
+
+def make_task(items=None, model_factory=mlp, **kw):
+    items = items or regression_items()
+    return probes.Task(model_factory, mse, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def healthy_runs():
+    task = make_task()
+    return task, probes.train(task), probes.train(task, items=lambda it: probes.zero_inputs(it, 0))
+
+
+def test_healthy_regression_learns(healthy_runs):
+    task, run, control = healthy_runs
+    result = probes.learning_vs_control(run, control)
+    assert result["learned"] and result["gain_vs_control"] > 0.5
+    assert run.val_curve[-1] < run.val_curve[0]
+    assert probes.bounce_statistics(run)["train_rises"] == 0
+    assert probes.forgetting_statistics(run)["ratio"] < 1.5
+
+
+def test_input_independent_model_is_flagged(healthy_runs):
+    task, _, control = healthy_runs
+    lazy = make_task(model_factory=IgnoresInput)
+    run = probes.train(lazy)
+    assert not probes.learning_vs_control(run, control)["learned"]
+    dep = probes.batch_dependency(IgnoresInput(), probes.collate(lazy.train_items[:8]), input_key=0)
+    assert dep["own_gradient"] == 0.0
+    assert not probes.overfit_subset(lazy)["passed"]
+    assert probes.overfit_subset(task)["passed"]
+
+
+def test_backprop_dependency_flags_batch_mixing():
+    batch = probes.collate(regression_items()[:16])
+    assert probes.batch_dependency(mlp(), batch, input_key=0)["ratio"] == 0.0
+    assert probes.batch_dependency(ViewBug(), batch, input_key=0)["ratio"] > 1e-3
+    bn = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    assert probes.batch_dependency(bn, batch, input_key=0)["ratio"] == 0.0  # eval mode: running stats
+    assert probes.batch_dependency(bn, batch, input_key=0, train_mode=True)["ratio"] > 1e-3
+
+
+def test_lr_range_test_suggests_a_sane_lr():
+    lr = probes.lr_range_test(make_task(), steps=80)
+    # Adam on a small MLP regression trains well between 1e-3 and 1e-1
+    assert 1e-4 <= lr["suggestion"] <= 0.3, lr["suggestion"]
+    assert lr["lr_valley"] == pytest.approx(10 * lr["suggestion"])
+    assert lr["losses"][int(np.argmin(lr["losses"]))] < lr["losses"][0]
+
+
+def test_order_probe_flags_sorted_targets():
+    items = regression_items()[:256]
+    shuffled = probes.order_test(make_task(items=items + items[:64]))
+    assert shuffled["p_value"] > 1e-3
+    ordered = sorted(items, key=lambda it: float(it[1][0]))
+    blocked = probes.order_test(make_task(items=ordered + ordered[:64], shuffle=False))
+    assert blocked["p_value"] < 1e-6 and blocked["lag1_autocorrelation"] > 0.5
+
+
+def test_shuffled_targets_are_not_learnable():
+    items = probes.permute_inputs(regression_items(), seed=1, input_key=0)
+    task = make_task(items=items)
+    run = probes.train(task)
+    control = probes.train(task, items=lambda it: probes.zero_inputs(it, 0))
+    assert not probes.learning_vs_control(run, control)["learned"]
+    assert probes.overfit_subset(task)["passed"]  # memorizing a handful still works: not a code bug
+
+
+def test_duplicates_across_splits_are_found():
+    items = regression_items()
+    found = probes.duplicates({"train": items[:200], "val": items[190:240]}, input_key=0)
+    assert found["train/val"]["shared"] == 10
+    assert probes.duplicates({"train": items[:200], "val": items[200:]}, input_key=0)["train/val"]["shared"] == 0
+
+
+def test_shortcut_probe_finds_a_leaked_pixel():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(300, 1, 8, 8, generator=g)
+    targets = torch.rand(300, 1, generator=g)
+    clean = [{"image": images[i], "target": targets[i]} for i in range(300)]
+    leaked = [{"image": torch.cat([images[i].flatten()[:-1], targets[i]]).reshape(1, 8, 8), "target": targets[i]}
+              for i in range(300)]
+    task = probes.Task(None, None, clean[:200], clean[200:])
+    assert probes.shortcut_probe(task)["best_single_value_r2"] < 0.2
+    found = probes.shortcut_probe(task.replace(train_items=leaked[:200], val_items=leaked[200:]))
+    assert found["best_single_value_r2"] > 0.99 and found["best_single_value_index"] == 63
+
+
+def test_statistics_behave():
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 0.1, 200)
+    assert probes.paired_test(a + 0.2, a)[0] < 0.01
+    assert probes.paired_test(a, a + 0.2)[0] > 0.5
+    assert probes.trend_test(np.arange(10, 0, -1.0))[1] < 0.01
+    assert probes.trend_test(rng.normal(size=10), seed=1)[1] > 0.01
+    assert probes.runs_test(np.sort(rng.normal(size=100)))[1] < 1e-6
+    small = probes.test_set_precision(a, n_total=12)
+    big = probes.test_set_precision(a, n_total=2000)
+    assert small["ci95_half_width"] > 10 * big["ci95_half_width"] / 2
