@@ -237,4 +237,16 @@ def test_contact_sheet_and_report_from_pose_errors(tmp_path):
     assert ((red > 200) & (green < 100)).any(), "predicted axes (red) missing"
     occluded = next(c for c in analysis["categories"] if c["category"] == "occluded")
     assert occluded["count"] == 3 and occluded["dev_set_pct"] == pytest.approx(25.0)
+
+
+def test_missing_or_corrupt_images_skip_the_contact_sheet(tmp_path):
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "rgb" / "000000.png").write_bytes(b"not a png")
+    rows = [pose_row(i, add_mm=40.0) for i in range(3)]  # 000001.png and 000002.png do not exist
+    errors = write_csv(tmp_path / "errors.csv", rows)
+    settings = {"fail_when": "add_s_mm >= 0.1 * diameter_mm", "eyeball_fraction": 1.0}
+    analysis = ea.analyze(errors, tmp_path / "out", settings=settings, search_dirs=[tmp_path])
+    assert analysis["contact_sheet"]["tiles"] == 0 and "could be read" in analysis["contact_sheet"]["note"]
+    assert not (tmp_path / "out" / "contact_sheet.png").exists()
+    assert "could be read" in (tmp_path / "out" / "report.md").read_text()
 {%- endif %}

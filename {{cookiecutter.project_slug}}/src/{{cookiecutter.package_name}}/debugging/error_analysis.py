@@ -369,10 +369,13 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
     thumb = int(sheet["thumb_px"])
     for n, i in enumerate(chosen, start=1):
         path = _find_image(table.rows[i]["rgb_path"], search_dirs)
-        if path is None:
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB) if path else None
+        except (RuntimeError, OSError):  # unreadable or corrupt image: counted like a missing one
+            image = None
+        if image is None:
             missing += 1
             continue
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
         h, w = image.shape[-2:]
         tile = Image.fromarray(resize(image, [thumb, thumb], antialias=True).permute(1, 2, 0).numpy())
         # torchvision's draw_keypoints draws its connecting lines white only, so the coloured axes use PIL.
@@ -390,12 +393,12 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
         image = draw_bounding_boxes(image, box, labels=[f"#{n}"], colors="white")
         tiles.append(image)
     if not tiles:
-        return 0, f"no contact sheet: none of the {len(chosen)} sampled images could be found (rgb_path)"
+        return 0, f"no contact sheet: none of the {len(chosen)} sampled images could be read (rgb_path)"
     grid = make_grid(tiles, nrow=int(sheet["nrow"]), padding=2, pad_value=0)
     with atomic_path(out_path) as tmp:
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     note = f"{len(tiles)} tiles, numbered as the `n` column of tags.csv; GT axes green, predicted red"
-    return len(tiles), note + (f"; {missing} images not found" if missing else "")
+    return len(tiles), note + (f"; {missing} images missing or unreadable" if missing else "")
 
 
 # --- the tag sheet -------------------------------------------------------------------------------------
