@@ -52,11 +52,11 @@ def rasterize(verts_cam, faces, K, height, width, chunk=1 << 21):
     coordinates, as in K): depth (H,W) float64, 0 where no triangle covers the pixel centre.
 
     Written by hand (numpy) because no project dependency rasterizes, and QA should check the labels
-    independently of the renderer that made them. Triangles touching z <= 1 mm are skipped."""
+    independently of the renderer that made them. Triangles touching z <= 1 mm (or NaN) are skipped."""
     verts_cam = np.asarray(verts_cam, float)
     z = verts_cam[:, 2]
     depth = np.full(height * width, np.inf)
-    tri_ok = (z[faces] > 1.0).all(1)
+    tri_ok = ((z > 1.0) & np.isfinite(verts_cam).all(1))[faces].all(1)
     faces = faces[tri_ok]
     if len(faces) == 0:
         return np.zeros((height, width))
