@@ -127,9 +127,9 @@ def parity(estimator, onnx_path, images, K, atol_R, atol_t_mm, threads=2):
     return result
 
 
-def measure_latency(onnx_path, images, K, threads=2, warmup=10, runs=100, batch=32):
+def measure_latency(onnx_path, images, K, threads=2, warmup=10, runs=100, batch=32, **session_options):
     """onnxruntime latency at batch 1 (p50/p95/mean ms) and throughput at `batch` (images/s)."""
-    session = open_session(onnx_path, threads)
+    session = open_session(onnx_path, threads, **session_options)
     one = {"image": images[:1].numpy(), "K": K[:1].numpy()}
     many = {"image": tile(images, batch).numpy(), "K": tile(K, batch).numpy()}
     stats = latency_stats(time_calls(lambda: session.run(None, one), warmup, runs))
@@ -235,7 +235,15 @@ def run_export(cfg):
             estimator, candidate, images, K, d.parity.atol_R, d.parity.atol_t_mm, d.intra_op_threads
         )
         latency = measure_latency(
-            candidate, images, K, d.intra_op_threads, d.latency.warmup, d.latency.runs, d.latency.batch
+            candidate,
+            images,
+            K,
+            d.intra_op_threads,
+            d.latency.warmup,
+            d.latency.runs,
+            d.latency.batch,
+            graph_optimization=d.graph_optimization,
+            allow_spinning=d.allow_spinning,
         )
         with atomic_path(onnx_path) as final:
             final.write_bytes(candidate.read_bytes())
