@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import tracking
 from .data import bop
+from .debugging import zoo
 from .files import atomic_path
 from .paths import CONFIG_DIR
 from .pose import geometry, losses
@@ -450,7 +451,7 @@ class SigtermFlag:
 def fit(cfg, c=None):
     """Train `cfg` (optionally with prebuilt components `c`); returns the final validation metrics."""
     rank, world = rank_and_world()
-    c = c or build(cfg)
+    c = zoo.apply(c or build(cfg))  # bug-zoo faults (debugging.fault), a no-op by default
     t = cfg.training
     ckpt_dir = checkpoint_dir(cfg)
     state = {"epoch": 0, "step": 0, "batch": 0, "best": math.inf, "history": []}
