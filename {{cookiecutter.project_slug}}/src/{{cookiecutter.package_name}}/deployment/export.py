@@ -161,7 +161,20 @@ def git_commit(root=PROJECT_ROOT):
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def build_metadata(input_size, rotation, translation, experiment, obj_id, checkpoint, opset):
+NORMALIZED_IN_GRAPH = "inside the graph (ImageNet mean/std); send plain [0, 1] pixels"
+NOT_NORMALIZED = "none: the network was trained on plain [0, 1] pixels (model.normalize_input=false)"
+
+
+def build_metadata(
+    input_size,
+    rotation,
+    translation,
+    experiment,
+    obj_id,
+    checkpoint,
+    opset,
+    normalization=NORMALIZED_IN_GRAPH,
+):
     height, width = input_size
     checkpoint = Path(checkpoint)
     return {
@@ -170,7 +183,7 @@ def build_metadata(input_size, rotation, translation, experiment, obj_id, checkp
         "input_layout": "NCHW float32, batch axis dynamic",
         "channel_order": "RGB",
         "value_range": "[0, 1] (uint8 / 255)",
-        "normalization": "inside the graph (ImageNet mean/std); send plain [0, 1] pixels",
+        "normalization": normalization,
         "intrinsics": (
             "K [batch,3,3] OpenCV pinhole in pixels of the model input (input_width x input_height), "
             "pixel centres at integer coordinates; resizing an image by (sx, sy) maps fx -> fx*sx, "
@@ -222,6 +235,7 @@ def run_export(cfg):
         train_cfg.data.obj_id,
         checkpoint,
         d.opset,
+        NORMALIZED_IN_GRAPH if getattr(estimator.net, "normalize_input", True) else NOT_NORMALIZED,
     )
     images, K = test_batch(cfg, size, max(int(d.parity.n_images), 1))
     torch.set_num_threads(int(d.intra_op_threads))
