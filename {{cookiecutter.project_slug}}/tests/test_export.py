@@ -1,5 +1,6 @@
 """ONNX export: checker, dynamic batch, parity with eager PyTorch, metadata, atomic write, latency report."""
 
+import json
 import math
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from {{ cookiecutter.package_name }}.deployment import export, serve
+from conftest import compose
+from {{ cookiecutter.package_name }}.deployment import benchmark, export, serve
 from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model
 
 SIZE = (24, 32)  # H != W catches a swapped axis
@@ -122,3 +124,58 @@ def test_tile_repeats_a_batch_to_the_requested_size():
     x = torch.arange(3).view(3, 1)
     assert export.tile(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert np.array_equal(export.tile(x, 2).numpy(), x[:2].numpy())
+
+
+def untrained_checkpoint(tiny_dataset, root):
+    """A checkpoint in training's format (weights + resolved config) of an untrained tiny network."""
+    tiny_model = ["model.width=4", "model.hidden=16", "model.stages=2"]
+    cfg = compose(
+        *tiny_dataset.overrides, *tiny_model, f"paths.root={root}", "logger=none", "experiment=smoke"
+    )
+    torch.manual_seed(0)
+    state = {"model": build_model(cfg).state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
+    path = root / "3_training" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    fast = ["deployment.parity.n_images=4", "deployment.latency.warmup=1", "deployment.latency.runs=5"]
+    return compose(*cfg_overrides(tiny_dataset, root), *fast), path
+
+
+def cfg_overrides(tiny_dataset, root):
+    return [*tiny_dataset.overrides, f"paths.root={root}", "logger=none", "experiment=smoke"]
+
+
+def test_run_export_writes_model_report_and_latency(tiny_dataset, tmp_path):
+    cfg, checkpoint = untrained_checkpoint(tiny_dataset, tmp_path)
+    report, latency = export.run_export(cfg)
+    out = tmp_path / "5_deployment"
+    assert (out / "model.onnx").is_file() and report["parity"]["n_images"] == 4
+    written = json.loads((out / "latency.json").read_text())
+    assert written == latency and all(isinstance(v, int | float) for v in written.values())
+    assert {"latency_ms_p50", "latency_ms_p95", "model_size_mb", "throughput_ips"} <= written.keys()
+    meta = serve.model_metadata(serve.open_session(out / "model.onnx", 1))
+    assert meta["input_height"] == "32" and meta["checkpoint_sha256"] == serve.sha256_file(checkpoint)
+    assert json.loads((out / "export.json").read_text())["opset"] == 18
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "latency.json", "model.onnx"]
+
+
+def test_run_export_names_a_missing_checkpoint(tmp_path):
+    cfg = compose(f"paths.root={tmp_path}", "logger=none")
+    with pytest.raises(FileNotFoundError, match="best.pt does not exist.*make train"):
+        export.run_export(cfg)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_eager_onnxruntime_and_http_in_one_run(tiny_dataset, tmp_path):
+    cfg, _ = untrained_checkpoint(tiny_dataset, tmp_path)
+    export.run_export(cfg)
+    small = ["deployment.benchmark.warmup=1", "deployment.benchmark.runs=5", "deployment.benchmark.batch=4"]
+    http = ["deployment.benchmark.clients=2", "deployment.benchmark.requests=10"]
+    cfg = compose(*cfg_overrides(tiny_dataset, tmp_path), *small, *http)
+    report = benchmark.run_benchmark(cfg, overrides=[f"paths.root={tmp_path}", "logger=none"])
+    assert report["http"]["requests"] == 10 and report["http"]["errors"] == 0, report["http"]
+    assert report["speedup_p50"] > 0 and len(report["session_options"]) == 12
+    assert json.loads((tmp_path / "5_deployment" / "benchmark.json").read_text())["http"]["requests"] == 10
+    assert not (
+        tmp_path / "5_deployment" / "service_log.jsonl"
+    ).exists()  # load tests stay out of production's log
