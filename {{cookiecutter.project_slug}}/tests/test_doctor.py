@@ -1,0 +1,131 @@
+"""The doctor and its bug zoo: fault injection, the report's contract, and a reduced zoo end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+
+from {{ cookiecutter.package_name }}.debugging import doctor, probes, zoo, zoo_benchmark
+from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
+
+torch.set_num_threads(1)
+ZOO = Path(CONFIG_DIR) / "experiment" / "zoo"
+
+
+def test_zoo_has_a_config_per_cause_and_healthy_controls():
+    names = zoo_benchmark.zoo_names()
+    causes = {zoo_benchmark.injected_cause(n) for n in names}
+    assert causes == set(doctor.CAUSES) | {"none"}
+    assert len([n for n in names if n.startswith("healthy")]) >= 2
+    for name in names:
+        text = (ZOO / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n"), name
+        assert "What you see" in text or "what you see" in text.lower(), f"{name}.yaml must say how a user sees it"
+        cfg = compose(f"experiment=zoo/{name}")
+        zoo.fault_of(cfg)  # a known fault (or none)
+    with pytest.raises(ValueError, match="name must start"):
+        zoo_benchmark.injected_cause("mystery")
+
+
+class PoseLike(torch.utils.data.Dataset):
+    def __init__(self, n=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, 8, 8, generator=g)
+        self.t = torch.rand(n, 3, generator=g) * 100 + torch.tensor([0.0, 0.0, 200.0])
+        self.R = torch.linalg.qr(torch.randn(n, 3, 3, generator=g))[0]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "t": self.t[i], "R": self.R[i]}
+
+
+def fault_cfg(fault, size=12):
+    return compose(f"debugging.fault={fault}", f"debugging.fault_size={size}")
+
+
+def test_data_faults_do_what_they_say():
+    train, val = PoseLike(64, 0), PoseLike(40, 1)
+    tr, va = zoo.fault_datasets(fault_cfg("shuffled_targets"), train, val)
+    moved = sum(not torch.equal(tr[i]["t"], train[i]["t"]) for i in range(64))
+    assert moved > 50 and torch.equal(tr[0]["image"], train[0]["image"])
+    assert sorted(float(tr[i]["t"][2]) for i in range(64)) == sorted(float(t[2]) for t in train.t)
+
+    tr, va = zoo.fault_datasets(fault_cfg("answer_in_input"), train, val)
+    task = probes.Task(None, None, [tr[i] for i in range(64)], [va[i] for i in range(40)], target_fn=doctor.pose_target)
+    assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
+
+    tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
+    z = [float(tr[i]["t"][2]) for i in range(64)]
+    assert z == sorted(z)
+
+    _, va = zoo.fault_datasets(fault_cfg("tiny_val", size=5), train, val)
+    assert len(va) == 5
+    _, va = zoo.fault_datasets(fault_cfg("val_in_train"), train, val)
+    dup = probes.duplicates({"train": [train[i] for i in range(64)], "val": [va[i] for i in range(len(va))]})
+    assert dup["train/val"]["shared"] == 40
+    tr, _ = zoo.fault_datasets(fault_cfg("divided_twice"), train, val)
+    assert float(tr[0]["image"].max()) <= 1 / 255 + 1e-6
+
+
+def test_model_faults_are_caught_by_the_backprop_checks():
+    batch = probes.collate([PoseLike(8)[i] for i in range(8)])
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(6))
+
+    clean = net()
+    clean(batch["image"])
+    assert probes.batch_dependency(clean, batch)["ratio"] == 0.0
+    mixing = zoo.fault_model(fault_cfg("batch_mixing"), net())
+    assert probes.batch_dependency(mixing, batch)["ratio"] > 1e-3
+    blind = zoo.fault_model(fault_cfg("ignores_input"), net())
+    assert probes.batch_dependency(blind, batch)["own_gradient"] == 0.0
+
+
+def run_doctor(tiny_dataset, tmp_path, *overrides):
+    cfg = compose(*tiny_dataset.overrides, f"paths.root={tmp_path}", "logger=none", "debugging.doctor.verbose=false",
+                  "debugging.doctor.epochs=2", "debugging.doctor.image_size=32", *overrides)
+    return doctor.run_doctor(cfg, name="check"), tmp_path / "4_debugging" / "doctor" / "check"
+
+
+def test_doctor_report_contract_and_integrity_faults(tiny_dataset, tmp_path):
+    result, out = run_doctor(tiny_dataset, tmp_path, "debugging.fault=batch_mixing")
+    assert result["top_cause"] == "implementation_bug"
+    report = json.loads((out / "report.json").read_text())
+    assert report["top_cause"] in (*doctor.CAUSES, "none")
+    assert set(report["symptoms"]) == set(doctor.SYMPTOMS)
+    assert all(isinstance(s["present"], bool) for s in report["symptoms"].values())
+    top = report["causes"][0]
+    assert top["present"] and top["rank"] == 1 and top["fix"] and top["evidence"]
+    assert (out / "report.md").read_text().startswith("# Doctor report: check")
+    assert (out / "curves.png").stat().st_size > 0
+
+    result, _ = run_doctor(tiny_dataset, tmp_path, "debugging.fault=answer_in_input")
+    assert result["top_cause"] == "answer_in_input"
+
+
+def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="debugging.fault"):
+        run_doctor(tiny_dataset, tmp_path, "debugging.fault=gremlins")
+    assert not (tmp_path / "4_debugging" / "doctor" / "check").exists()
+
+
+@pytest.mark.slow
+def test_reduced_zoo_end_to_end(tmp_path_factory):
+    """A few causes and a healthy config through the real doctor on a freshly captured dataset."""
+    from {{ cookiecutter.package_name }}.data import capture
+
+    root = tmp_path_factory.mktemp("zoo_data") / "dataset"
+    data = [f"data.root={root}"]
+    counts = ["data.capture.num_images.train=640", "data.capture.num_images.val=400", "data.capture.num_images.test=8"]
+    capture.capture(compose(*data, *counts, "logger=none"))
+    out = tmp_path_factory.mktemp("zoo_out")
+    for name, expected in (("healthy", "none"), ("lr_too_high", "lr_too_high"),
+                           ("data_not_shuffled", "data_not_shuffled"), ("test_set_too_small", "test_set_too_small")):
+        cfg = compose(*data, f"paths.root={out}", "logger=none", f"experiment=zoo/{name}",
+                      "debugging.doctor.verbose=false")
+        assert doctor.run_doctor(cfg, name=name)["top_cause"] == expected, name
