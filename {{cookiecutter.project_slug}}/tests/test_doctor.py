@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose
 
+from conftest import compose
 from {{ cookiecutter.package_name }}.debugging import doctor, probes, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 
@@ -22,7 +22,9 @@ def test_zoo_has_a_config_per_cause_and_healthy_controls():
     for name in names:
         text = (ZOO / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_\n"), name
-        assert "What you see" in text or "what you see" in text.lower(), f"{name}.yaml must say how a user sees it"
+        assert "What you see" in text or "what you see" in text.lower(), (
+            f"{name}.yaml must say how a user sees it"
+        )
         cfg = compose(f"experiment=zoo/{name}")
         zoo.fault_of(cfg)  # a known fault (or none)
     with pytest.raises(ValueError, match="name must start"):
@@ -55,7 +57,9 @@ def test_data_faults_do_what_they_say():
     assert sorted(float(tr[i]["t"][2]) for i in range(64)) == sorted(float(t[2]) for t in train.t)
 
     tr, va = zoo.fault_datasets(fault_cfg("answer_in_input"), train, val)
-    task = probes.Task(None, None, [tr[i] for i in range(64)], [va[i] for i in range(40)], target_fn=doctor.pose_target)
+    task = probes.Task(
+        None, None, [tr[i] for i in range(64)], [va[i] for i in range(40)], target_fn=doctor.pose_target
+    )
     assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
 
     tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
@@ -87,8 +91,15 @@ def test_model_faults_are_caught_by_the_backprop_checks():
 
 
 def run_doctor(tiny_dataset, tmp_path, *overrides):
-    cfg = compose(*tiny_dataset.overrides, f"paths.root={tmp_path}", "logger=none", "debugging.doctor.verbose=false",
-                  "debugging.doctor.epochs=2", "debugging.doctor.image_size=32", *overrides)
+    cfg = compose(
+        *tiny_dataset.overrides,
+        f"paths.root={tmp_path}",
+        "logger=none",
+        "debugging.doctor.verbose=false",
+        "debugging.doctor.epochs=2",
+        "debugging.doctor.image_size=32",
+        *overrides,
+    )
     return doctor.run_doctor(cfg, name="check"), tmp_path / "4_debugging" / "doctor" / "check"
 
 
@@ -121,11 +132,24 @@ def test_reduced_zoo_end_to_end(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("zoo_data") / "dataset"
     data = [f"data.root={root}"]
-    counts = ["data.capture.num_images.train=640", "data.capture.num_images.val=400", "data.capture.num_images.test=8"]
+    counts = [
+        "data.capture.num_images.train=640",
+        "data.capture.num_images.val=400",
+        "data.capture.num_images.test=8",
+    ]
     capture.capture(compose(*data, *counts, "logger=none"))
     out = tmp_path_factory.mktemp("zoo_out")
-    for name, expected in (("healthy", "none"), ("lr_too_high", "lr_too_high"),
-                           ("data_not_shuffled", "data_not_shuffled"), ("test_set_too_small", "test_set_too_small")):
-        cfg = compose(*data, f"paths.root={out}", "logger=none", f"experiment=zoo/{name}",
-                      "debugging.doctor.verbose=false")
+    for name, expected in (
+        ("healthy", "none"),
+        ("lr_too_high", "lr_too_high"),
+        ("data_not_shuffled", "data_not_shuffled"),
+        ("test_set_too_small", "test_set_too_small"),
+    ):
+        cfg = compose(
+            *data,
+            f"paths.root={out}",
+            "logger=none",
+            f"experiment=zoo/{name}",
+            "debugging.doctor.verbose=false",
+        )
         assert doctor.run_doctor(cfg, name=name)["top_cause"] == expected, name

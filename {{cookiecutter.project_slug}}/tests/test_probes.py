@@ -118,7 +118,9 @@ def test_duplicates_across_splits_are_found():
     items = regression_items()
     found = probes.duplicates({"train": items[:200], "val": items[190:240]}, input_key=0)
     assert found["train/val"]["shared"] == 10
-    assert probes.duplicates({"train": items[:200], "val": items[200:]}, input_key=0)["train/val"]["shared"] == 0
+    assert (
+        probes.duplicates({"train": items[:200], "val": items[200:]}, input_key=0)["train/val"]["shared"] == 0
+    )
 
 
 def test_shortcut_probe_finds_a_leaked_pixel():
@@ -126,8 +128,10 @@ def test_shortcut_probe_finds_a_leaked_pixel():
     images = torch.rand(300, 1, 8, 8, generator=g)
     targets = torch.rand(300, 1, generator=g)
     clean = [{"image": images[i], "target": targets[i]} for i in range(300)]
-    leaked = [{"image": torch.cat([images[i].flatten()[:-1], targets[i]]).reshape(1, 8, 8), "target": targets[i]}
-              for i in range(300)]
+    leaked = [
+        {"image": torch.cat([images[i].flatten()[:-1], targets[i]]).reshape(1, 8, 8), "target": targets[i]}
+        for i in range(300)
+    ]
     task = probes.Task(None, None, clean[:200], clean[200:])
     assert probes.shortcut_probe(task)["best_single_value_r2"] < 0.2
     found = probes.shortcut_probe(task.replace(train_items=leaked[:200], val_items=leaked[200:]))

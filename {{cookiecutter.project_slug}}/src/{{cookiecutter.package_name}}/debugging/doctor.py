@@ -33,9 +33,22 @@ from ..files import atomic_dir, write_json, write_text
 from ..paths import CONFIG_DIR
 from . import probes, zoo
 
-CAUSES = ("architecture", "not_started", "poor_init", "unsolvable", "poor_input_features", "implementation_bug",
-          "lr_too_high", "batch_too_small", "data_not_shuffled", "answer_in_input", "test_set_too_small",
-          "lr_too_low", "poor_optimizer", "too_much_regularization")
+CAUSES = (
+    "architecture",
+    "not_started",
+    "poor_init",
+    "unsolvable",
+    "poor_input_features",
+    "implementation_bug",
+    "lr_too_high",
+    "batch_too_small",
+    "data_not_shuffled",
+    "answer_in_input",
+    "test_set_too_small",
+    "lr_too_low",
+    "poor_optimizer",
+    "too_much_regularization",
+)
 SYMPTOMS = {
     "no_learning": "Network won't go above random performance",
     "loss_bounces": "Loss bounces over epochs",
@@ -46,8 +59,13 @@ SYMPTOMS = {
 # Integrity checks first: a leak, a batch-mixing bug or a blocked data order invalidates every comparison of
 # training runs below them. Then the causes whose fix was measured, by effect size. `unsolvable` is what is
 # left when nothing the doctor tried makes the model beat the controls.
-TIER = {"implementation_bug": 0, "answer_in_input": 0, "data_not_shuffled": 1, "test_set_too_small": 1,
-        "unsolvable": 3}
+TIER = {
+    "implementation_bug": 0,
+    "answer_in_input": 0,
+    "data_not_shuffled": 1,
+    "test_set_too_small": 1,
+    "unsolvable": 3,
+}
 
 
 # --- adapting the pose example to the generic probes --------------------------------------------------------
@@ -164,14 +182,29 @@ class Doctor:
         return run
 
     def fix_effect(self, base, run):
-        """Paired permutation tests that the fixed run is better (loss or a criterion part), and by how much."""
-        r = probes.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain)
-        return {"helped": r["better"], "metric": r["metric"], "p_value": r["p_value"], "gain": r["gain"],
-                "val_loss_before": base.val_loss, "val_loss_after": run.val_loss, "metrics": r["metrics"]}
+        """Paired permutation test that the fixed run's validation loss is lower, and by how much. The loss
+        only: a part (e.g. translation) can improve just because a fix speeds up learning the mean target."""
+        r = probes.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain, parts=False)
+        return {
+            "helped": r["better"],
+            "metric": r["metric"],
+            "p_value": r["p_value"],
+            "gain": r["gain"],
+            "val_loss_before": base.val_loss,
+            "val_loss_after": run.val_loss,
+            "metrics": r["metrics"],
+        }
 
     def add(self, cause, present, strength, evidence, fix, summary, plot=None):
-        self.causes[cause] = {"id": cause, "present": bool(present), "strength": float(strength),
-                              "evidence": evidence, "fix": fix, "summary": summary, "plot": plot}
+        self.causes[cause] = {
+            "id": cause,
+            "present": bool(present),
+            "strength": float(strength),
+            "evidence": evidence,
+            "fix": fix,
+            "summary": summary,
+            "plot": plot,
+        }
 
     # 1. the screen ----------------------------------------------------------------------------------------------
 
@@ -184,29 +217,47 @@ class Doctor:
         learning = probes.learning_vs_control(base, control, self.th.alpha, self.th.min_learning_gain)
         bounce = probes.bounce_statistics(base, self.th.alpha)
         forgetting = probes.forgetting_statistics(base)
-        slope, p_trend = probes.trend_test(base.val_curve[len(base.val_curve) // 2:])
-        self.checks.update(learning=learning, bounce=bounce, forgetting=forgetting,
-                           trend_second_half={"slope": slope, "p_value": p_trend})
+        slope, p_trend = probes.trend_test(base.val_curve[len(base.val_curve) // 2 :])
+        self.checks.update(
+            learning=learning,
+            bounce=bounce,
+            forgetting=forgetting,
+            trend_second_half={"slope": slope, "p_value": p_trend},
+        )
         self.data_checks(task)
         no_learning = not learning["learned"]
         bounces = bounce["diverged"] or bounce["train_rises"] > 0 or bounce["val_rises_undone"] > 0
-        forgets = (forgetting["ratio"] is not None and forgetting["ratio"] > self.th.forgetting_ratio
-                   and forgetting["p_value"] < self.th.alpha)
+        forgets = (
+            forgetting["ratio"] is not None
+            and forgetting["ratio"] > self.th.forgetting_ratio
+            and forgetting["p_value"] < self.th.alpha
+        )
         gain = learning["gain_vs_control"]
-        plateau = (not no_learning and p_trend >= self.th.trend_alpha and gain < self.th.plateau_gain)
+        plateau = not no_learning and p_trend >= self.th.trend_alpha and gain < self.th.plateau_gain
         leak = self.checks["shortcut"]["best_single_value_r2"] >= self.th.shortcut_r2
-        dup = max((v[k] for v in self.checks["duplicates"].values() for k in v if k.startswith("fraction")), default=0)
+        dup = max(
+            (v[k] for v in self.checks["duplicates"].values() for k in v if k.startswith("fraction")),
+            default=0,
+        )
         small_test = self.checks["test_set"]["n_test"] < self.th.min_test_size
         good = leak or dup >= self.th.duplicate_fraction or small_test
         self.symptoms = {
             "no_learning": {"present": no_learning, **learning},
             "loss_bounces": {"present": bool(bounces), **bounce},
             "forgetting": {"present": bool(forgets), **forgetting},
-            "suspiciously_good": {"present": bool(good), "best_single_value_r2": self.checks["shortcut"]["best_single_value_r2"],
-                                  "duplicate_fraction": dup, "n_test": self.checks["test_set"]["n_test"],
-                                  "test_ci95_relative_half_width": self.checks["test_set"]["relative_half_width"]},
-            "plateau": {"present": bool(plateau), "gain_vs_control": gain, "second_half_slope": slope,
-                        "second_half_trend_p": p_trend},
+            "suspiciously_good": {
+                "present": bool(good),
+                "best_single_value_r2": self.checks["shortcut"]["best_single_value_r2"],
+                "duplicate_fraction": dup,
+                "n_test": self.checks["test_set"]["n_test"],
+                "test_ci95_relative_half_width": self.checks["test_set"]["relative_half_width"],
+            },
+            "plateau": {
+                "present": bool(plateau),
+                "gain_vs_control": gain,
+                "second_half_slope": slope,
+                "second_half_trend_p": p_trend,
+            },
         }
         for name, s in self.symptoms.items():
             s["row"] = SYMPTOMS[name]
@@ -236,30 +287,52 @@ class Doctor:
         mixing = dep["ratio"] > th.batch_dependency_ratio
         ignores = dep["own_gradient"] == 0.0
         if mixing or ignores:
-            what = ("the output of sample 0 has a gradient w.r.t. other samples' inputs in eval mode "
-                    f"(ratio {dep['ratio']:.3g}): the model mixes the batch (a reshape/view bug?)" if mixing else
-                    "the output has zero gradient w.r.t. the input: the model ignores its input")
-            self.add("implementation_bug", True, 1.0, {"batch_dependency_eval": dep}, self.fault_fix(),
-                     f"Backprop-dependency check failed: {what}.")
+            what = (
+                "the output of sample 0 has a gradient w.r.t. other samples' inputs in eval mode "
+                f"(ratio {dep['ratio']:.3g}): the model mixes the batch (a reshape/view bug?)"
+                if mixing
+                else "the output has zero gradient w.r.t. the input: the model ignores its input"
+            )
+            self.add(
+                "implementation_bug",
+                True,
+                1.0,
+                {"batch_dependency_eval": dep},
+                self.fault_fix(),
+                f"Backprop-dependency check failed: {what}.",
+            )
         sc = c["shortcut"]
         dup = c["duplicates"]
         frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)
         if sc["best_single_value_r2"] >= th.shortcut_r2 or frac >= th.duplicate_fraction:
             why = []
             if sc["best_single_value_r2"] >= th.shortcut_r2:
-                why.append(f"one input value (flat index {sc['best_single_value_index']}) predicts target component "
-                           f"{sc['best_single_value_target']} with R^2 = {sc['best_single_value_r2']:.3f} on validation data")
+                why.append(
+                    f"one input value (flat index {sc['best_single_value_index']}) predicts target component "
+                    f"{sc['best_single_value_target']} with R^2 = {sc['best_single_value_r2']:.3f} on validation data"
+                )
             if frac >= th.duplicate_fraction:
                 why.append(f"{frac:.0%} of the validation inputs are exact copies of training inputs")
-            self.add("answer_in_input", True, max(sc["best_single_value_r2"], frac), {"shortcut": sc, "duplicates": dup},
-                     self.fault_fix(), "Shortcut found: " + "; ".join(why) + ".")
+            self.add(
+                "answer_in_input",
+                True,
+                max(sc["best_single_value_r2"], frac),
+                {"shortcut": sc, "duplicates": dup},
+                self.fault_fix(),
+                "Shortcut found: " + "; ".join(why) + ".",
+            )
         ts = c["test_set"]
         if ts["n_test"] < th.min_test_size:
-            self.add("test_set_too_small", True, 1 - ts["n_test"] / th.min_test_size, {"test_set": ts},
-                     self.fault_fix(),
-                     f"The validation set has {ts['n_test']} samples: the 95% CI of the mean loss is "
-                     f"+-{ts['relative_half_width']:.0%} (bootstrap), and a success rate would be known only to "
-                     f"+-{1.96 * math.sqrt(0.25 / max(1, ts['n_test'])):.0%}; {th.min_test_size} samples give +-5 points.")
+            self.add(
+                "test_set_too_small",
+                True,
+                1 - ts["n_test"] / th.min_test_size,
+                {"test_set": ts},
+                self.fault_fix(),
+                f"The validation set has {ts['n_test']} samples: the 95% CI of the mean loss is "
+                f"+-{ts['relative_half_width']:.0%} (bootstrap), and a success rate would be known only to "
+                f"+-{1.96 * math.sqrt(0.25 / max(1, ts['n_test'])):.0%}; {th.min_test_size} samples give +-5 points.",
+            )
 
     def probe_order(self):
         order = self.checks["order"]
@@ -268,12 +341,22 @@ class Doctor:
         fixed = self.train("shuffled", self.task.replace(shuffle=True))
         effect = self.fix_effect(self.base, fixed)
         f_after = probes.forgetting_statistics(fixed)
-        self.add("data_not_shuffled", effect["helped"], effect["gain"],
-                 {"order": order, "shuffle_fix": effect, "forgetting_before": self.checks["forgetting"],
-                  "forgetting_after": f_after}, "training.shuffle=true",
-                 f"The training loader yields targets in blocks (runs test z = {order['runs_z']:.1f}, p = "
-                 f"{order['p_value']:.1e}, lag-1 autocorrelation {order['lag1_autocorrelation']:.2f}); shuffling "
-                 f"{_effect(effect)}.", "curves.png")
+        self.add(
+            "data_not_shuffled",
+            effect["helped"],
+            effect["gain"],
+            {
+                "order": order,
+                "shuffle_fix": effect,
+                "forgetting_before": self.checks["forgetting"],
+                "forgetting_after": f_after,
+            },
+            "training.shuffle=true",
+            f"The training loader yields targets in blocks (runs test z = {order['runs_z']:.1f}, p = "
+            f"{order['p_value']:.1e}, lag-1 autocorrelation {order['lag1_autocorrelation']:.2f}); shuffling "
+            f"{_effect(effect)}.",
+            "curves.png",
+        )
 
     def lr_probe(self):
         """LR range test at a batch size where gradient noise does not decide the outcome."""
@@ -287,13 +370,15 @@ class Doctor:
     def probe_training(self):
         """Causes whose diagnostic is "apply the fix and see": each fix is a short run compared with the
         configured one by a paired permutation test on per-sample validation losses."""
-        s, t, cfg = self.symptoms, self.task, self.adapter.cfg
+        s, t = self.symptoms, self.task
         bad = s["no_learning"]["present"] or s["loss_bounces"]["present"] or s["plateau"]["present"]
         if not bad:
             return
         lr = self.lr_probe()
         valley, suggestion = lr["lr_valley"], lr["suggestion"]
-        gns = probes.gradient_noise_scale(t, model=self.runs["configured"].model if not self.base.diverged else None)
+        gns = probes.gradient_noise_scale(
+            t, model=self.runs["configured"].model if not self.base.diverged else None
+        )
         self.checks["gradient_noise"] = gns
         user = self.cfg  # fixes are expressed on the user's (full-size) config
 
@@ -302,10 +387,16 @@ class Doctor:
             fixed = self.train("lr_suggested", t.replace(lr=suggestion))
             effect = self.fix_effect(self.base, fixed)
             cause = "lr_too_high" if t.lr > valley else "lr_too_low"
-            self.add(cause, effect["helped"], effect["gain"], {"lr_range": _short(lr), "lr_fix": effect},
-                     f"training.lr={suggestion:.2g}",
-                     f"training.lr={t.lr:g} is {'above' if t.lr > valley else 'far below'} the LR range test's "
-                     f"valley ({valley:.2g}; suggestion {suggestion:.2g}); training at the suggestion {_effect(effect)}.", "lr_range_test.png")
+            self.add(
+                cause,
+                effect["helped"],
+                effect["gain"],
+                {"lr_range": _short(lr), "lr_fix": effect},
+                f"training.lr={suggestion:.2g}",
+                f"training.lr={t.lr:g} is {'above' if t.lr > valley else 'far below'} the LR range test's "
+                f"valley ({valley:.2g}; suggestion {suggestion:.2g}); training at the suggestion {_effect(effect)}.",
+                "lr_range_test.png",
+            )
 
         # minibatch too small: noise-dominated gradient (B << B_simple) and a larger batch calms the loss
         b_simple = gns.get("b_simple")
@@ -313,10 +404,16 @@ class Doctor:
             big = min(len(t.train_items) // 2, max(t.batch_size * 8, self.d.reference_batch_size))
             fixed = self.train("larger_batch", t.replace(batch_size=big))
             effect = self.fix_effect(self.base, fixed)
-            self.add("batch_too_small", effect["helped"], effect["gain"], {"gradient_noise": gns, "batch_fix": effect},
-                     f"training.batch_size={big}",
-                     f"At batch size {t.batch_size} the gradient is noise-dominated (noise scale B_simple = "
-                     f"{b_simple:.0f}, McCandlish et al. 2018); batch size {big} {_effect(effect)}.", "curves.png")
+            self.add(
+                "batch_too_small",
+                effect["helped"],
+                effect["gain"],
+                {"gradient_noise": gns, "batch_fix": effect},
+                f"training.batch_size={big}",
+                f"At batch size {t.batch_size} the gradient is noise-dominated (noise scale B_simple = "
+                f"{b_simple:.0f}, McCandlish et al. 2018); batch size {big} {_effect(effect)}.",
+                "curves.png",
+            )
 
         if s["no_learning"]["present"] or s["plateau"]["present"]:
             self.probe_no_learning(user)
@@ -334,9 +431,16 @@ class Doctor:
                 changes["model.depth"] = fix["model.depth"] = max(1, m.depth // 2)
             fixed = self.train("wider", a.task(with_overrides(cfg, changes)))
             effect = self.fix_effect(self.base, fixed)
-            self.add("architecture", effect["helped"], effect["gain"], {"wider_fix": effect, "model": dict(changes)},
-                     _overrides(fix), f"A 4x wider{' and shallower' if 'model.depth' in changes else ''} network "
-                     f"{_effect(effect)}.", "curves.png")
+            self.add(
+                "architecture",
+                effect["helped"],
+                effect["gain"],
+                {"wider_fix": effect, "model": dict(changes)},
+                _overrides(fix),
+                f"A 4x wider{' and shallower' if 'model.depth' in changes else ''} network "
+                f"{_effect(effect)}.",
+                "curves.png",
+            )
         # initialization: He-normal, and the statistics at init
         init = self.checks["init"]
         if m.get("init") is not None:
@@ -344,19 +448,29 @@ class Doctor:
             fixed = self.train("he_init", a.task(with_overrides(cfg, {"model.init": new})))
             effect = self.fix_effect(self.base, fixed)
             he = [r["weight_std_over_he"] for r in init["layers"]]
-            self.add("poor_init", effect["helped"], effect["gain"],
-                     {"init_fix": effect, "loss_at_init": init["loss_at_init"],
-                      "control_val_loss": self.control.val_loss, "weight_std_over_he_min": min(he),
-                      "weight_std_over_he_max": max(he), "layers": init["layers"]},
-                     f"model.init={new}",
-                     f"model.init={m.init}: loss at init {init['loss_at_init']:.3g} vs {self.control.val_loss:.3g} for "
-                     f"the input-independent control; weight std / He-normal std ranges {min(he):.2g}..{max(he):.2g}; "
-                     f"{new} init {_effect(effect)}.",
-                     "curves.png")
+            self.add(
+                "poor_init",
+                effect["helped"],
+                effect["gain"],
+                {
+                    "init_fix": effect,
+                    "loss_at_init": init["loss_at_init"],
+                    "control_val_loss": self.control.val_loss,
+                    "weight_std_over_he_min": min(he),
+                    "weight_std_over_he_max": max(he),
+                    "layers": init["layers"],
+                },
+                f"model.init={new}",
+                f"model.init={m.init}: loss at init {init['loss_at_init']:.3g} vs {self.control.val_loss:.3g} for "
+                f"the input-independent control; weight std / He-normal std ranges {min(he):.2g}..{max(he):.2g}; "
+                f"{new} init {_effect(effect)}.",
+                "curves.png",
+            )
         # input features: standardize the inputs with the training set's statistics
         st = self.checks["input_statistics"]
         off = st["max_abs_mean"] > self.th.input_mean_max or not (
-            1 / self.th.input_std_factor <= st["min_std"] and st["max_std"] <= self.th.input_std_factor)
+            1 / self.th.input_std_factor <= st["min_std"] and st["max_std"] <= self.th.input_std_factor
+        )
         if off:
             variant = with_overrides(cfg, {"model.normalize_input": False}) if "normalize_input" in m else cfg
             base_task = a.task(variant)
@@ -367,55 +481,90 @@ class Doctor:
 
             fixed = self.train("standardized_input", base_task.replace(model_factory=factory))
             effect = self.fix_effect(self.base, fixed)
-            self.add("poor_input_features", effect["helped"], effect["gain"], {"input_statistics": st, "standardize_fix": effect},
-                     self.fault_fix("standardize the inputs (per-channel mean/std of the training set)"),
-                     f"Inputs have channel means {_fmt(st['channel_mean'])} and stds {_fmt(st['channel_std'])}; "
-                     f"standardizing them {_effect(effect)}.",
-                     "curves.png")
+            self.add(
+                "poor_input_features",
+                effect["helped"],
+                effect["gain"],
+                {"input_statistics": st, "standardize_fix": effect},
+                self.fault_fix("standardize the inputs (per-channel mean/std of the training set)"),
+                f"Inputs have channel means {_fmt(st['channel_mean'])} and stds {_fmt(st['channel_std'])}; "
+                f"standardizing them {_effect(effect)}.",
+                "curves.png",
+            )
         # not started: train longer (is the trend significant?)
         longer_epochs = min(self.d.longer_epochs, max(3 * t.epochs, t.epochs + 2))
         slope, p_trend = probes.trend_test(self.base.val_curve)
         fixed = self.train("longer", t.replace(epochs=longer_epochs))
         effect = self.fix_effect(self.base, fixed)
-        fixed_learning = probes.learning_vs_control(fixed, self.control, self.th.alpha, self.th.min_learning_gain)
-        self.add("not_started", effect["helped"] and fixed_learning["learned"], effect["gain"],
-                 {"trend": {"slope_per_epoch": slope, "p_value": p_trend}, "longer_fix": effect,
-                  "epochs": [t.epochs, longer_epochs]},
-                 f"training.epochs={max(user.training.epochs * 3, longer_epochs)}",
-                 f"Over the configured {t.epochs} epoch(s) the val loss trend is {slope:+.3g}/epoch (p = {p_trend:.3g}); "
-                 f"{longer_epochs} epochs: {_effect(effect)}, and "
-                 f"{'do' if fixed_learning['learned'] else 'do not'} beat the input-independent control.", "curves.png")
+        fixed_learning = probes.learning_vs_control(
+            fixed, self.control, self.th.alpha, self.th.min_learning_gain
+        )
+        self.add(
+            "not_started",
+            effect["helped"] and fixed_learning["learned"],
+            effect["gain"],
+            {
+                "trend": {"slope_per_epoch": slope, "p_value": p_trend},
+                "longer_fix": effect,
+                "epochs": [t.epochs, longer_epochs],
+            },
+            f"training.epochs={max(user.training.epochs * 3, longer_epochs)}",
+            f"Over the configured {t.epochs} epoch(s) the val loss trend is {slope:+.3g}/epoch (p = {p_trend:.3g}); "
+            f"{longer_epochs} epochs: {_effect(effect)}, and "
+            f"{'do' if fixed_learning['learned'] else 'do not'} beat the input-independent control.",
+            "curves.png",
+        )
         # implementation bug: can it overfit a small subset?
-        over = probes.overfit_subset(t, n=self.d.overfit_samples, steps=self.d.overfit_steps,
-                                     lr=min(t.lr, self.lr_probe()["suggestion"]) if t.lr > self.lr_probe()["lr_valley"] else None,
-                                     required_drop=self.th.overfit_drop)
+        over = probes.overfit_subset(
+            t,
+            n=self.d.overfit_samples,
+            steps=self.d.overfit_steps,
+            lr=min(t.lr, self.lr_probe()["suggestion"]) if t.lr > self.lr_probe()["lr_valley"] else None,
+            required_drop=self.th.overfit_drop,
+        )
         self.checks["overfit"] = {k: v for k, v in over.items() if k != "curve"}
         self.overfit_curve = over["curve"]
         # unsolvable: does the model beat a shuffled-target control (a permutation test)?
         shuffled = self.train("shuffled_targets", t, items=lambda items: probes.permute_inputs(items, seed=1))
-        vs_shuffled = probes.learning_vs_control(self.base, shuffled, self.th.alpha, self.th.min_learning_gain)
+        vs_shuffled = probes.learning_vs_control(
+            self.base, shuffled, self.th.alpha, self.th.min_learning_gain
+        )
         self.checks["vs_shuffled_targets"] = vs_shuffled
 
     def probe_plateau(self, user):
-        t, cfg, a = self.task, self.adapter.cfg, self.adapter
+        cfg, a = self.adapter.cfg, self.adapter
         # optimizer: Adam at its published default LR when SGD is configured
         if cfg.training.optimizer == "sgd":
-            fixed = self.train("adam", a.task(with_overrides(cfg, {"training.optimizer": "adam", "training.lr": 1e-3})))
+            fixed = self.train(
+                "adam", a.task(with_overrides(cfg, {"training.optimizer": "adam", "training.lr": 1e-3}))
+            )
             effect = self.fix_effect(self.base, fixed)
-            self.add("poor_optimizer", effect["helped"], effect["gain"], {"adam_fix": effect},
-                     "training.optimizer=adam training.lr=0.001",
-                     f"SGD (momentum {cfg.training.momentum}) -> Adam (lr 1e-3, Kingma & Ba's default) {_effect(effect)}.", "curves.png")
+            self.add(
+                "poor_optimizer",
+                effect["helped"],
+                effect["gain"],
+                {"adam_fix": effect},
+                "training.optimizer=adam training.lr=0.001",
+                f"SGD (momentum {cfg.training.momentum}) -> Adam (lr 1e-3, Kingma & Ba's default) {_effect(effect)}.",
+                "curves.png",
+            )
         # regularization: ablate dropout and weight decay
         dropout, wd = float(cfg.model.get("dropout") or 0.0), float(cfg.training.get("weight_decay") or 0.0)
         if dropout > 0 or wd > self.th.weight_decay_ignore:
-            fixed = self.train("no_regularization", a.task(with_overrides(
-                cfg, {"model.dropout": 0.0, "training.weight_decay": 0.0})))
+            fixed = self.train(
+                "no_regularization",
+                a.task(with_overrides(cfg, {"model.dropout": 0.0, "training.weight_decay": 0.0})),
+            )
             effect = self.fix_effect(self.base, fixed)
-            self.add("too_much_regularization", effect["helped"], effect["gain"],
-                     {"dropout": dropout, "weight_decay": wd, "no_regularization_fix": effect},
-                     "model.dropout=0.0 training.weight_decay=0.0",
-                     f"dropout {dropout:g}, weight decay {wd:g}; without both training "
-                     f"{_effect(effect)}.", "curves.png")
+            self.add(
+                "too_much_regularization",
+                effect["helped"],
+                effect["gain"],
+                {"dropout": dropout, "weight_decay": wd, "no_regularization_fix": effect},
+                "model.dropout=0.0 training.weight_decay=0.0",
+                f"dropout {dropout:g}, weight decay {wd:g}; without both training {_effect(effect)}.",
+                "curves.png",
+            )
 
     def probe_residual(self):
         """Implementation bug by a failed overfit test, then `unsolvable`, when nothing else explains it."""
@@ -423,20 +572,34 @@ class Doctor:
             return
         over = self.checks.get("overfit")
         if over and not over["passed"]:
-            self.add("implementation_bug", True, over["drop"], {"overfit": over}, self.fault_fix(),
-                     f"Cannot overfit {over['n']} samples: the loss fell by {over['drop']:.0%} in {over['steps']} steps "
-                     f"(pass: >= {over['required_drop']:.0%}). A working model memorizes a handful of samples.",
-                     "overfit.png")
+            self.add(
+                "implementation_bug",
+                True,
+                over["drop"],
+                {"overfit": over},
+                self.fault_fix(),
+                f"Cannot overfit {over['n']} samples: the loss fell by {over['drop']:.0%} in {over['steps']} steps "
+                f"(pass: >= {over['required_drop']:.0%}). A working model memorizes a handful of samples.",
+                "overfit.png",
+            )
             return
         vs = self.checks.get("vs_shuffled_targets", {})
-        self.add("unsolvable", True, 1.0 - max(0.0, vs.get("gain_vs_control", 0.0)),
-                 {"vs_shuffled_targets": vs, "vs_input_independent": self.checks["learning"],
-                  "overfit": over, "tried": sorted(k for k in self.runs if k not in ("configured",))},
-                 self.fault_fix("check that the targets belong to their inputs (would a human solve it?)"),
-                 f"No variant beat the controls: the configured model is {vs.get('gain_vs_control', 0):+.0%} vs a "
-                 f"model trained on shuffled targets (p = {vs.get('p_value', 1):.3g}), yet it can overfit "
-                 f"{(over or {}).get('n', 0)} samples; wider nets, other inits, LRs and longer training did not help.",
-                 "curves.png")
+        self.add(
+            "unsolvable",
+            True,
+            1.0 - max(0.0, vs.get("gain_vs_control", 0.0)),
+            {
+                "vs_shuffled_targets": vs,
+                "vs_input_independent": self.checks["learning"],
+                "overfit": over,
+                "tried": sorted(k for k in self.runs if k not in ("configured",)),
+            },
+            self.fault_fix("check that the targets belong to their inputs (would a human solve it?)"),
+            f"No variant beat the controls: the configured model is {vs.get('gain_vs_control', 0):+.0%} vs a "
+            f"model trained on shuffled targets (p = {vs.get('p_value', 1):.3g}), yet it can overfit "
+            f"{(over or {}).get('n', 0)} samples; wider nets, other inits, LRs and longer training did not help.",
+            "curves.png",
+        )
 
     def fault_fix(self, text="fix the data/model code"):
         fault = zoo.fault_of(self.adapter.cfg)
@@ -452,7 +615,9 @@ class Doctor:
         if not any(self.causes.get(c, {}).get("present") for c in ("implementation_bug", "answer_in_input")):
             self.probe_training()
             self.probe_residual()
-        ranked = sorted(self.causes.values(), key=lambda c: (not c["present"], TIER.get(c["id"], 2), -c["strength"]))
+        ranked = sorted(
+            self.causes.values(), key=lambda c: (not c["present"], TIER.get(c["id"], 2), -c["strength"])
+        )
         for i, c in enumerate(ranked):
             c["rank"] = i + 1 if c["present"] else None
         top = ranked[0]["id"] if ranked and ranked[0]["present"] else "none"
@@ -518,8 +683,13 @@ def plot(doctor, out_dir):
             smooth = np.convolve(steps, np.ones(k) / k, mode="valid")
             ax1.plot(smooth, label=name, lw=2 if name == "configured" else 1)
         if run.val_curve:
-            ax2.plot(range(1, len(run.val_curve) + 1), run.val_curve, marker="o", label=name,
-                     lw=2 if name == "configured" else 1)
+            ax2.plot(
+                range(1, len(run.val_curve) + 1),
+                run.val_curve,
+                marker="o",
+                label=name,
+                lw=2 if name == "configured" else 1,
+            )
     for ax, title in ((ax1, "training loss per step (moving average)"), (ax2, "validation loss per epoch")):
         ax.set_yscale("log")
         ax.set_title(title)
@@ -565,32 +735,52 @@ def markdown(name, result):
     if top == "none":
         lines += ["**No failure mode found.** Evidence:", ""]
         ln = result["symptoms"]["no_learning"]
-        lines += [f"- the model beats the input-independent control by {ln['gain_vs_control']:.0%} "
-                  f"(paired permutation test p = {ln['p_value']:.2g});",
-                  f"- training loss never rose significantly between epochs (max rise z = "
-                  f"{result['symptoms']['loss_bounces']['max_rise_z']:.2f});",
-                  f"- no shortcut (best single input value R^2 = {result['checks']['shortcut']['best_single_value_r2']:.2f}), "
-                  f"no train/val duplicates, data order looks random (runs test p = {result['checks']['order']['p_value']:.2g}), "
-                  f"validation set of {result['checks']['test_set']['n_test']} samples;",
-                  "- the model keeps samples apart (backprop-dependency check passed).", ""]
+        lines += [
+            f"- the model beats the input-independent control by {ln['gain_vs_control']:.0%} "
+            f"(paired permutation test p = {ln['p_value']:.2g});",
+            f"- training loss never rose significantly between epochs (max rise z = "
+            f"{result['symptoms']['loss_bounces']['max_rise_z']:.2f});",
+            f"- no shortcut (best single input value R^2 = {result['checks']['shortcut']['best_single_value_r2']:.2f}), "
+            f"no train/val duplicates, data order looks random (runs test p = {result['checks']['order']['p_value']:.2g}), "
+            f"validation set of {result['checks']['test_set']['n_test']} samples;",
+            "- the model keeps samples apart (backprop-dependency check passed).",
+            "",
+        ]
     else:
         c = present[0]
         lines += [f"**Top cause: `{top}`** - {c['summary']}", "", f"Fix: `{c['fix']}`", ""]
     lines += ["## Symptoms", "", "| symptom | talk's row | present |", "|---|---|---|"]
     for sid, s in result["symptoms"].items():
         lines.append(f"| `{sid}` | {s['row']} | {'**yes**' if s['present'] else 'no'} |")
-    lines += ["", "## Causes (ranked by evidence)", "", "| rank | cause | present | evidence | fix |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Causes (ranked by evidence)",
+        "",
+        "| rank | cause | present | evidence | fix |",
+        "|---|---|---|---|---|",
+    ]
     for c in result["causes"]:
         plot_ref = f" ([plot]({c['plot']}))" if c.get("plot") else ""
-        lines.append(f"| {c['rank'] or '-'} | `{c['id']}` | {'**yes**' if c['present'] else 'no'} | "
-                     f"{c['summary']}{plot_ref} | `{c['fix']}` |")
-    lines += ["", "## Runs (doctor's reduced budget)", "", "| run | val loss | diverged | seconds |", "|---|---|---|---|"]
+        lines.append(
+            f"| {c['rank'] or '-'} | `{c['id']}` | {'**yes**' if c['present'] else 'no'} | "
+            f"{c['summary']}{plot_ref} | `{c['fix']}` |"
+        )
+    lines += [
+        "",
+        "## Runs (doctor's reduced budget)",
+        "",
+        "| run | val loss | diverged | seconds |",
+        "|---|---|---|---|",
+    ]
     for k, r in result["runs"].items():
         lines.append(f"| {k} | {r['val_loss']:.4g} | {r['diverged']} | {r['seconds']} |")
     lines += ["", "![curves](curves.png)", ""]
     if "lr_range_test.png" in result.get("plots", []):
         lines += ["![LR range test](lr_range_test.png)", ""]
-    lines += [f"Doctor wall time: {result['seconds']} s. Causes and thresholds: 4_debugging/FAILURE_MODES.md.", ""]
+    lines += [
+        f"Doctor wall time: {result['seconds']} s. Causes and thresholds: 4_debugging/FAILURE_MODES.md.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -619,14 +809,20 @@ def run_doctor(cfg, name=None):
     with atomic_dir(out) as tmp:
         doctor = Doctor(cfg, adapter, tmp)
         result = doctor.diagnose()
-        result = {"experiment": name, "top_cause": result.pop("top_cause"), **result,
-                  "budget": OmegaConf.to_container(d, resolve=True)}
+        result = {
+            "experiment": name,
+            "top_cause": result.pop("top_cause"),
+            **result,
+            "budget": OmegaConf.to_container(d, resolve=True),
+        }
         result["plots"] = plot(doctor, tmp)
         write_json(tmp / "report.json", _jsonable(result))
         write_text(tmp / "report.md", markdown(name, result))
     run = tracking.start_run(cfg, "doctor")
-    run.log({"doctor/top_cause": result["top_cause"], "doctor/seconds": result["seconds"]}
-            | {f"doctor/symptom/{k}": float(v["present"]) for k, v in result["symptoms"].items()})
+    run.log(
+        {"doctor/top_cause": result["top_cause"], "doctor/seconds": result["seconds"]}
+        | {f"doctor/symptom/{k}": float(v["present"]) for k, v in result["symptoms"].items()}
+    )
     for file in result["plots"]:
         from PIL import Image
 
@@ -645,7 +841,9 @@ def main(cfg):
     name = result["experiment"]
     top = result["top_cause"]
     fix = next((c["fix"] for c in result["causes"] if c["present"]), None)
-    print(f"doctor: {name}: " + ("no failure mode found" if top == "none" else f"top cause {top}; fix: {fix}"))
+    print(
+        f"doctor: {name}: " + ("no failure mode found" if top == "none" else f"top cause {top}; fix: {fix}")
+    )
     print(f"report: {Path(cfg.debugging.doctor.output) / name / 'report.md'} ({result['seconds']} s)")
 
 

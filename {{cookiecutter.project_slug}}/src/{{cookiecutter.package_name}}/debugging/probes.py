@@ -119,7 +119,9 @@ def permute_inputs(items, seed=0, input_key="image"):
     """The shuffled-target control: item i keeps its target but gets the input of item perm[i], so targets
     are independent of inputs while both marginals are unchanged."""
     perm = np.random.default_rng(seed).permutation(len(items))
-    return [set_input(it, get_input(items[j], input_key), input_key) for it, j in zip(items, perm, strict=True)]
+    return [
+        set_input(it, get_input(items[j], input_key), input_key) for it, j in zip(items, perm, strict=True)
+    ]
 
 
 def loss_value(result):
@@ -206,7 +208,9 @@ def paired_test(a, b, n_perm=10000, seed=0):
     if not np.all(np.isfinite(d)):
         finite = np.isfinite(d)
         if not finite.any():
-            return (0.0 if np.nan_to_num(a.mean(), nan=np.inf) > np.nan_to_num(b.mean(), nan=np.inf) else 1.0), 1.0
+            return (
+                0.0 if np.nan_to_num(a.mean(), nan=np.inf) > np.nan_to_num(b.mean(), nan=np.inf) else 1.0
+            ), 1.0
         d = d[finite]
         a = a[finite]
     observed = d.mean()
@@ -282,15 +286,31 @@ class Run:
         return {
             "val_loss": self.val_loss,
             "val_curve": [float(v) for v in self.val_curve],
-            "train_loss_first_epoch": float(np.mean(self.epoch_step_losses[0])) if self.epoch_step_losses else None,
-            "train_loss_last_epoch": float(np.mean(self.epoch_step_losses[-1])) if self.epoch_step_losses else None,
+            "train_loss_first_epoch": float(np.mean(self.epoch_step_losses[0]))
+            if self.epoch_step_losses
+            else None,
+            "train_loss_last_epoch": float(np.mean(self.epoch_step_losses[-1]))
+            if self.epoch_step_losses
+            else None,
             "diverged": self.diverged,
             "seconds": round(self.seconds, 2),
         }
 
 
-def train(task, *, items=None, val_items=None, epochs=None, lr=None, batch_size=None, shuffle=None,
-          model_factory=None, optimizer_factory=None, seed=None, track_forgetting=True):
+def train(
+    task,
+    *,
+    items=None,
+    val_items=None,
+    epochs=None,
+    lr=None,
+    batch_size=None,
+    shuffle=None,
+    model_factory=None,
+    optimizer_factory=None,
+    seed=None,
+    track_forgetting=True,
+):
     """Train a fresh model from `task` with a constant learning rate; every knob can be overridden.
 
     `items` (a list, or a function items -> items such as `zero_inputs`) replaces the training items;
@@ -352,28 +372,38 @@ def train(task, *, items=None, val_items=None, epochs=None, lr=None, batch_size=
         final, parts = val_per_epoch[-1], {k: np.asarray(v) for k, v in val_parts.items()}
     else:
         final, parts = np.full(len(val_items), np.inf), {}
-    return Run(steps, per_epoch, val_curve, final, val_per_epoch, parts, forgetting, diverged,
-               time.perf_counter() - start, model)
+    return Run(
+        steps,
+        per_epoch,
+        val_curve,
+        final,
+        val_per_epoch,
+        parts,
+        forgetting,
+        diverged,
+        time.perf_counter() - start,
+        model,
+    )
 
 
 # --- symptom measures ----------------------------------------------------------------------------------------
 
 
-def compare_runs(worse, better, alpha=0.01, min_gain=0.05):
+def compare_runs(worse, better, alpha=0.01, min_gain=0.05, parts=True):
     """Is `better` better than `worse` on held-out data, by the total loss or by any criterion part?
 
     Each metric (the loss, then each part the criterion reports, e.g. rotation and translation errors) gets
     a paired one-sided permutation test; Bonferroni over the metrics keeps the family-wise error at `alpha`.
     A metric counts when significant AND at least `min_gain` relative better (significant but tiny gains are
     not "better"). Returns the best metric's name, p-value and gain, and `better`: True/False.
-    A total loss that got significantly worse vetoes a part's gain.
+    A total loss that got significantly worse vetoes a part's gain. `parts=False` compares the loss only.
     """
     if better.diverged:
         return {"better": False, "metric": "loss", "p_value": 1.0, "gain": -1.0, "metrics": {}}
     if worse.diverged:
         return {"better": True, "metric": "loss", "p_value": 0.0, "gain": 1.0, "metrics": {}}
     metrics = {"loss": (worse.val_losses, better.val_losses)}
-    for name, values in better.val_parts.items():
+    for name, values in better.val_parts.items() if parts else ():
         if name in worse.val_parts and len(values) == len(worse.val_parts[name]):
             metrics[name] = (worse.val_parts[name], values)
     level = alpha / len(metrics)
@@ -381,13 +411,15 @@ def compare_runs(worse, better, alpha=0.01, min_gain=0.05):
     total_worse = paired_test(better.val_losses, worse.val_losses)
     veto = total_worse[0] < alpha and total_worse[1] > min_gain
     hits = {k: v for k, v in results.items() if v[0] < level and v[1] >= min_gain}
-    if hits and not veto:
-        name = max(hits, key=lambda k: hits[k][1])
-    else:
-        name = "loss"
+    name = max(hits, key=lambda k: hits[k][1]) if hits and not veto else "loss"
     p, gain = results[name]
-    return {"better": bool(hits) and not veto, "metric": name, "p_value": p, "gain": gain,
-            "metrics": {k: {"p_value": v[0], "gain": v[1]} for k, v in results.items()}}
+    return {
+        "better": bool(hits) and not veto,
+        "metric": name,
+        "p_value": p,
+        "gain": gain,
+        "metrics": {k: {"p_value": v[0], "gain": v[1]} for k, v in results.items()},
+    }
 
 
 def learning_vs_control(run, control, alpha=0.01, min_gain=0.05):
@@ -397,8 +429,15 @@ def learning_vs_control(run, control, alpha=0.01, min_gain=0.05):
     relative, on the loss or on one of the criterion's parts.
     """
     r = compare_runs(control, run, alpha, min_gain)
-    return {"learned": r["better"], "metric": r["metric"], "p_value": r["p_value"], "gain_vs_control": r["gain"],
-            "val_loss": run.val_loss, "control_val_loss": control.val_loss, "metrics": r["metrics"]}
+    return {
+        "learned": r["better"],
+        "metric": r["metric"],
+        "p_value": r["p_value"],
+        "gain_vs_control": r["gain"],
+        "val_loss": run.val_loss,
+        "control_val_loss": control.val_loss,
+        "metrics": r["metrics"],
+    }
 
 
 def bounce_statistics(run, alpha=0.01):
@@ -427,10 +466,14 @@ def bounce_statistics(run, alpha=0.01):
         prev = min(range(i), key=lambda j: run.val_curve[j])
         p, rel = paired_test(run.val_losses_per_epoch[i], run.val_losses_per_epoch[prev])
         # a rise of the val loss that is later undone: bouncing, not overfitting
-        undone = i + 1 < len(run.val_curve) and min(run.val_curve[i + 1:]) < run.val_curve[prev]
+        undone = i + 1 < len(run.val_curve) and min(run.val_curve[i + 1 :]) < run.val_curve[prev]
         val_rises += p < alpha and rel > 0 and undone
-    return {"train_rises": int(rises), "max_rise_z": float(worst), "val_rises_undone": int(val_rises),
-            "diverged": run.diverged}
+    return {
+        "train_rises": int(rises),
+        "max_rise_z": float(worst),
+        "val_rises_undone": int(val_rises),
+        "diverged": run.diverged,
+    }
 
 
 def forgetting_statistics(run):
@@ -498,7 +541,7 @@ def duplicates(splits, input_key="image"):
     names = list(splits)
     result = {}
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             shared = len(hashes[a] & hashes[b])
             result[f"{a}/{b}"] = {"shared": shared, "fraction_of_" + b: shared / max(1, len(splits[b]))}
     return result
@@ -512,6 +555,7 @@ def shortcut_probe(task, max_features=4096):
       (a leaked answer sits in a few pixels; real content never pins a target on one pixel),
     - input statistics: least squares on per-channel mean and std of each input.
     """
+
     def features(items):
         x = torch.stack([torch.as_tensor(get_input(it, task.input_key)).float() for it in items])
         flat = x.reshape(len(x), -1)
@@ -559,9 +603,15 @@ def input_statistics(task, n=256):
     dims = [0] + list(range(2, x.ndim))
     mean = x.mean(dims) if x.ndim > 2 else x.mean(0)
     std = x.std(dims) if x.ndim > 2 else x.std(0)
-    return {"channel_mean": [float(v) for v in mean.flatten()[:16]], "channel_std": [float(v) for v in std.flatten()[:16]],
-            "max_abs_mean": float(mean.abs().max()), "min_std": float(std.min()), "max_std": float(std.max()),
-            "mean": mean, "std": std}
+    return {
+        "channel_mean": [float(v) for v in mean.flatten()[:16]],
+        "channel_std": [float(v) for v in std.flatten()[:16]],
+        "max_abs_mean": float(mean.abs().max()),
+        "min_std": float(std.min()),
+        "max_std": float(std.max()),
+        "mean": mean,
+        "std": std,
+    }
 
 
 def test_set_precision(val_losses, n_total, target_rel_half_width=0.1, seed=0):
@@ -572,8 +622,13 @@ def test_set_precision(val_losses, n_total, target_rel_half_width=0.1, seed=0):
     half = (high - low) / 2 * math.sqrt(len(val_losses) / max(1, n_total))
     rel = half / abs(mean) if mean else math.inf
     needed = int(math.ceil(n_total * (rel / target_rel_half_width) ** 2)) if math.isfinite(rel) else None
-    return {"n_test": int(n_total), "mean": mean, "ci95_half_width": half, "relative_half_width": rel,
-            "n_needed": needed}
+    return {
+        "n_test": int(n_total),
+        "mean": mean,
+        "ci95_half_width": half,
+        "relative_half_width": rel,
+        "n_needed": needed,
+    }
 
 
 # --- cause probes: model -------------------------------------------------------------------------------------
@@ -588,8 +643,11 @@ def batch_dependency(model, batch, forward=None, input_key="image", train_mode=F
     model.train(train_mode)
     x = get_input(batch, input_key).detach().clone().float().requires_grad_(True)
     out = forward(model, set_input(batch, x, input_key))
-    outputs = [o for o in (out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out])
-               if torch.is_tensor(o)]
+    outputs = [
+        o
+        for o in (out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out])
+        if torch.is_tensor(o)
+    ]
     i = 0
     scalar = sum(o[i].float().sum() for o in outputs)
     (grad,) = torch.autograd.grad(scalar, x, allow_unused=True)
@@ -599,7 +657,11 @@ def batch_dependency(model, batch, forward=None, input_key="image", train_mode=F
     per_sample = grad.reshape(len(grad), -1).abs().sum(1)
     own = float(per_sample[i])
     other = float(per_sample[1:].max()) if len(per_sample) > 1 else 0.0
-    return {"own_gradient": own, "other_gradient": other, "ratio": other / own if own > 0 else math.inf if other else 0.0}
+    return {
+        "own_gradient": own,
+        "other_gradient": other,
+        "ratio": other / own if own > 0 else math.inf if other else 0.0,
+    }
 
 
 def init_statistics(model, batch, criterion, forward=None, input_key="image"):
@@ -612,8 +674,12 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
     forward = forward or (lambda m, b: m(get_input(b, input_key)))
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear | nn.Conv1d)]
     acts = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=n: acts.__setitem__(name, float(out.detach().float().std())))
-             for n, m in layers]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, name=n: acts.__setitem__(name, float(out.detach().float().std()))
+        )
+        for n, m in layers
+    ]
     model.train()
     model.zero_grad(set_to_none=True)
     try:
@@ -627,12 +693,14 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
         w = m.weight
         fan_in = w[0].numel()
         grad = float(w.grad.norm()) if w.grad is not None else 0.0
-        rows.append({
-            "layer": name,
-            "activation_std": acts.get(name, float("nan")),
-            "weight_std_over_he": float(w.detach().std()) / math.sqrt(2.0 / fan_in),
-            "grad_over_weight": grad / max(float(w.detach().norm()), 1e-12),
-        })
+        rows.append(
+            {
+                "layer": name,
+                "activation_std": acts.get(name, float("nan")),
+                "weight_std_over_he": float(w.detach().std()) / math.sqrt(2.0 / fan_in),
+                "grad_over_weight": grad / max(float(w.detach().norm()), 1e-12),
+            }
+        )
     model.zero_grad(set_to_none=True)
     return {"loss_at_init": float(loss.detach()), "layers": rows}
 
@@ -662,12 +730,21 @@ def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9):
     final = float(np.mean(per_sample_losses(task, model, items)))
     initial = losses[0]
     drop = 1 - final / initial if initial > 0 and math.isfinite(final) else 0.0
-    return {"passed": bool(drop >= required_drop), "initial_loss": initial, "final_loss": final,
-            "drop": float(drop), "required_drop": required_drop, "n": n, "steps": steps, "curve": losses}
+    return {
+        "passed": bool(drop >= required_drop),
+        "initial_loss": initial,
+        "final_loss": final,
+        "drop": float(drop),
+        "required_drop": required_drop,
+        "n": n,
+        "steps": steps,
+        "curve": losses,
+    }
 
 
-def lr_range_test(task, lr_min=1e-7, lr_max=10.0, steps=100, batch_size=None, seed=None, diverge_factor=4.0,
-                  beta=0.9):
+def lr_range_test(
+    task, lr_min=1e-7, lr_max=10.0, steps=100, batch_size=None, seed=None, diverge_factor=4.0, beta=0.9
+):
     """Leslie Smith's LR range test (2017, as in fastai's lr_find): raise the LR exponentially each step
     and record the (exponentially smoothed, bias-corrected) loss until it exceeds `diverge_factor` x its best.
 
@@ -711,11 +788,16 @@ def lr_range_test(task, lr_min=1e-7, lr_max=10.0, steps=100, batch_size=None, se
         return {"lr_valley": lr_min, "suggestion": lr_min, "lrs": [], "losses": [], "diverged_at": lr_min}
     i = int(np.argmin(smoothed))
     diverged_at = lrs[-1] if smoothed[-1] > diverge_factor * best else None
-    return {"lr_valley": float(lrs[i]), "suggestion": float(lrs[i] / 10), "diverged_at": diverged_at,
-            "lrs": [float(v) for v in lrs], "losses": [float(v) for v in smoothed]}
+    return {
+        "lr_valley": float(lrs[i]),
+        "suggestion": float(lrs[i] / 10),
+        "diverged_at": diverged_at,
+        "lrs": [float(v) for v in lrs],
+        "losses": [float(v) for v in smoothed],
+    }
 
 
-def gradient_noise_scale(task, model=None, small=None, big=None, repeats=4, seed=0):
+def gradient_noise_scale(task, model=None, small=None, big=None, repeats=8, seed=0):
     """McCandlish et al. (2018) simple noise scale B_simple = tr(Sigma) / |G|^2, from gradient norms at two
     batch sizes: E|g_B|^2 = |G|^2 + tr(Sigma)/B. Training at B << B_simple is noise-dominated: each step's
     gradient is mostly noise. Returns B_simple and the signal-to-noise ratio at the configured batch size.
@@ -743,8 +825,14 @@ def gradient_noise_scale(task, model=None, small=None, big=None, repeats=4, seed
     g2 = (big * g_big - small * g_small) / (big - small)
     tr_sigma = (g_small - g_big) / (1 / small - 1 / big)
     b_simple = tr_sigma / g2 if g2 > 0 else math.inf
-    return {"b_simple": float(b_simple), "grad_sq_true": float(g2), "trace_sigma": float(tr_sigma),
-            "small": small, "big": big, "noise_to_signal_at_batch": float(b_simple / task.batch_size)}
+    return {
+        "b_simple": float(b_simple),
+        "grad_sq_true": float(g2),
+        "trace_sigma": float(tr_sigma),
+        "small": small,
+        "big": big,
+        "noise_to_signal_at_batch": float(b_simple / task.batch_size),
+    }
 
 
 class Standardize(nn.Module):

@@ -21,8 +21,17 @@ import dataclasses
 import numpy as np
 import torch
 
-FAULTS = ("shuffled_targets", "answer_in_input", "val_in_train", "sorted_by_target", "tiny_val",
-          "batch_mixing", "ignores_input", "raw_pixels", "divided_twice")
+FAULTS = (
+    "shuffled_targets",
+    "answer_in_input",
+    "val_in_train",
+    "sorted_by_target",
+    "tiny_val",
+    "batch_mixing",
+    "ignores_input",
+    "raw_pixels",
+    "divided_twice",
+)
 
 
 def fault_of(cfg):
@@ -62,8 +71,13 @@ def _targets(dataset):
         base = base.dataset
     records = getattr(base, "items", None)
     if isinstance(records, list) and len(records) == len(dataset) and len(records[0]) >= 7:
-        return [(torch.as_tensor(np.asarray(r[5]), dtype=torch.float32), torch.as_tensor(np.asarray(r[6]), dtype=torch.float32))
-                for r in records]
+        return [
+            (
+                torch.as_tensor(np.asarray(r[5]), dtype=torch.float32),
+                torch.as_tensor(np.asarray(r[6]), dtype=torch.float32),
+            )
+            for r in records
+        ]
     return [(dataset[i]["R"], dataset[i]["t"]) for i in range(len(dataset))]
 
 
@@ -117,7 +131,9 @@ def fault_datasets(cfg, train_set, val_set):
     if fault == "answer_in_input":
         return answer_in_input(train_set), answer_in_input(val_set)
     if fault == "val_in_train":
-        picks = np.random.default_rng(seed).choice(len(train_set), size=min(len(val_set), len(train_set)), replace=False)
+        picks = np.random.default_rng(seed).choice(
+            len(train_set), size=min(len(val_set), len(train_set)), replace=False
+        )
         return train_set, Mapped(train_set, index=picks)
     if fault == "sorted_by_target":
         return sorted_by_target(train_set), val_set
@@ -167,5 +183,12 @@ def apply(c):
         return dataclasses.replace(c, model=model)
     train_loader, val_loader = training.build_loaders(cfg, train_set, val_set)
     scheduler = training.build_scheduler(cfg, c.optimizer, len(train_loader))
-    return dataclasses.replace(c, model=model, train_set=train_set, val_set=val_set, train_loader=train_loader,
-                               val_loader=val_loader, scheduler=scheduler)
+    return dataclasses.replace(
+        c,
+        model=model,
+        train_set=train_set,
+        val_set=val_set,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        scheduler=scheduler,
+    )

@@ -36,7 +36,9 @@ def injected_cause(name):
         return "none"
     matches = [c for c in doctor.CAUSES if name == c or name.startswith(c + "_")]
     if not matches:
-        raise ValueError(f"configs/experiment/zoo/{name}.yaml: the name must start with a cause id or 'healthy'")
+        raise ValueError(
+            f"configs/experiment/zoo/{name}.yaml: the name must start with a cause id or 'healthy'"
+        )
     return max(matches, key=len)
 
 
@@ -59,8 +61,17 @@ def run(cfg, overrides):
             except Exception as exc:  # one broken config must not hide the others' numbers
                 top, error = "error", f"{type(exc).__name__}: {exc}"
             seconds = time.perf_counter() - start
-            rows.append({"config": name, "seed": seed, "injected": expected, "diagnosed": top,
-                         "correct": top == expected, "seconds": round(seconds, 1), "error": error})
+            rows.append(
+                {
+                    "config": name,
+                    "seed": seed,
+                    "injected": expected,
+                    "diagnosed": top,
+                    "correct": top == expected,
+                    "seconds": round(seconds, 1),
+                    "error": error,
+                }
+            )
             print(f"{label:40s} injected {expected:24s} diagnosed {top:24s} {seconds:6.1f} s", flush=True)
     return rows
 
@@ -71,8 +82,10 @@ def summarize(rows):
     correct = sum(r["correct"] for r in faulty)
     alarms = [r for r in healthy if r["diagnosed"] != "none"]
     labels = sorted({r["injected"] for r in rows} | {r["diagnosed"] for r in rows})
-    confusion = {a: {b: sum(1 for r in rows if r["injected"] == a and r["diagnosed"] == b) for b in labels}
-                 for a in sorted({r["injected"] for r in rows})}
+    confusion = {
+        a: {b: sum(1 for r in rows if r["injected"] == a and r["diagnosed"] == b) for b in labels}
+        for a in sorted({r["injected"] for r in rows})
+    }
     return {
         "top1_accuracy": correct / len(faulty) if faulty else None,
         "correct": correct,
@@ -87,19 +100,31 @@ def summarize(rows):
 
 
 def markdown(summary):
-    lines = ["# Doctor benchmark on the bug zoo", "",
-             f"Top-1 accuracy on faulty configs: **{summary['correct']}/{summary['faulty_configs']}"
-             + (f" = {summary['top1_accuracy']:.0%}**" if summary["top1_accuracy"] is not None else "**"),
-             f"False alarms on healthy runs: **{summary['false_alarms']}/{summary['healthy_runs']}**",
-             f"Wall time: {summary['seconds_total']} s in total, at most {summary['seconds_max']} s per config "
-             "(machine-dependent; see the report for the conditions).", "",
-             "| config | seed | injected | diagnosed | ok | seconds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Doctor benchmark on the bug zoo",
+        "",
+        f"Top-1 accuracy on faulty configs: **{summary['correct']}/{summary['faulty_configs']}"
+        + (f" = {summary['top1_accuracy']:.0%}**" if summary["top1_accuracy"] is not None else "**"),
+        f"False alarms on healthy runs: **{summary['false_alarms']}/{summary['healthy_runs']}**",
+        f"Wall time: {summary['seconds_total']} s in total, at most {summary['seconds_max']} s per config "
+        "(machine-dependent; see the report for the conditions).",
+        "",
+        "| config | seed | injected | diagnosed | ok | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
-        lines.append(f"| {r['config']} | {r['seed']} | `{r['injected']}` | `{r['diagnosed']}` | "
-                     f"{'yes' if r['correct'] else '**no**'} | {r['seconds']} |")
+        lines.append(
+            f"| {r['config']} | {r['seed']} | `{r['injected']}` | `{r['diagnosed']}` | "
+            f"{'yes' if r['correct'] else '**no**'} | {r['seconds']} |"
+        )
     labels = sorted({b for row in summary["confusion"].values() for b in row})
-    lines += ["", "## Confusion (rows: injected, columns: diagnosed)", "",
-              "| injected \\ diagnosed | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [
+        "",
+        "## Confusion (rows: injected, columns: diagnosed)",
+        "",
+        "| injected \\ diagnosed | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
     for a, row in summary["confusion"].items():
         lines.append(f"| `{a}` | " + " | ".join(str(row[b]) if row[b] else "" for b in labels) + " |")
     return "\n".join(lines) + "\n"
