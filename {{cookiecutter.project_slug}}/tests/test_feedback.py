@@ -60,15 +60,21 @@ def test_predict_flag_and_summarize(model_path, tmp_path, capsys):
         r = client.post("/feedback/" + "f" * 32, json={"reason": "x"})
         assert r.status_code == 404 and "no prediction" in r.json()["detail"]
 
+    restarted = serve.create_app(
+        model_path, log_path, intra_op_threads=1
+    )  # ids from before: found in the log
+    with TestClient(restarted) as client:
+        assert client.post(f"/feedback/{ids[3]}", json={"reason": "late"}).status_code == 200
+
     assert feedback.main(["--log", str(log_path), "flag", ids[2], "--reason", "t off by 3 cm"]) == 0
     assert feedback.main(["--log", str(log_path), "flag", ids[0], "--reason", "again"]) == 0  # counted once
     assert feedback.main(["--log", str(log_path), "flag", "nope", "--reason", "x"]) == 1
     assert "nope" in capsys.readouterr().err
 
     summary = feedback.load_service_log(log_path)
-    assert summary["n_predictions"] == 5 and summary["n_feedback"] == 4
-    assert summary["n_flagged"] == 3 and summary["flagged_rate"] == pytest.approx(3 / 5)
-    assert summary["n_flagged_by_user"] == 3 and summary["n_flagged_by_service"] == 0
+    assert summary["n_predictions"] == 5 and summary["n_feedback"] == 5
+    assert summary["n_flagged"] == 4 and summary["flagged_rate"] == pytest.approx(4 / 5)
+    assert summary["n_flagged_by_user"] == 4 and summary["n_flagged_by_service"] == 0
     assert 0 < summary["service_latency_ms_p50"] <= summary["service_latency_ms_p95"]
     assert summary["n_bad_lines"] == 0 and summary["n_unknown_feedback"] == 0
     assert all(isinstance(v, int | float) for v in summary.values())
@@ -78,7 +84,7 @@ def test_predict_flag_and_summarize(model_path, tmp_path, capsys):
     assert flagged[0]["reason"] == "t off by 3 cm" and flagged[0]["source"] == "cli"
 
     assert feedback.main(["--log", str(log_path), "summary"]) == 0
-    assert json.loads(capsys.readouterr().out)["n_flagged"] == 3
+    assert json.loads(capsys.readouterr().out)["n_flagged"] == 4
 
 
 def test_the_service_flags_low_scores_itself(model_path, tmp_path):

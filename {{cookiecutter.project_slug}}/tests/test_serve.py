@@ -173,8 +173,10 @@ def malformed_requests(seed=0):
     Image.fromarray(random_image()).save(gif, format="GIF")
     bmp = io.BytesIO()
     Image.fromarray(random_image()).save(bmp, format="BMP")
-    for other in (gif.getvalue(), bmp.getvalue()):
-        for _ in range(5):  # decodable, but neither PNG nor JPEG
+    depth = io.BytesIO()
+    Image.fromarray(np.full((SIZE, SIZE), 40000, np.uint16)).save(depth, format="PNG")
+    for other in (gif.getvalue(), bmp.getvalue(), depth.getvalue()):
+        for _ in range(5):  # decodable, but not an 8-bit PNG or JPEG
             out.append(("other image format", multipart(other, content_type="application/octet-stream")))
     bad_values = ["nan", "NaN", "inf", "-inf", "0", "-1", "-1e-9", "abc", "", "1e400", "[1]", "0x10", "1,5"]
     for key in ("fx", "fy", "cx", "cy"):
@@ -257,6 +259,11 @@ def test_fuzz_malformed_requests_get_4xx_and_the_server_stays_up(client):
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert predict(client, encode(random_image())).status_code == 200
+
+
+def test_grey_and_rgba_pngs_are_accepted(client):
+    for array in (random_image()[..., 0], np.dstack([random_image(), np.full((SIZE, SIZE), 255, np.uint8)])):
+        assert predict(client, encode(array)).status_code == 200
 
 
 def test_error_messages_name_what_is_wrong(client):

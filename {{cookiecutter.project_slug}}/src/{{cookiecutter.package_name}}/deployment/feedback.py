@@ -94,12 +94,27 @@ def read_records(path):
     return records, bad
 
 
-def prediction_ids(path):
+def has_prediction(path, prediction_id):
+    """Whether the log holds a prediction with this id (streams the file: feedback is rare, logs are long)."""
     path = Path(path)
-    if not path.exists():
-        return set()
-    records, _ = read_records(path)
-    return {r.get("id") for r in records if r["type"] == "prediction"}
+    if not path.is_file() or not prediction_id:
+        return False
+    needle = json.dumps(str(prediction_id))
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if needle not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (
+                isinstance(record, dict)
+                and record.get("type") == "prediction"
+                and record.get("id") == prediction_id
+            ):
+                return True
+    return False
 
 
 def load_service_log(path):
@@ -147,7 +162,7 @@ def feedback_record(prediction_id, reason, source):
 def flag(log_path, prediction_id, reason, source="cli"):
     """Append a feedback record for a prediction that is in the log; KeyError when it is not."""
     log_path = Path(log_path)
-    if prediction_id not in prediction_ids(log_path):
+    if not has_prediction(log_path, prediction_id):
         raise KeyError(f"prediction id {prediction_id!r} is not in {log_path}")
     log = ServiceLog(log_path)
     try:

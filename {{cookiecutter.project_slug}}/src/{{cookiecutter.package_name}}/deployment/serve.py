@@ -30,6 +30,7 @@ content types 415, missing or invalid intrinsics 422. Every answered prediction 
 service log (`deployment.service_log`, see feedback.py).
 """
 
+import collections
 import hashlib
 import io
 import json
@@ -51,10 +52,12 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ..paths import CONFIG_DIR
-from .feedback import ServiceLog, feedback_record, prediction_ids, utc_now
+from .feedback import ServiceLog, feedback_record, has_prediction, utc_now
 
 IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/octet-stream", ""}
 IMAGE_FORMATS = {"PNG", "JPEG"}
+# 8-bit colour or grey; 16-bit/float modes (e.g. a depth PNG sent by mistake) would be clipped into nonsense
+IMAGE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
 
 
 class BadInput(Exception):
@@ -130,14 +133,19 @@ def decode_image(data, content_type=None, max_pixels=4096 * 4096):
         raise BadInput(400, f"image is not a readable PNG or JPEG ({e})") from e
     if img.format not in IMAGE_FORMATS:
         raise BadInput(415, f"image format is {img.format}; send PNG or JPEG")
+    if img.mode not in IMAGE_MODES:
+        raise BadInput(415, f"image mode is {img.mode}; send an 8-bit RGB (or grey) image, not 16-bit/float")
     w, h = img.size
     if w < 1 or h < 1 or w * h > max_pixels:
         raise BadInput(413, f"image is {w}x{h} pixels; at most {max_pixels} pixels are accepted")
     try:
         img.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES is off)
-        return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadInput(400, f"image could not be decoded, it may be truncated ({e})") from e
+    try:
+        return img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise BadInput(415, f"image mode {img.mode} cannot be converted to RGB ({e})") from e
 
 
 def check_intrinsics(fx, fy, cx, cy, width, height):
@@ -282,6 +290,25 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class RecentIds:
+    """The ids of the last `size` predictions, so flagging a recent one needs no scan of the log."""
+
+    def __init__(self, size=100_000):
+        self.size = size
+        self.ids = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def add(self, prediction_id):
+        with self.lock:
+            self.ids[prediction_id] = None
+            if len(self.ids) > self.size:
+                self.ids.popitem(last=False)
+
+    def __contains__(self, prediction_id):
+        with self.lock:
+            return prediction_id in self.ids
+
+
 class FeedbackIn(BaseModel):
     reason: str = Field("", max_length=2000)
 
@@ -307,7 +334,7 @@ def create_app(
     predictor.warm_up()
     model_sha256 = sha256_file(model_path)
     log = ServiceLog(log_path)
-    known_ids = prediction_ids(log_path)
+    recent_ids = RecentIds()
     counts = {"predictions": 0, "rejected": 0}
     counts_lock = threading.Lock()
 
@@ -377,7 +404,7 @@ def create_app(
             "model_sha256": model_sha256,
         }
         log.append(record)
-        known_ids.add(record["id"])
+        recent_ids.add(record["id"])
         count("predictions")
         flagged = score is not None and score < score_flag_below
         if flagged:
@@ -394,9 +421,8 @@ def create_app(
 
     @app.post("/feedback/{prediction_id}")
     def feedback(prediction_id: str, body: FeedbackIn | None = None):
-        if prediction_id not in known_ids:
-            known_ids.update(prediction_ids(log_path))  # another process may have served it
-        if prediction_id not in known_ids:
+        # older ids (and those another process served) are looked up in the log itself
+        if prediction_id not in recent_ids and not has_prediction(log_path, prediction_id):
             raise HTTPException(404, f"no prediction with id {prediction_id!r} in {log_path}")
         record = feedback_record(prediction_id, body.reason if body else "", "api")
         log.append(record)
