@@ -330,7 +330,8 @@ def main(cfg):
     print(
         f"test ({summary['n_test']} instances): re {summary['re_deg_median']:.2f} deg, te {summary['te_cm_median']:.2f} cm "
         f"(medians), ADD(-S)<0.1d {summary['add_s_01d']:.3f}, ADD-S AUC {summary['adds_auc']:.3f}, "
-        f"5deg5cm {summary['acc_5deg5cm']:.3f} -> {Path(cfg.paths.training) / 'metrics.json'}"
+        f"5deg5cm {summary['acc_5deg5cm']:.3f} -> {Path(cfg.paths.training) / 'metrics.json'}\n"
+        "(3_training/CHECKLIST.md, after training: test-set metrics and BOP predictions; next: make analyze)"
     )
 
 

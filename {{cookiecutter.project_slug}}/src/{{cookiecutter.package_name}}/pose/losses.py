@@ -94,7 +94,9 @@ class PoseCriterion:
         R_hat = geometry.raw_to_rotmat(raw_rot, self.rotation)
         if self.name == "sixd":
             return ((R_hat - R_gt) ** 2).sum((-1, -2)).mean()
-        points = self.points.to(device=R_gt.device, dtype=R_gt.dtype)
+        if self.points.device != R_gt.device or self.points.dtype != R_gt.dtype:
+            self.points = self.points.to(device=R_gt.device, dtype=R_gt.dtype)  # once, not every step
+        points = self.points
         pred = points @ R_hat.transpose(-1, -2)  # [B, N, 3]
         gt = points @ R_gt.transpose(-1, -2)
         if self.symmetric:
