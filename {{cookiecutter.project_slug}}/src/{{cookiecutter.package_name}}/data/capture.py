@@ -10,23 +10,26 @@ labels are exact for the pose: a model point X projects to u = K (R X + t) and t
 the surface at depth z = (R X + t)_z. Ground truth needs no annotation; `make qa` checks it anyway.
 
 Conventions (BOP): mm, OpenCV camera (+x right, +y down, +z forward), cam_R_m2c row-major, pixel
-centres at integer coordinates. Mitsuba's camera looks down +z with +x left and +y up, so the sensor
-sits at the world origin with a 180 deg turn about z, and the world frame is the OpenCV camera frame.
-The whole dataset is written into a temporary folder that replaces cfg.data.root only when complete.
+centres at integer coordinates. The mitsuba scene is built once in the object's frame and the camera
+moves (no rebuild of the ray-tracing structure per image); mitsuba's camera looks down +z with +x left
+and +y up, i.e. the OpenCV camera turned 180 deg about z. The whole dataset is written into a temporary
+folder that replaces cfg.data.root only when complete.
 """
 
+import contextlib
 import json
+import multiprocessing as mp
+import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hydra
 import numpy as np
 import roma
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
@@ -69,15 +72,16 @@ class Renderer:
     direct integrator then only samples the point light, so `spp` only antialiases."""
 
     def __init__(self, models_dir, obj_ids, K, size, spp, max_occluders):
+        import drjit as dr
         import mitsuba as mi
 
         mi.set_variant("scalar_rgb")
         mi.set_log_level(mi.LogLevel.Warn)
+        # One thread: a 64 px render is too small to split; parallelism comes from worker processes.
+        dr.set_thread_count(1)
         self.mi, self.K, self.size, self.spp = mi, np.asarray(K, float), int(size), int(spp)
         self.max_occluders = int(max_occluders)
         fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
-        if not np.isclose(fx, fy):
-            raise CaptureError(f"data.camera: fx ({fx}) != fy ({fy}); the mitsuba pinhole has square pixels")
         # Mitsuba film coordinates put pixel centres at i + 0.5, OpenCV/BOP at i: shift the principal point.
         base = {
             "type": "perspective",
@@ -275,20 +279,24 @@ def sample_translation(rng, rotated, K, size, distance, margin, candidates=32, t
     )
 
 
-def sample_occluders(rng, cfg_occ, t, diameter, box_rotation):
-    """0..max_count spheres/boxes between camera and object, each over a random part of the object."""
+def sample_occluders(rng, cfg_occ, t, near_z, diameter, box_rotation):
+    """0..max_count spheres/boxes between the camera and the object's nearest point (`near_z`, mm), each
+    over a random part of the object."""
     if rng.random() >= cfg_occ.probability:
         return []
     occluders = []
     for i in range(int(rng.integers(1, cfg_occ.max_count + 1))):
         size = rng.uniform(*cfg_occ.size) * diameter
-        depth = rng.uniform(0.45, 0.8) * t[2]
+        # its centre between halfway to the object and just in front of it (never inside it)
+        far = near_z - 0.9 * size  # a box's half diagonal is 0.87 x its edge
+        if far <= NEAR_CLIP + size:  # no room (keeps the order sphere, box that render() expects)
+            break
+        depth = rng.uniform(max(0.5 * near_z, NEAR_CLIP + size), far)
         # aim at a point of the object within ~ its radius from the centre, seen from the camera
         target = t + rng.uniform(-0.4, 0.4, size=3) * diameter
         centre = target * depth / target[2]
-        occluders.append(
-            ("sphere" if i % 2 == 0 else "box", centre, size, rng.uniform(0.05, 0.95, size=3), box_rotation)
-        )
+        colour = rng.uniform(0.05, 0.95, size=3)
+        occluders.append(("sphere" if i % 2 == 0 else "box", centre, size, colour, box_rotation))
     return occluders
 
 
@@ -353,67 +361,91 @@ def save_png(path, array):
     Image.fromarray(array).save(path, compress_level=1)
 
 
-def capture_split(renderer, cfg, split, split_index, out_dir, infos, progress, writer):
-    """Render one split into out_dir/<split>/000000/ and write its three scene JSON files."""
+_renderers = {}  # per process: a worker builds its renderer on its first job and keeps it
+
+
+def renderer_for(cfg):
     cap = cfg.data.capture
-    size, K = int(cfg.data.image_size), renderer.K
-    scene_dir = out_dir / split / "000000"
-    for sub in ("rgb", "depth", "mask", "mask_visib"):
-        (scene_dir / sub).mkdir(parents=True)
-    # Each split has its own random stream: (seed, split) -> the same images every time.
-    rng = np.random.default_rng([int(cap.seed), split_index])
-    generator = torch.Generator().manual_seed(int(cap.seed) * 1000 + split_index)
-    scene_gt, scene_camera, scene_gt_info = {}, {}, {}
-    pending = []
-    im_id = 0
-    n = int(cap.num_images[split])
-    for obj_id in [int(o) for o in cap.objects]:
-        verts, diameter = renderer.models[obj_id]["verts"], infos[obj_id]["diameter"]
-        rotations = roma.random_rotmat(n, generator=generator).double().numpy()  # uniform on SO(3)
-        box_rotations = roma.random_rotmat(n, generator=generator).double().numpy()
-        for R, box_rotation in zip(rotations, box_rotations, strict=True):
-            t = sample_translation(rng, verts @ R.T, K, size, cap.distance_mm, cap.margin_px)
-            occluders = sample_occluders(rng, cap.occluders, t, diameter, box_rotation)
-            light, ambient = sample_light(rng, cap.light, t)
-            background = sample_background(rng, list(cap.background.kinds), size)
-            seed = split_index * 10_000_000 + im_id
-            image, depth, mask, mask_visib = renderer.render(
-                obj_id, R, t, occluders, light, ambient, background, seed
-            )
-            name = f"{im_id:06d}"
-            # PNG encoding and file writes overlap with the next render (they release the GIL)
-            for path, array in (
-                (scene_dir / "rgb" / f"{name}.png", image),
-                (scene_dir / "depth" / f"{name}.png", np.round(depth / DEPTH_SCALE).astype(np.uint16)),
-                (scene_dir / "mask" / f"{name}_000000.png", mask.astype(np.uint8) * 255),
-                (scene_dir / "mask_visib" / f"{name}_000000.png", mask_visib.astype(np.uint8) * 255),
-            ):
-                pending.append(writer.submit(save_png, path, array))
-            scene_gt[str(im_id)] = [
-                {
-                    "cam_R_m2c": [float(x) for x in R.reshape(-1)],
-                    "cam_t_m2c": [float(x) for x in t],
-                    "obj_id": obj_id,
-                }
-            ]
-            scene_camera[str(im_id)] = {
-                "cam_K": [float(x) for x in K.reshape(-1)],
-                "depth_scale": DEPTH_SCALE,
-            }
-            scene_gt_info[str(im_id)] = [gt_info(mask, mask_visib, depth)]
-            im_id += 1
-            progress.update(1)
-            if len(pending) > 512:
-                pending = [f for f in pending if not f.done() or f.result()]
-    for future in pending:
-        future.result()  # re-raises a failed write
-    for name, data in (
-        ("scene_gt", scene_gt),
-        ("scene_camera", scene_camera),
-        ("scene_gt_info", scene_gt_info),
-    ):
-        (scene_dir / f"{name}.json").write_text(json.dumps(data) + "\n")
-    return im_id
+    models_dir = Path(cap.get("models_dir") or ASSETS)
+    obj_ids = tuple(int(o) for o in cap.objects)
+    K = intrinsics(cfg.data.camera)
+    key = (
+        str(models_dir),
+        obj_ids,
+        K.tobytes(),
+        int(cfg.data.image_size),
+        int(cap.spp),
+        int(cap.occluders.max_count),
+    )
+    if key not in _renderers:
+        _renderers.clear()
+        _renderers[key] = Renderer(models_dir, obj_ids, K, key[3], key[4], key[5])
+    return _renderers[key]
+
+
+def render_images(job):
+    """Render a run of consecutive images of one split and object, write their PNGs, return their
+    annotations [(im_id, scene_gt entry, scene_camera entry, scene_gt_info entry)]. Every image has its
+    own random stream (seed, split, im_id), so the dataset does not depend on how images are split
+    across worker processes."""
+    cfg, split_index, obj_id, first_im_id, rotations, box_rotations, scene_dir, diameter = job
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    renderer = renderer_for(cfg)
+    cap, size, K = cfg.data.capture, int(cfg.data.image_size), renderer.K
+    verts = renderer.models[obj_id]["verts"]
+    annotations = []
+    for offset, (R, box_rotation) in enumerate(zip(rotations, box_rotations, strict=True)):
+        im_id = first_im_id + offset
+        rng = np.random.default_rng([int(cap.seed), split_index, im_id])
+        rotated = verts @ R.T
+        t = sample_translation(rng, rotated, K, size, cap.distance_mm, cap.margin_px)
+        near_z = float((rotated[:, 2] + t[2]).min())
+        occluders = sample_occluders(rng, cap.occluders, t, near_z, diameter, box_rotation)
+        light, ambient = sample_light(rng, cap.light, t)
+        background = sample_background(rng, list(cap.background.kinds), size)
+        seed = split_index * 10_000_000 + im_id
+        image, depth, mask, mask_visib = renderer.render(
+            obj_id, R, t, occluders, light, ambient, background, seed
+        )
+        name = f"{im_id:06d}"
+        save_png(scene_dir / "rgb" / f"{name}.png", image)
+        save_png(scene_dir / "depth" / f"{name}.png", np.round(depth / DEPTH_SCALE).astype(np.uint16))
+        save_png(scene_dir / "mask" / f"{name}_000000.png", mask.astype(np.uint8) * 255)
+        save_png(scene_dir / "mask_visib" / f"{name}_000000.png", mask_visib.astype(np.uint8) * 255)
+        gt = {
+            "cam_R_m2c": [float(x) for x in R.reshape(-1)],
+            "cam_t_m2c": [float(x) for x in t],
+            "obj_id": obj_id,
+        }
+        camera = {"cam_K": [float(x) for x in K.reshape(-1)], "depth_scale": DEPTH_SCALE}
+        annotations.append((im_id, gt, camera, gt_info(mask, mask_visib, depth)))
+    return annotations
+
+
+def capture_jobs(cfg, tmp, infos, chunk=200):
+    """The work as jobs of `chunk` images, split by split; also the scene folder of each split."""
+    cap = cfg.data.capture
+    n_objects = len(cap.objects)
+    plain_cfg = {"data": OmegaConf.to_container(cfg.data, resolve=True)}  # what a worker needs, picklable
+    jobs, scenes = [], {}
+    for split_index, split in enumerate(SPLITS):
+        scene_dir = tmp / split / "000000"
+        for sub in ("rgb", "depth", "mask", "mask_visib"):
+            (scene_dir / sub).mkdir(parents=True)
+        scenes[split] = scene_dir
+        n = int(cap.num_images[split])
+        # rotations uniform on SO(3) (roma), drawn up front from one generator per split
+        generator = torch.Generator().manual_seed(int(cap.seed) * 1000 + split_index)
+        rotations = roma.random_rotmat(n * n_objects, generator=generator).double().numpy()
+        box_rotations = roma.random_rotmat(n * n_objects, generator=generator).double().numpy()
+        for k, obj_id in enumerate(int(o) for o in cap.objects):
+            diameter = infos[obj_id]["diameter"]
+            for first in range(k * n, (k + 1) * n, chunk):
+                last = min((k + 1) * n, first + chunk)
+                views = rotations[first:last], box_rotations[first:last]
+                job = (plain_cfg, split_index, obj_id, first, *views, scene_dir, diameter)
+                jobs.append((split, job))
+    return jobs, scenes
 
 
 def validate(cfg):
@@ -423,6 +455,10 @@ def validate(cfg):
     cap = d.capture
     if int(d.image_size) < 8:
         raise CaptureError(f"data.image_size: {d.image_size} is too small (>= 8 px)")
+    if float(d.camera.fx) != float(d.camera.fy):
+        raise CaptureError(
+            f"data.camera: fx ({float(d.camera.fx)}) != fy ({float(d.camera.fy)}); the mitsuba pinhole has square pixels"
+        )
     lo, hi = (float(x) for x in cap.distance_mm)
     if not 0 < lo <= hi:
         raise CaptureError(f"data.capture.distance_mm: {list(cap.distance_mm)} must be 0 < min <= max")
@@ -433,36 +469,65 @@ def validate(cfg):
         raise CaptureError(f"data.capture.spp: must be >= 1 (got {cap.spp})")
     if not 0 <= float(cap.occluders.probability) <= 1:
         raise CaptureError(f"data.capture.occluders.probability: {cap.occluders.probability} not in [0, 1]")
-
-
-def capture(cfg):
-    """Render the dataset described by cfg.data into cfg.data.root, atomically. Returns (images, seconds)."""
-    validate(cfg)
-    cap = cfg.data.capture
     models_dir = Path(cap.get("models_dir") or ASSETS)
     if models_dir.name != "models":
         raise CaptureError(f"data.capture.models_dir: {models_dir} must be a BOP models/ folder")
     infos = load_models_info(models_dir.parent)
-    obj_ids = [int(o) for o in cap.objects]
-    missing = [o for o in obj_ids if o not in infos]
+    missing = [int(o) for o in cap.objects if int(o) not in infos]
     if missing:
         raise CaptureError(f"data.capture.objects: {missing} not in {models_dir / 'models_info.json'}")
+    return models_dir, infos
+
+
+def worker_count(cfg, total):
+    """data.capture.workers: an int, or auto = one process per CPU core, but none for small captures
+    (starting a process costs more than rendering a few hundred images)."""
+    workers = cfg.data.capture.get("workers", "auto")
+    if workers == "auto":
+        return min(os.cpu_count() or 1, total // 500)
+    return int(workers)
+
+
+def _init_worker():
+    torch.set_num_threads(1)
+
+
+def capture(cfg):
+    """Render the dataset described by cfg.data into cfg.data.root, atomically. Returns (images, seconds)."""
+    models_dir, infos = validate(cfg)
+    cap = cfg.data.capture
     size = int(cfg.data.image_size)
     K = intrinsics(cfg.data.camera)
-    renderer = Renderer(models_dir, obj_ids, K, size, cap.spp, cap.occluders.max_count)
-    total = sum(int(cap.num_images[s]) for s in SPLITS) * len(obj_ids)
+    total = sum(int(cap.num_images[s]) for s in SPLITS) * len(cap.objects)
+    workers = worker_count(cfg, total)
     root = Path(cfg.data.root)
     start = time.perf_counter()
     with (
         atomic_dir(root) as tmp,
         tqdm(total=total, desc="capture", unit="img", file=sys.stdout) as progress,
-        ThreadPoolExecutor(max_workers=2) as writer,
+        contextlib.ExitStack() as stack,
     ):
         shutil.copytree(models_dir, tmp / "models", ignore=shutil.ignore_patterns(".*"))
         camera = {"cx": K[0, 2], "cy": K[1, 2], "fx": K[0, 0], "fy": K[1, 1], "width": size, "height": size}
         (tmp / "camera.json").write_text(json.dumps(camera | {"depth_scale": DEPTH_SCALE}, indent=2) + "\n")
-        for index, split in enumerate(SPLITS):
-            capture_split(renderer, cfg, split, index, tmp, infos, progress, writer)
+        jobs, scenes = capture_jobs(cfg, tmp, infos)
+        if workers > 1:
+            # spawn: a fresh interpreter per worker (mitsuba and torch keep threads a fork would break)
+            pool = stack.enter_context(mp.get_context("spawn").Pool(workers, initializer=_init_worker))
+            results = pool.imap(render_images, [job for _, job in jobs])
+        else:
+            results = map(render_images, [job for _, job in jobs])
+        labels = {split: ({}, {}, {}) for split in SPLITS}
+        for (split, _), annotations in zip(jobs, results, strict=True):
+            scene_gt, scene_camera, scene_gt_info = labels[split]
+            for im_id, gt, camera_entry, info in annotations:
+                scene_gt[str(im_id)], scene_camera[str(im_id)] = [gt], camera_entry
+                scene_gt_info[str(im_id)] = [info]
+            progress.update(len(annotations))
+        for split, scene_dir in scenes.items():
+            for name, data in zip(("scene_gt", "scene_camera", "scene_gt_info"), labels[split], strict=True):
+                ordered = dict(sorted(data.items(), key=lambda item: int(item[0])))
+                (scene_dir / f"{name}.json").write_text(json.dumps(ordered) + "\n")
     return total, time.perf_counter() - start
 
 
