@@ -174,6 +174,7 @@ def test_benchmark_runs_eager_onnxruntime_and_http_in_one_run(tiny_dataset, tmp_
     cfg = compose(*cfg_overrides(tiny_dataset, tmp_path), *small, *http)
     report = benchmark.run_benchmark(cfg, overrides=[f"paths.root={tmp_path}", "logger=none"])
     assert report["http"]["requests"] == 10 and report["http"]["errors"] == 0, report["http"]
+    assert report["http_1_client"]["requests"] == 2 and report["http_1_client"]["errors"] == 0
     assert report["speedup_p50"] > 0 and len(report["session_options"]) == 12
     assert json.loads((tmp_path / "5_deployment" / "benchmark.json").read_text())["http"]["requests"] == 10
     assert not (

@@ -4,14 +4,15 @@
 
 On `deployment.intra_op_threads` CPU threads (2: the robot's CPU) it measures, on real test images:
 1. latency p50/p95 at batch 1 and throughput at batch `deployment.benchmark.batch` (32) for eager
-   PyTorch (the checkpoint) and onnxruntime (5_deployment/model.onnx), and the speed-up ratio
-   eager / onnxruntime (target >= 1.5 at batch 1);
-2. onnxruntime at batch 1 for each graph optimization level x intra-op thread count, to show which
-   session options matter;
+   PyTorch (the checkpoint; at those threads and at 1 thread) and onnxruntime (5_deployment/model.onnx),
+   and the speed-up ratio eager / onnxruntime (target >= 1.5 at batch 1);
+2. onnxruntime at batch 1 for each graph optimization level x intra-op thread count x thread
+   spinning, to show which session options matter;
 3. the service over HTTP on loopback: `deployment.serve` in a subprocess on a free 127.0.0.1 port
-   (its own temp service log, so production's log stays clean), `benchmark.clients` concurrent
-   httpx clients posting PNGs until `benchmark.requests` requests or `benchmark.seconds` -> requests/s,
-   p50/p95 latency seen by the client, error count (anything but 200 is an error).
+   (its own temp service log, so production's log stays clean); first one client (requests/4), then
+   `benchmark.clients` concurrent httpx clients posting PNGs until `benchmark.requests` requests or
+   `benchmark.seconds` -> requests/s, p50/p95 latency seen by the client, error count (anything but
+   200 is an error; the command exits 1 when there is one).
 
 Prints a table and writes 5_deployment/benchmark.json. Timing numbers depend on what else the machine
 runs; the ratios are measured in the same run, so they compare like with like.
@@ -234,11 +235,12 @@ def run_benchmark(cfg, overrides=()):
             onnx_path, port, Path(tmp) / "service_log.jsonl", Path(tmp) / "hydra", overrides
         )
         try:
-            http = asyncio.run(
-                http_load(
-                    f"http://127.0.0.1:{port}", payloads, int(b.clients), int(b.requests), float(b.seconds)
-                )
+            url = f"http://127.0.0.1:{port}"
+            # one client first: the latency one caller sees (a robot's control loop), no queueing
+            single = asyncio.run(
+                http_load(url, payloads, 1, max(1, int(b.requests) // 4), float(b.seconds) / 4)
             )
+            http = asyncio.run(http_load(url, payloads, int(b.clients), int(b.requests), float(b.seconds)))
         finally:
             server.terminate()
             try:
@@ -252,6 +254,7 @@ def run_benchmark(cfg, overrides=()):
         **runtimes,
         "target_speedup": TARGET_SPEEDUP,
         "session_options": sweep,
+        "http_1_client": single,
         "http": http,
     }
     write_json(Path(cfg.paths.deployment) / "benchmark.json", report)
@@ -259,7 +262,7 @@ def run_benchmark(cfg, overrides=()):
 
 
 def print_report(report, path):
-    h, n, threads = report["http"], report["batch"], report["intra_op_threads"]
+    n, threads = report["batch"], report["intra_op_threads"]
     print(f"runtime (CPU)                     p50 ms   p95 ms   batch {n} images/s")
     for label, s in [
         (f"eager PyTorch, {threads} threads", report["eager"]),
@@ -280,13 +283,14 @@ def print_report(report, path):
         spin = ", spinning" if row["allow_spinning"] else ""
         label = f"{row['graph_optimization']}, {row['intra_op_threads']} thread(s){spin}"
         print(f"  {label:<36} {row['latency_ms_p50']:8.2f} {row['latency_ms_p95']:8.2f}")
-    print(
-        f"HTTP /predict on loopback, {h['clients']} clients: {h['requests']} requests in {h['seconds']:.1f} s = "
-        f"{h['requests_per_s']:.1f} req/s, p50 {h['latency_ms_p50']:.1f} ms, p95 {h['latency_ms_p95']:.1f} ms, "
-        f"{h['errors']} errors"
-    )
-    for err in h["first_errors"]:
-        print(f"  error: {err}")
+    for h in (report["http_1_client"], report["http"]):
+        print(
+            f"HTTP /predict on loopback, {h['clients']} client(s): {h['requests']} requests in {h['seconds']:.1f} s "
+            f"= {h['requests_per_s']:.1f} req/s, p50 {h['latency_ms_p50']:.1f} ms, p95 {h['latency_ms_p95']:.1f} ms, "
+            f"{h['errors']} errors"
+        )
+        for err in h["first_errors"]:
+            print(f"  error: {err}")
     print(f"wrote {path}")
 
 
@@ -309,7 +313,7 @@ def main(cfg):
         print(f"benchmark: {e}", file=sys.stderr)
         sys.exit(1)
     print_report(report, Path(cfg.paths.deployment) / "benchmark.json")
-    if report["http"]["errors"]:
+    if report["http"]["errors"] or report["http_1_client"]["errors"]:
         sys.exit(1)
 
 
