@@ -124,6 +124,23 @@ def test_same_seed_same_dataset(tmp_path):
     }
 
 
+@pytest.mark.slow
+def test_worker_processes_give_the_same_dataset(tmp_path):
+    def run(name, workers):
+        root = tmp_path / name
+        cfg = compose(
+            f"data.root={root}", *TINY_IMAGES, *FEW, "logger=none", f"data.capture.workers={workers}"
+        )
+        capture.capture(cfg)
+        return root
+
+    a, b = run("inline", 0), run("pool", 2)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
 def test_failed_capture_leaves_the_old_dataset_or_nothing(tmp_path, monkeypatch):
     root = tmp_path / "dataset"
     cfg = compose(f"data.root={root}", *TINY_IMAGES, *FEW, "logger=none")
