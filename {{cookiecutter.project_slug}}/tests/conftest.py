@@ -18,7 +18,13 @@ from hydra import initialize_config_dir
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 
 # 32 px images: the camera of configs/data/synthetic.yaml scaled by 32 / 64.
-TINY_IMAGES = ["data.image_size=32", "data.camera.fx=40", "data.camera.fy=40", "data.camera.cx=15.5", "data.camera.cy=15.5"]
+TINY_IMAGES = [
+    "data.image_size=32",
+    "data.camera.fx=40",
+    "data.camera.fy=40",
+    "data.camera.cx=15.5",
+    "data.camera.cy=15.5",
+]
 
 
 def compose(*overrides):
@@ -33,6 +39,10 @@ def tiny_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_dataset") / "dataset"
     overrides = [f"data.root={root}", *TINY_IMAGES]
-    counts = ["data.capture.num_images.train=16", "data.capture.num_images.val=8", "data.capture.num_images.test=8"]
+    counts = [
+        "data.capture.num_images.train=16",
+        "data.capture.num_images.val=8",
+        "data.capture.num_images.test=8",
+    ]
     capture.capture(compose(*overrides, *counts, "logger=none"))
     return SimpleNamespace(root=Path(root), overrides=overrides)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torchvision
-from conftest import compose
 
+from conftest import compose
 from {{ cookiecutter.package_name }}.pose import geometry
 from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model, initialize
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from conftest import compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.paths import PROJECT_ROOT
-
-from conftest import compose
 
 # A tiny, fast run: 16 training images in batches of 4, one thread so runs are bit-for-bit comparable.
 TINY = [
@@ -33,7 +32,9 @@ def tiny_cfg(tiny_dataset, root, *overrides):
 def run_cli(*overrides, root, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "{{ cookiecutter.package_name }}.training", *overrides, f"paths.root={root}"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
 
 
 def weights(path):
@@ -96,9 +97,12 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tiny_dataset, t
     checkpoint = torch.load(interrupted / "3_training/checkpoints/last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"], checkpoint["batch"]) == (1, 6, 2)
 
-    training.fit(tiny_cfg(tiny_dataset, interrupted, "training.epochs=2", "model.dropout=0.2", "training.resume=true"))
+    training.fit(
+        tiny_cfg(tiny_dataset, interrupted, "training.epochs=2", "model.dropout=0.2", "training.resume=true")
+    )
     assert_same_weights(
-        weights(straight / "3_training/checkpoints/last.pt"), weights(interrupted / "3_training/checkpoints/last.pt")
+        weights(straight / "3_training/checkpoints/last.pt"),
+        weights(interrupted / "3_training/checkpoints/last.pt"),
     )
 
 
@@ -167,3 +171,25 @@ def test_optimizers_and_schedules_build(tiny_dataset, tmp_path, optimizer, sched
         c.optimizer.step()
         c.scheduler.step()
     assert all(group["lr"] >= 0 for group in c.optimizer.param_groups)
+
+
+def test_in_plane_rotation_keeps_image_and_pose_consistent(tiny_dataset):
+    dataset = training.bop.BopDataset(tiny_dataset.root, "train", 1)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(8)])
+    # a bright dot where the object's origin projects; after the augmentation it must sit where the new pose projects it
+    uv = training.geometry.project(torch.zeros(1, 3), batch["R"], batch["t"], batch["K"])[:, 0]
+    images = torch.zeros_like(batch["image"])
+    size = images.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
+    for i, (u, v) in enumerate(uv.tolist()):
+        images[i, 0] = torch.exp(-((xs - u) ** 2 + (ys - v) ** 2) / 2.0)  # centred exactly at (u, v)
+    torch.manual_seed(0)
+    turned = training.rotate_in_plane(batch | {"image": images}, 180)
+    uv_new = training.geometry.project(torch.zeros(1, 3), turned["R"], turned["t"], turned["K"])[:, 0]
+    dot = turned["image"][:, 0]
+    centroid = torch.stack([(dot * xs).sum((1, 2)), (dot * ys).sum((1, 2))], -1) / dot.sum((1, 2))[:, None]
+    inside = ((uv_new > 3) & (uv_new < size - 4)).all(-1)
+    assert inside.sum() >= 4
+    torch.testing.assert_close(centroid[inside], uv_new[inside], atol=0.25, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(turned["R"]), torch.ones(8), atol=1e-5, rtol=0)
+    assert not torch.allclose(turned["R"], batch["R"])

@@ -29,6 +29,7 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from . import tracking
@@ -231,7 +232,7 @@ def build(cfg):
     symmetric = bop.is_symmetric(info)
     points = torch.as_tensor(bop.load_model_points(cfg.data.root, cfg.data.obj_id), dtype=torch.float32)
     criterion = losses.build_criterion(cfg.loss, points, symmetric, image_size=cfg.data.image_size)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(device, memory_format=memory_format(cfg))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp(cfg, device))
@@ -257,8 +258,41 @@ def use_amp(cfg, device):
     return bool(cfg.training.amp) and device.type == "cuda"
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def rotate_in_plane(batch, max_deg):
+    """Augmentation: turn the camera about its optical axis by a random angle in [-max_deg, max_deg].
+
+    The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
+    the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
+    object's orientation per sample, without rendering more images. Corners outside the old image are black.
+    """
+    K = batch["K"]
+    if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
+        raise ValueError("training.augment.rotate_deg needs square pixels (fx = fy, no skew); set it to 0")
+    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
+    cos, sin, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
+    Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
+    # x right, y down: Rz turns the image clockwise on screen, torchvision's angle counts anticlockwise.
+    # torchvision puts pixel centres at i + 0.5, BOP/OpenCV at i: hence the + 0.5 on the principal point.
+    images = torch.stack(
+        [
+            TF.rotate(
+                image, -math.degrees(a), TF.InterpolationMode.BILINEAR, center=[k[0][2] + 0.5, k[1][2] + 0.5]
+            )
+            for image, a, k in zip(batch["image"], angles.tolist(), K.tolist(), strict=True)
+        ]
+    )
+    return batch | {"image": images, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
+
+
+def memory_format(cfg):
+    # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their faster convolution kernels.
+    return torch.channels_last if cfg.training.channels_last else torch.contiguous_format
+
+
+def to_device(batch, device, cfg):
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["image"] = batch["image"].contiguous(memory_format=memory_format(cfg))
+    return batch
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -316,7 +350,9 @@ def train_one_epoch(c, epoch, state, stop, progress):
     t = cfg.training
     amp = use_amp(cfg, c.device)
     for batch in progress:
-        batch = to_device(batch, c.device)
+        batch = to_device(batch, c.device, c.cfg)
+        if t.augment.rotate_deg:
+            batch = rotate_in_plane(batch, t.augment.rotate_deg)
         with torch.autocast(c.device.type, enabled=amp):
             out = model(batch["image"])
         loss, parts = c.criterion({k: v.float() for k, v in out.items()}, batch)
@@ -360,7 +396,7 @@ def validate(c):
     model.eval()
     re, te, loss_sum, n = [], [], 0.0, 0
     for batch in c.val_loader:
-        batch = to_device(batch, c.device)
+        batch = to_device(batch, c.device, c.cfg)
         with torch.autocast(c.device.type, enabled=use_amp(c.cfg, c.device)):
             out = model(batch["image"])
         out = {k: v.float() for k, v in out.items()}
@@ -394,7 +430,7 @@ def prediction_grid(c, n=16):
     """Validation images with the predicted (bright) and true (dark) object axes drawn on them."""
     model = c.model.module if hasattr(c.model, "module") else c.model
     model.eval()
-    batch = to_device(next(iter(DataLoader(c.val_set, batch_size=n))), c.device)
+    batch = to_device(next(iter(DataLoader(c.val_set, batch_size=n))), c.device, c.cfg)
     images = batch["image"]
     R, t = model.decode(model(images), batch["K"], images.shape[-2:])
     axes = torch.cat([torch.zeros(1, 3), torch.eye(3)]).to(c.device) * (0.5 * c.diameter_mm)
