@@ -371,6 +371,10 @@ class BopDataset(torch.utils.data.Dataset):
             self.items = [
                 item[:4] + (K,) + item[5:] for item, (_, K) in zip(self.items, decoded, strict=True)
             ]
+        # labels as float32 tensors once, so an item is a few indexing operations
+        self.R = torch.as_tensor(np.stack([item[5] for item in self.items]), dtype=torch.float32)
+        self.t = torch.as_tensor(np.stack([item[6] for item in self.items]), dtype=torch.float32)
+        self.K = torch.as_tensor(np.stack([item[4] for item in self.items]), dtype=torch.float32)
 
     def _add_scene(self, scene_dir, min_visib_fract, check_depth):
         scene_id = int(scene_dir.name)
@@ -429,16 +433,17 @@ class BopDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        scene_id, im_id, gt_id, path, K, R, t, visib = self.items[index]
+        scene_id, im_id, gt_id, path, _, _, _, visib = self.items[index]
         if self.images is not None:
-            image = self.images[index]  # K was scaled when preloading
+            image, K = self.images[index], self.K[index]  # K was scaled when preloading
         else:
             image, K = self._decode(index)
+            K = torch.as_tensor(K, dtype=torch.float32)
         return {
             "image": image.float().div_(255.0),
-            "K": torch.as_tensor(K, dtype=torch.float32),
-            "R": torch.as_tensor(R, dtype=torch.float32),
-            "t": torch.as_tensor(t, dtype=torch.float32),
+            "K": K.clone(),
+            "R": self.R[index].clone(),
+            "t": self.t[index].clone(),
             "obj_id": self.obj_id,
             "scene_id": scene_id,
             "im_id": im_id,
