@@ -347,7 +347,9 @@ def create_app(
         yield
         log.close()
 
-    app = FastAPI(title="pose estimation service", description=__doc__.split("\n\n")[0], lifespan=lifespan)
+    app = FastAPI(
+        title="pose estimation service", description=(__doc__ or "").split("\n\n")[0], lifespan=lifespan
+    )
     app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
     app.state.predictor = predictor
     app.state.log = log
