@@ -361,6 +361,10 @@ def qa_settings(cfg):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig):
     try:
+        if OmegaConf.is_missing(cfg.data, "root"):
+            raise BopFormatError(
+                "data.root: not set; pass data.root=<BOP dataset root> (the folder with models/)"
+            )
         settings = qa_settings(cfg)
         run = tracking.start_run(cfg, "qa")
         out_dir = Path(cfg.paths.data) / "qa"
