@@ -1,6 +1,7 @@
 """The doctor and its bug zoo: fault injection, the report's contract, and a reduced zoo end to end."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,10 @@ def test_data_faults_do_what_they_say():
     assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
 
     tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
-    z = [float(tr[i]["t"][2]) for i in range(64)]
-    assert z == sorted(z)
+    yaw = [math.atan2(float(tr[i]["R"][1, 0]), float(tr[i]["R"][0, 0])) for i in range(64)]
+    assert yaw == sorted(yaw)
+    loader = torch.utils.data.DataLoader(tr, batch_size=16, shuffle=False)
+    assert probes.order_test(probes.Task(None, None, [], [], target_fn=doctor.pose_target), loader)["p_value"] < 1e-3
 
     _, va = zoo.fault_datasets(fault_cfg("tiny_val", size=5), train, val)
     assert len(va) == 5

@@ -169,6 +169,7 @@ class Doctor:
         self.checks = {}
         self.causes = {}
         self.log = []
+        self.chance = None  # converged input-independent run, set when the model does not learn
 
     def say(self, text):
         self.log.append(text)
@@ -185,8 +186,13 @@ class Doctor:
         """Paired permutation test that the fixed run's validation loss is lower, and by how much. The loss
         only: a part (e.g. translation) can improve just because a fix speeds up learning the mean target."""
         r = probes.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain, parts=False)
+        above_chance = None
+        if self.chance is not None:
+            # "won't go above random": a fix counts only if the fixed model beats the converged chance level
+            above_chance = probes.learning_vs_control(run, self.chance, self.th.alpha, self.th.min_learning_gain)
         return {
-            "helped": r["better"],
+            "helped": r["better"] and (above_chance is None or above_chance["learned"]),
+            "beats_chance": None if above_chance is None else above_chance["learned"],
             "metric": r["metric"],
             "p_value": r["p_value"],
             "gain": r["gain"],
@@ -217,7 +223,9 @@ class Doctor:
         learning = probes.learning_vs_control(base, control, self.th.alpha, self.th.min_learning_gain)
         bounce = probes.bounce_statistics(base, self.th.alpha)
         forgetting = probes.forgetting_statistics(base)
-        slope, p_trend = probes.trend_test(base.val_curve[len(base.val_curve) // 2 :])
+        # the plateau's trend: the training loss per step over the second half (the val curve has too few points)
+        steps = base.step_losses
+        slope, p_trend = probes.trend_test(steps[len(steps) // 2 :])
         self.checks.update(
             learning=learning,
             bounce=bounce,
@@ -232,7 +240,7 @@ class Doctor:
             and forgetting["ratio"] > self.th.forgetting_ratio
             and forgetting["p_value"] < self.th.alpha
         )
-        gain = learning["gain_vs_control"]
+        gain = learning["metrics"].get("loss", {}).get("gain", learning["gain_vs_control"])
         plateau = not no_learning and p_trend >= self.th.trend_alpha and gain < self.th.plateau_gain
         leak = self.checks["shortcut"]["best_single_value_r2"] >= self.th.shortcut_r2
         dup = max(
@@ -254,9 +262,9 @@ class Doctor:
             },
             "plateau": {
                 "present": bool(plateau),
-                "gain_vs_control": gain,
-                "second_half_slope": slope,
-                "second_half_trend_p": p_trend,
+                "loss_gain_vs_control": gain,
+                "second_half_train_slope": slope,
+                "second_half_train_trend_p": p_trend,
             },
         }
         for name, s in self.symptoms.items():
@@ -367,6 +375,21 @@ class Doctor:
             self.checks["lr_range"] = lr
         return self.checks["lr_range"]
 
+    def chance_level(self):
+        """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch):
+        the loss of the best prediction that ignores the input, i.e. "random performance" for this loss."""
+        run = self.train(
+            "chance_level",
+            self.task.replace(optimizer_factory=probes.adam_factory, lr=1e-3, epochs=self.d.longer_epochs),
+            items=zero_inputs,
+        )
+        best = int(np.argmin(run.val_curve)) if run.val_curve else 0
+        if run.val_losses_per_epoch:
+            run.val_losses = run.val_losses_per_epoch[best]
+        run.val_parts = {}
+        self.checks["chance_level"] = {"val_loss": run.val_loss, "best_epoch": best + 1}
+        return run
+
     def probe_training(self):
         """Causes whose diagnostic is "apply the fix and see": each fix is a short run compared with the
         configured one by a paired permutation test on per-sample validation losses."""
@@ -374,6 +397,8 @@ class Doctor:
         bad = s["no_learning"]["present"] or s["loss_bounces"]["present"] or s["plateau"]["present"]
         if not bad:
             return
+        if s["no_learning"]["present"]:
+            self.chance = self.chance_level()
         lr = self.lr_probe()
         valley, suggestion = lr["lr_valley"], lr["suggestion"]
         gns = probes.gradient_noise_scale(
@@ -497,7 +522,7 @@ class Doctor:
         fixed = self.train("longer", t.replace(epochs=longer_epochs))
         effect = self.fix_effect(self.base, fixed)
         fixed_learning = probes.learning_vs_control(
-            fixed, self.control, self.th.alpha, self.th.min_learning_gain
+            fixed, self.chance or self.control, self.th.alpha, self.th.min_learning_gain
         )
         self.add(
             "not_started",
