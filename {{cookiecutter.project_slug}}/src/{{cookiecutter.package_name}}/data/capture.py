@@ -287,11 +287,11 @@ def sample_occluders(rng, cfg_occ, t, near_z, diameter, box_rotation):
     occluders = []
     for i in range(int(rng.integers(1, cfg_occ.max_count + 1))):
         size = rng.uniform(*cfg_occ.size) * diameter
-        # its centre between halfway to the object and just in front of it (never inside it)
+        # its centre between 2/3 of the way to the object and just in front of it (never inside it)
         far = near_z - 0.9 * size  # a box's half diagonal is 0.87 x its edge
         if far <= NEAR_CLIP + size:  # no room (keeps the order sphere, box that render() expects)
             break
-        depth = rng.uniform(max(0.5 * near_z, NEAR_CLIP + size), far)
+        depth = rng.uniform(max(0.65 * near_z, NEAR_CLIP + size), far)
         # aim at a point of the object within ~ its radius from the centre, seen from the camera
         target = t + rng.uniform(-0.4, 0.4, size=3) * diameter
         centre = target * depth / target[2]
