@@ -138,3 +138,20 @@ def test_command_names_a_broken_file(tiny_dataset, tmp_path, monkeypatch, capsys
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "val/000000/scene_camera.json: malformed JSON" in err[0]
+
+
+def test_unknown_object_and_missing_key_are_named(tiny_dataset, tmp_path):
+    root = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset.root, root)
+    path = root / "test/000000/scene_gt.json"
+    gt = json.loads(path.read_text())
+    gt["3"][0]["obj_id"] = 9
+    path.write_text(json.dumps(gt))
+    with pytest.raises(
+        qa.BopFormatError, match=r"scene_gt\.json: image 3 instance 0: obj_id 9 is not in .*models_info"
+    ):
+        qa.run_qa(root, SPLITS, settings())
+    del gt["3"][0]["cam_t_m2c"]
+    path.write_text(json.dumps(gt))
+    with pytest.raises(qa.BopFormatError, match=r"scene_gt\.json: image 3 instance 0 has no \['cam_t_m2c'\]"):
+        qa.run_qa(root, SPLITS, settings())

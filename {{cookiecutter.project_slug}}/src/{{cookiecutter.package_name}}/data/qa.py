@@ -137,7 +137,7 @@ def check_instance(rec, K, size, model, scene_dir, im_id, gt_id, depth_scale, cf
         problems.append(
             ("outside_image", f"object centre projects to ({u:.1f}, {v:.1f}), image {width}x{height}")
         )
-    if problems or model is None:
+    if problems:
         return problems
     cam = model.verts @ R.T + t
     depth_render = rasterize(cam, model.faces, K, height, width)
@@ -214,11 +214,21 @@ def run_qa(root, splits, cfg_qa):
                         image_hashes[digest] = f"{split}/{scene_id:06d}/{im_id:06d}"
                 for gt_id, rec in enumerate(scene_gt[key]):
                     n_instances += 1
-                    obj_id = int(rec.get("obj_id", -1))
-                    if obj_id not in models and obj_id in infos:
+                    missing = [k for k in ("cam_R_m2c", "cam_t_m2c", "obj_id") if k not in rec]
+                    if missing:
+                        raise BopFormatError(
+                            f"{scene_dir / 'scene_gt.json'}: image {key} instance {gt_id} has no {missing}"
+                        )
+                    obj_id = int(rec["obj_id"])
+                    if obj_id not in infos:
+                        raise BopFormatError(
+                            f"{scene_dir / 'scene_gt.json'}: image {key} instance {gt_id}: obj_id {obj_id} is not in "
+                            f"{root / 'models' / 'models_info.json'}"
+                        )
+                    if obj_id not in models:
                         models[obj_id] = Model(root, obj_id, infos[obj_id])
                     problems = check_instance(
-                        rec, cam["cam_K"], size, models.get(obj_id), scene_dir, im_id, gt_id,
+                        rec, cam["cam_K"], size, models[obj_id], scene_dir, im_id, gt_id,
                         float(cam.get("depth_scale", 1.0)), cfg_qa,
                     )  # fmt: skip
                     for check, detail in problems:
