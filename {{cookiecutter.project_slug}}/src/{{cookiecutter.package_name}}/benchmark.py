@@ -20,6 +20,7 @@ Timings are wall-clock on whatever else the machine is doing: the load average i
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,53 +41,68 @@ PACKAGE = __package__
 SRC_DIR = Path(__file__).resolve().parents[1]
 
 
+def child_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_command(module, overrides, log_path):
-    """`python -m <package>.<module> overrides...` -> wall seconds; its output goes to log_path."""
+    """`python -m <package>.<module> overrides...` -> (wall seconds, CPU seconds); its output goes to log_path.
+
+    The CPU seconds (user + system, all threads) do not grow when other programs share the machine, so
+    CPU seconds / cores bounds the wall time this command would take on an idle machine from below.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC_DIR), os.environ.get("PYTHONPATH", "")])}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), child_cpu_seconds()
     result = subprocess.run(
         [sys.executable, "-m", f"{PACKAGE}.{module}", *overrides], env=env, capture_output=True, text=True
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, child_cpu_seconds() - cpu_start
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise RuntimeError(
             f"{module} {' '.join(overrides)} failed (exit {result.returncode}); see {log_path}"
         )
-    return seconds
+    return seconds, cpu_seconds
 
 
 def pipeline(cfg, experiment, passthrough):
     """Capture once, then train + evaluate each experiment on that data; wall seconds and test metrics."""
     bench_dir = Path(cfg.paths.training) / "benchmark"
     experiments = [experiment, *(e for e in cfg.training.benchmark.experiments if e != experiment)]
-    results, data_root, capture_s = {}, None, None
+    results, data_root, capture = {}, None, None
     for experiment in experiments:
         root = bench_dir / experiment
         args = [f"experiment={experiment}", f"paths.root={root}", *passthrough]
         if data_root is None:
             print(f"[{experiment}] capture ...", flush=True)
-            capture_s = run_command("data.capture", args, root / "capture.log")
+            capture = run_command("data.capture", args, root / "capture.log")
             data_root = root / "2_data" / "dataset"
         args.append(f"data.root={data_root}")
         print(f"[{experiment}] train ...", flush=True)
-        train_s = run_command("training", [*args, "training.progress=false"], root / "train.log")
+        train = run_command("training", [*args, "training.progress=false"], root / "train.log")
         print(f"[{experiment}] evaluate ...", flush=True)
-        evaluate_s = run_command("evaluation", args, root / "evaluate.log")
+        evaluate = run_command("evaluation", args, root / "evaluate.log")
         metrics = json.loads((root / "3_training" / "metrics.json").read_text())
         history = torch.load(root / "3_training/checkpoints/last.pt", weights_only=True)["history"]
         results[experiment] = {
-            "capture_s": capture_s,
-            "train_s": train_s,
-            "evaluate_s": evaluate_s,
-            "total_s": capture_s + train_s + evaluate_s,
+            "capture_s": capture[0],
+            "train_s": train[0],
+            "evaluate_s": evaluate[0],
+            "total_s": capture[0] + train[0] + evaluate[0],
+            "capture_cpu_s": capture[1],
+            "train_cpu_s": train[1],
+            "evaluate_cpu_s": evaluate[1],
+            "total_cpu_s": capture[1] + train[1] + evaluate[1],
             "train_images_per_s": statistics.median(h["train/images_per_s"] for h in history),
             **{
                 k: metrics[k] for k in ("re_deg_median", "te_cm_median", "add_s_01d", "acc_5deg5cm", "n_test")
             },
         }
-        print(f"[{experiment}] {results[experiment]}", flush=True)
+        r = results[experiment]
+        print(f"[{experiment}] capture+train+evaluate {r['total_s']:.0f} s wall ({r['total_cpu_s']:.0f} CPU s): "
+              f"re {r['re_deg_median']:.2f} deg, te {r['te_cm_median']:.2f} cm (medians)", flush=True)  # fmt: skip
     return results, data_root
 
 
@@ -129,6 +145,8 @@ def loader_only(c, n):
 
 def throughput(cfg):
     b = cfg.training.benchmark
+    with open_dict(cfg):  # the LR schedule must outlast every measured step
+        cfg.training.epochs = 1_000_000
     c = training.build(cfg)
     steps = min(b.steps, len(c.train_loader))
     bare_loop(c, b.warmup_steps)  # first steps pay for allocations and kernel selection
@@ -173,6 +191,10 @@ def print_table(result, targets):
             print(f"{name:<12}{r['capture_s']:>10.0f}{r['train_s']:>9.0f}{r['evaluate_s']:>8.0f}{r['total_s']:>9.0f}"
                   f"{r['train_images_per_s']:>7.0f}{r['re_deg_median']:>9.2f}{r['te_cm_median']:>10.2f}"
                   f"{r['add_s_01d']:>9.3f}{r['acc_5deg5cm']:>7.3f}")  # fmt: skip
+        for name, r in runs.items():
+            print(f"{name:<12}{r['capture_cpu_s']:>10.0f}{r['train_cpu_s']:>9.0f}{r['evaluate_cpu_s']:>8.0f}"
+                  f"{r['total_cpu_s']:>9.0f}   <- CPU seconds (all cores); / {os.cpu_count()} cores = "
+                  f"{r['total_cpu_s'] / os.cpu_count():.0f} s")  # fmt: skip
         print("(the capture is shared: every experiment trains on the same images)")
     t = result["throughput"]
     print("\n== training loop and loader (images/s, same model, data and batch size) ==")

@@ -149,11 +149,56 @@ class Components:
     diameter_mm: float
 
 
+def rotate_in_plane(batch, max_deg):
+    """Augmentation: turn the camera about its optical axis by a random angle in [-max_deg, max_deg].
+
+    The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
+    the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
+    object's orientation per sample, without rendering more images. Corners outside the old image are black.
+    `batch` holds image [B,3,H,W], K, R, t; the random angles come from torch's global generator.
+    """
+    K = batch["K"]
+    if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
+        raise ValueError("training.augment.rotate_deg needs square pixels (fx = fy, no skew); set it to 0")
+    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
+    cos, sin, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
+    Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
+    # x right, y down: Rz turns the image clockwise on screen, torchvision's angle counts anticlockwise.
+    # torchvision puts pixel centres at i + 0.5, BOP/OpenCV at i: hence the + 0.5 on the principal point.
+    images = torch.stack(
+        [
+            TF.rotate(
+                image, -math.degrees(a), TF.InterpolationMode.BILINEAR, center=[k[0][2] + 0.5, k[1][2] + 0.5]
+            )
+            for image, a, k in zip(batch["image"], angles.tolist(), K.tolist(), strict=True)
+        ]
+    )
+    return batch | {"image": images, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
+
+
+class RotateInPlane(torch.utils.data.Dataset):
+    """A training set seen through `rotate_in_plane`: every item at a fresh random camera roll."""
+
+    def __init__(self, dataset, max_deg):
+        self.dataset, self.max_deg = dataset, max_deg
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        one = {k: torch.as_tensor(item[k])[None] for k in ("image", "K", "R", "t")}
+        turned = rotate_in_plane(one, self.max_deg)
+        return item | {k: turned[k][0] for k in ("image", "R", "t")}
+
+
 def build_datasets(cfg):
     d = cfg.data
     args = dict(image_size=d.image_size, preload=d.preload, min_visib_fract=d.min_visib_fract)
     train_set = bop.BopDataset(d.root, d.splits.train, d.obj_id, **args)
     val_set = bop.BopDataset(d.root, d.splits.val, d.obj_id, **args)
+    if cfg.training.augment.rotate_deg:
+        train_set = RotateInPlane(train_set, cfg.training.augment.rotate_deg)
     return train_set, val_set
 
 
@@ -258,32 +303,6 @@ def use_amp(cfg, device):
     return bool(cfg.training.amp) and device.type == "cuda"
 
 
-def rotate_in_plane(batch, max_deg):
-    """Augmentation: turn the camera about its optical axis by a random angle in [-max_deg, max_deg].
-
-    The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
-    the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
-    object's orientation per sample, without rendering more images. Corners outside the old image are black.
-    """
-    K = batch["K"]
-    if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
-        raise ValueError("training.augment.rotate_deg needs square pixels (fx = fy, no skew); set it to 0")
-    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
-    cos, sin, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
-    Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
-    # x right, y down: Rz turns the image clockwise on screen, torchvision's angle counts anticlockwise.
-    # torchvision puts pixel centres at i + 0.5, BOP/OpenCV at i: hence the + 0.5 on the principal point.
-    images = torch.stack(
-        [
-            TF.rotate(
-                image, -math.degrees(a), TF.InterpolationMode.BILINEAR, center=[k[0][2] + 0.5, k[1][2] + 0.5]
-            )
-            for image, a, k in zip(batch["image"], angles.tolist(), K.tolist(), strict=True)
-        ]
-    )
-    return batch | {"image": images, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
-
-
 def memory_format(cfg):
     # channels_last lets oneDNN (CPU) and cuDNN (GPU) pick their faster convolution kernels.
     return torch.channels_last if cfg.training.channels_last else torch.contiguous_format
@@ -351,8 +370,6 @@ def train_one_epoch(c, epoch, state, stop, progress):
     amp = use_amp(cfg, c.device)
     for batch in progress:
         batch = to_device(batch, c.device, c.cfg)
-        if t.augment.rotate_deg:
-            batch = rotate_in_plane(batch, t.augment.rotate_deg)
         with torch.autocast(c.device.type, enabled=amp):
             out = model(batch["image"])
         loss, parts = c.criterion({k: v.float() for k, v in out.items()}, batch)
