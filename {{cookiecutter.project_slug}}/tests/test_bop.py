@@ -205,3 +205,20 @@ def test_ascii_ply(tmp_path):
     vertices, faces, colors = bop.read_ply(path)
     assert vertices.tolist() == [[0, 0, 0], [10, 0, 0], [0, 10, 0]]
     assert faces.tolist() == [[0, 1, 2]] and colors is None
+
+
+def test_binary_ply_with_quads_and_texcoords(tmp_path):
+    """Mixed polygon sizes and a second list property per face (as in textured exports): fan triangulation."""
+    header = (
+        "ply\nformat binary_big_endian 1.0\nelement vertex 5\nproperty float x\nproperty float y\nproperty float z\n"
+        "element face 2\nproperty list uchar int vertex_indices\nproperty list uchar float texcoord\nend_header\n"
+    )
+    vertices = np.array([[0, 0, 0], [10, 0, 0], [10, 10, 0], [0, 10, 0], [5, 5, 5]], ">f4")
+    quad = np.array([4], ">u1").tobytes() + np.array([0, 1, 2, 3], ">i4").tobytes() + b"\x00"
+    triangle = np.array([3], ">u1").tobytes() + np.array([0, 1, 4], ">i4").tobytes()
+    triangle += np.array([2], ">u1").tobytes() + np.array([0.5, 0.5], ">f4").tobytes()
+    path = tmp_path / "obj_000001.ply"
+    path.write_bytes(header.encode() + vertices.tobytes() + quad + triangle)
+    read_vertices, faces, _ = bop.read_ply(path)
+    assert np.array_equal(read_vertices, vertices.astype(float))
+    assert faces.tolist() == [[0, 1, 2], [0, 2, 3], [0, 1, 4]]

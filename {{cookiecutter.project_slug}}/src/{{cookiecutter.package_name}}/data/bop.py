@@ -106,6 +106,32 @@ _PLY_TYPES = {
 }  # fmt: skip
 
 
+def _binary_lists(data, pos, count, props, order):
+    """Rows of a binary PLY element that has list properties: ({property: array or list of lists}, end)."""
+    if len(props) == 1 and count:
+        # The usual face element, one list: read it as one array when every polygon has the same size.
+        p, (_, len_t, item_t) = props[0]
+        k = int(np.frombuffer(data, dtype=order + len_t, count=1, offset=pos)[0])
+        record = np.dtype([("n", order + len_t), ("v", order + item_t, (k,))])
+        if len(data) >= pos + record.itemsize * count:
+            table = np.frombuffer(data, dtype=record, count=count, offset=pos)
+            if np.all(table["n"] == k):
+                return {p: table["v"]}, pos + record.itemsize * count
+    columns = {p: [] for p, _ in props}
+    for _ in range(count):
+        for p, t in props:
+            if isinstance(t, tuple):
+                _, len_t, item_t = t
+                n = int(np.frombuffer(data, dtype=order + len_t, count=1, offset=pos)[0])
+                pos += np.dtype(len_t).itemsize
+                columns[p].append(np.frombuffer(data, dtype=order + item_t, count=n, offset=pos).tolist())
+                pos += np.dtype(item_t).itemsize * n
+            else:
+                columns[p].append(np.frombuffer(data, dtype=order + t, count=1, offset=pos)[0])
+                pos += np.dtype(t).itemsize
+    return columns, pos
+
+
 def read_ply(path):
     """Vertices (N,3) float64, faces (F,3) int64 (triangles only) and vertex colours (N,3) uint8 or None.
 
@@ -154,7 +180,7 @@ def read_ply(path):
                         for p, t in props:
                             if isinstance(t, tuple):
                                 k = int(tokens[pos])
-                                row[p] = [int(v) for v in tokens[pos + 1 : pos + 1 + k]]
+                                row[p] = [float(v) for v in tokens[pos + 1 : pos + 1 + k]]
                                 pos += 1 + k
                             else:
                                 row[p] = float(tokens[pos])
@@ -170,18 +196,8 @@ def read_ply(path):
                     table = np.frombuffer(data, dtype=dtype, count=count, offset=pos)
                     pos += dtype.itemsize * count
                     parsed[name] = {p: table[p] for p, _ in props}
-                elif len(props) == 1 and count:
-                    # The common face element: one list property; fast path when all lists are triangles.
-                    p, (_, len_t, item_t) = props[0]
-                    k = int(np.frombuffer(data, dtype=order + len_t, count=1, offset=pos)[0])
-                    rec = np.dtype([("n", order + len_t), ("v", order + item_t, (k,))])
-                    table = np.frombuffer(data, dtype=rec, count=count, offset=pos)
-                    if not np.all(table["n"] == k):
-                        raise BopFormatError(f"{path}: mixed polygon sizes are not supported")
-                    pos += rec.itemsize * count
-                    parsed[name] = {p: table["v"]}
                 else:
-                    raise BopFormatError(f"{path}: element '{name}' mixes list and scalar properties")
+                    parsed[name], pos = _binary_lists(data, pos, count, props, order)
     except (ValueError, IndexError) as e:
         raise BopFormatError(f"{path}: truncated or corrupt PLY body ({e})") from e
     vertex = parsed.get("vertex")
@@ -194,16 +210,21 @@ def read_ply(path):
     if all(k in vertex for k in ("red", "green", "blue")):
         colors = np.stack([np.asarray(vertex[k]) for k in ("red", "green", "blue")], axis=1).astype(np.uint8)
     faces = np.zeros((0, 3), dtype=np.int64)
-    face = parsed.get("face")
-    if face:
-        lists = face.get("vertex_indices", face.get("vertex_index"))
-        if lists is not None:
-            faces = np.asarray(
-                lists if isinstance(lists, np.ndarray) else [f[:3] for f in lists], dtype=np.int64
-            )
-            faces = faces.reshape(-1, faces.shape[-1])[:, :3] if faces.size else np.zeros((0, 3), np.int64)
-            if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
-                raise BopFormatError(f"{path}: face indices out of range")
+    face = parsed.get("face") or {}
+    polygons = face.get("vertex_indices", face.get("vertex_index"))
+    if polygons is not None and len(polygons):
+        if isinstance(polygons, np.ndarray):  # all of one size
+            polygons = polygons.astype(np.int64)
+            fans = [polygons[:, [0, i, i + 1]] for i in range(1, polygons.shape[1] - 1)]
+        else:  # mixed sizes: triangulate each polygon as a fan
+            fans = [
+                np.array(
+                    [[poly[0], poly[i], poly[i + 1]] for poly in polygons for i in range(1, len(poly) - 1)]
+                )
+            ]
+        faces = np.concatenate(fans).astype(np.int64).reshape(-1, 3)
+        if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
+            raise BopFormatError(f"{path}: face indices out of range")
     return vertices, faces, colors
 
 
