@@ -3,6 +3,7 @@
     python -m <package>.data.capture                                  # 2_data/dataset/ (configs/data/synthetic.yaml)
     python -m <package>.data.capture data.capture.num_images.train=64 # fewer images
     python -m <package>.data.capture data.obj_id=2                    # the symmetric object
+    python -m <package>.data.capture data.capture.workers=8           # 8 render processes (default: 1 per core)
 
 Mitsuba 3 (variant scalar_rgb: CPU, no GPU, no OpenGL) renders each image twice: the colour image with
 `spp` random samples per pixel, and the labels (depth, masks) with one ray through each pixel centre, so
