@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torchvision
 from hydra.errors import ConfigCompositionException
 
 from conftest import compose
@@ -193,3 +194,14 @@ def test_in_plane_rotation_keeps_image_and_pose_consistent(tiny_dataset):
     torch.testing.assert_close(centroid[inside], uv_new[inside], atol=0.25, rtol=0)
     torch.testing.assert_close(torch.linalg.det(turned["R"]), torch.ones(8), atol=1e-5, rtol=0)
     assert not torch.allclose(turned["R"], batch["R"])
+
+
+def test_prediction_grid_draws_axes_on_validation_images(tiny_dataset, tmp_path):
+    c = training.build(tiny_cfg(tiny_dataset, tmp_path))
+    grid = training.prediction_grid(c, n=4)
+    assert grid.dtype == torch.uint8 and grid.shape[0] == 3
+    plain = torch.utils.data.default_collate([c.val_set[i] for i in range(4)])["image"]
+    undrawn = torchvision.utils.make_grid(list((plain * 255).to(torch.uint8)), nrow=2, padding=2)
+    assert grid.shape == undrawn.shape  # 2 x 2 tiles
+    changed = (grid != undrawn).any(0)
+    assert 0 < changed.float().mean() < 0.5  # axes drawn over the images, the images still there
