@@ -74,8 +74,8 @@ def test_data_faults_do_what_they_say():
     _, va = zoo.fault_datasets(fault_cfg("val_in_train"), train, val)
     dup = probes.duplicates({"train": [train[i] for i in range(64)], "val": [va[i] for i in range(len(va))]})
     assert dup["train/val"]["shared"] == 40
-    tr, _ = zoo.fault_datasets(fault_cfg("divided_twice"), train, val)
-    assert float(tr[0]["image"].max()) <= 1 / 255 + 1e-6
+    tr, _ = zoo.fault_datasets(fault_cfg("black_level"), train, val)
+    assert float(tr[0]["image"].min()) >= 1000.0
 
 
 def test_model_faults_are_caught_by_the_backprop_checks():

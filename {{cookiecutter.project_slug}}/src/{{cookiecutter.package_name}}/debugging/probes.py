@@ -19,6 +19,7 @@ Statistics are written with numpy on purpose (no scipy dependency): paired sign-
 permutation tests for trends, percentile bootstrap CIs and the Wald-Wolfowitz runs test (normal approx.).
 """
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -520,14 +521,25 @@ def order_test(task, loader=None, n=None):
     y = torch.cat(ys)[:n].numpy().astype(np.float64)
     y = y[:, y.std(0) > 0]
     if y.shape[1] == 0 or len(y) < 4:
-        return {"runs_z": 0.0, "p_value": 1.0, "lag1_autocorrelation": 0.0, "component": None, "n": int(len(y))}
+        return {
+            "runs_z": 0.0,
+            "p_value": 1.0,
+            "lag1_autocorrelation": 0.0,
+            "component": None,
+            "n": int(len(y)),
+        }
     tests = [runs_test(y[:, k]) for k in range(y.shape[1])]
     k = int(np.argmin([p for _, p in tests]))
     z, p = tests[k]
     s = y[:, k]
     lag1 = float(np.corrcoef(s[:-1], s[1:])[0, 1]) if len(s) > 2 else 0.0
-    return {"runs_z": z, "p_value": min(1.0, p * y.shape[1]), "lag1_autocorrelation": lag1, "component": k,
-            "n": int(len(y))}
+    return {
+        "runs_z": z,
+        "p_value": min(1.0, p * y.shape[1]),
+        "lag1_autocorrelation": lag1,
+        "component": k,
+        "n": int(len(y)),
+    }
 
 
 def _hash(x):
@@ -667,6 +679,17 @@ def batch_dependency(model, batch, forward=None, input_key="image", train_mode=F
         "other_gradient": other,
         "ratio": other / own if own > 0 else math.inf if other else 0.0,
     }
+
+
+def he_initialized(model):
+    """A copy of `model` with He-normal (fan-in, ReLU gain) conv/linear weights and zero biases."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
 
 
 def init_statistics(model, batch, criterion, forward=None, input_key="image"):

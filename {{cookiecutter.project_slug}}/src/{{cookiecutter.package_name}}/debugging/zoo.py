@@ -13,7 +13,7 @@ live here instead of in training.py. `training.build` passes its Components thro
     batch_mixing       a reshape bug mixes the images of a batch before the network sees them (implementation_bug)
     ignores_input      a bug overwrites the images with zeros inside the forward pass         (implementation_bug)
     raw_pixels         images arrive as 0..255 floats (uint8 never divided by 255)            (poor_input_features)
-    divided_twice      images divided by 255 twice: values in 0..0.004                        (poor_input_features)
+    black_level        a constant 1000 added to every pixel (a sensor black level never subtracted) (poor_input_features)
 """
 
 import dataclasses
@@ -31,7 +31,7 @@ FAULTS = (
     "batch_mixing",
     "ignores_input",
     "raw_pixels",
-    "divided_twice",
+    "black_level",
 )
 
 
@@ -115,9 +115,9 @@ def sorted_by_target(dataset):
     return Mapped(dataset, index=np.argsort(yaw, kind="stable"))
 
 
-def scaled_pixels(dataset, factor):
+def scaled_pixels(dataset, factor=1.0, offset=0.0):
     def fn(i, item):
-        item["image"] = item["image"] * factor
+        item["image"] = item["image"] * factor + offset
         return item
 
     return Mapped(dataset, fn=fn)
@@ -140,9 +140,9 @@ def fault_datasets(cfg, train_set, val_set):
         return sorted_by_target(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
-    if fault in ("raw_pixels", "divided_twice"):
-        factor = 255.0 if fault == "raw_pixels" else 1 / 255.0
-        return scaled_pixels(train_set, factor), scaled_pixels(val_set, factor)
+    if fault in ("raw_pixels", "black_level"):
+        factor, offset = (255.0, 0.0) if fault == "raw_pixels" else (1.0, 1000.0)
+        return scaled_pixels(train_set, factor, offset), scaled_pixels(val_set, factor, offset)
     return train_set, val_set
 
 
