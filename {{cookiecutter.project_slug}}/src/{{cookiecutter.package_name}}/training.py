@@ -38,6 +38,7 @@ from .debugging import zoo
 from .files import atomic_path
 from .paths import CONFIG_DIR
 from .pose import geometry, losses
+from .pose import metrics as pose_metrics
 from .pose.model import PoseEstimator, build_model
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -419,8 +420,11 @@ def validate(c):
         out = {k: v.float() for k, v in out.items()}
         loss, _ = c.criterion(out, batch)
         R, t = model.decode(out, batch["K"], batch["image"].shape[-2:])
-        re.append(geometry.geodesic_angle_deg(R, batch["R"]))
-        te.append((t - batch["t"]).norm(dim=-1) / 10.0)
+        # the same error definitions as the test-set evaluation (bop_toolkit's re and te)
+        re.append(torch.as_tensor(pose_metrics.rotation_error_deg(R, batch["R"]), dtype=torch.float32))
+        te.append(
+            torch.as_tensor(pose_metrics.translation_error_mm(t, batch["t"]) / 10.0, dtype=torch.float32)
+        )
         loss_sum += loss.item() * len(R)
         n += len(R)
     re, te, totals = torch.cat(re), torch.cat(te), torch.tensor([loss_sum, n], dtype=torch.float64)
