@@ -870,14 +870,8 @@ class Standardize(nn.Module):
         super().__init__()
         self.model = model
         shape = (1, -1) + (1,) * (input_ndim - 2)
-        self.register_buffer("mean", torch.as_tensor(mean).float().reshape(shape))
-        self.register_buffer("std", torch.as_tensor(std).float().clamp_min(1e-6).reshape(shape))
+        self.register_buffer("input_mean", torch.as_tensor(mean).float().reshape(shape))
+        self.register_buffer("input_std", torch.as_tensor(std).float().clamp_min(1e-6).reshape(shape))
 
     def forward(self, x):
-        return self.model((x - self.mean) / self.std)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)
+        return self.model((x - self.input_mean) / self.input_std)
