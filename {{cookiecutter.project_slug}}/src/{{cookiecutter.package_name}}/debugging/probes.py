@@ -146,6 +146,7 @@ class Task:
     batch_size: int = 32
     shuffle: bool = True
     epochs: int = 5
+    max_steps: int | None = None  # whole epochs are cut so that a run takes at most this many steps
     grad_clip: float | None = None
     input_key: str = "image"
     target_fn: object = default_target  # batch -> [B, k] float targets (order and shortcut probes)
@@ -331,6 +332,8 @@ def train(
     optimizer = (optimizer_factory or task.optimizer_factory)(model, lr)
     loader = task.loader(train_items, batch_size, shuffle, seed)
     epochs = task.epochs if epochs is None else epochs
+    if task.max_steps:
+        epochs = max(1, min(epochs, task.max_steps // max(1, len(loader))))
     steps, per_epoch, val_curve, val_per_epoch, forgetting = [], [], [], [], []
     diverged = False
     for _epoch in range(epochs):
