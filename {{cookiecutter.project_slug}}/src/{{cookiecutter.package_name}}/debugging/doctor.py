@@ -465,7 +465,7 @@ class Doctor:
                 "curves.png",
             )
 
-        if s["no_learning"]["present"]:
+        if s["no_learning"]["present"] or s["plateau"]["present"]:
             self.probe_no_learning(user)
         self.probe_plateau(user)
 
