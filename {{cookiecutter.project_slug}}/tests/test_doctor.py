@@ -67,7 +67,8 @@ def test_data_faults_do_what_they_say():
     yaw = [math.atan2(float(tr[i]["R"][1, 0]), float(tr[i]["R"][0, 0])) for i in range(64)]
     assert yaw == sorted(yaw)
     loader = torch.utils.data.DataLoader(tr, batch_size=16, shuffle=False)
-    assert probes.order_test(probes.Task(None, None, [], [], target_fn=doctor.pose_target), loader)["p_value"] < 1e-3
+    order = probes.order_test(probes.Task(None, None, [], [], target_fn=doctor.pose_target), loader)
+    assert order["p_value"] < 1e-3
 
     _, va = zoo.fault_datasets(fault_cfg("tiny_val", size=5), train, val)
     assert len(va) == 5
