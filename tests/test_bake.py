@@ -1,5 +1,6 @@
 """Bake the default and an option matrix; check that every variant is complete, rendered and consistent."""
 
+import ast
 import json
 import py_compile
 import re
@@ -209,3 +210,34 @@ def test_git_repository_with_initial_commit(baked):
     if chosen["use_dvc"] == "yes":
         config = (project / ".dvc/config").read_text()
         assert "remote = local" in config and "dvc-storage" in config
+
+
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "hydra": "hydra-core", "drjit": "mitsuba"}
+
+
+def test_every_import_is_a_declared_dependency(baked):
+    """A fresh `pip install -e '.[dev]'` must bring every module the project's code and tests import."""
+    project, chosen = baked
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    declared = pyproject["dependencies"] + [
+        d for extra in pyproject["optional-dependencies"].values() for d in extra
+    ]
+    declared = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in declared}
+    local = {p.name for p in (project / "src").iterdir()} | {"conftest"}
+    # tracking.py imports wandb only when logger=wandb, a config that exists only with use_wandb=yes
+    optional = {"wandb"} if chosen["use_wandb"] == "no" else set()
+    missing = set()
+    for path in [*project.glob("src/**/*.py"), *project.glob("tests/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names}:
+                if top in sys.stdlib_module_names or top in local or top in optional:
+                    continue
+                if DISTRIBUTION.get(top, top).lower().replace("_", "-") not in declared:
+                    missing.add(f"{top} ({path.relative_to(project)})")
+    assert not missing, sorted(missing)
