@@ -213,7 +213,7 @@ def print_table(result, targets):
 def benchmark(cfg, experiment="default", passthrough=()):
     """Run the benchmark for `experiment` (the config `cfg` was composed with); returns what it writes."""
     b = cfg.training.benchmark
-    result = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    result = {"machine": {"cpus": os.cpu_count(), "torch_threads": cfg.training.threads or torch.get_num_threads(),
                           "load_before": [round(x, 2) for x in os.getloadavg()]}}  # fmt: skip
     if b.pipeline:
         result["pipeline"], data_root = pipeline(cfg, experiment, list(passthrough))
