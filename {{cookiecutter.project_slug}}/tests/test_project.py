@@ -30,11 +30,12 @@ def test_every_stage_folder_has_a_checklist():
 
 
 @pytest.mark.parametrize("target, module", make_commands())
-def test_make_target_runs_an_existing_hydra_app(target, module):
+def test_make_target_runs_a_module_composing_the_config_tree(target, module):
     spec = importlib.util.find_spec(f"{{ cookiecutter.package_name }}.{module}")
     assert spec is not None, f"make {target}: module {module} not found"
     source = Path(spec.origin).read_text()
-    assert "hydra.main" in source and "def main" in source, f"make {target}: {module} is not a Hydra app"
+    composes = "hydra.main" in source or "initialize_config_dir" in source
+    assert composes and "def main" in source, f"make {target}: {module} does not compose configs/"
 
 
 def test_checklists_name_only_existing_commands():
