@@ -164,7 +164,7 @@ def test_readme_commands_exist(baked):
         (path.relative_to(project), target)
         for path, text in text_files(project)
         if path.suffix == ".md"
-        for target in re.findall(r"\bmake ([a-z][a-z0-9-]*)", text)
+        for target in re.findall(r"(?:`|^\s*)make ([a-z][a-z0-9-]*)", text, flags=re.M)
     }
     dead = sorted(f"{where}: make {target}" for where, target in named if target not in targets)
     assert not dead, dead
