@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 from {{ cookiecutter.package_name }} import evaluation
 from {{ cookiecutter.package_name }}.pose import metrics
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 HALF_EXTENTS = np.array([20.0, 30.0, 40.0])
 N_IMAGES, SIZE, SHADE = 6, 32, 20
 K = np.array([[40.0, 0.0, 15.5], [0.0, 40.0, 15.5], [0.0, 0.0, 1.0]])

@@ -178,7 +178,7 @@ def test_weights_scale_the_terms():
 def test_shipped_configs_build(tmp_path):
     from pathlib import Path
 
-    config_dir = Path(__file__).resolve().parents[1] / "configs" / "loss"
+    config_dir = Path(__file__).resolve().parents[2] / "configs" / "loss"
     names = sorted(p.stem for p in config_dir.glob("*.yaml"))
     assert names == sorted(losses.LOSSES)
     for path in config_dir.glob("*.yaml"):
