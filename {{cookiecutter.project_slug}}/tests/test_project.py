@@ -16,7 +16,9 @@ STAGE_FOLDERS = ["1_planning", "2_data", "3_training", "4_debugging", "5_deploym
 
 def make_commands():
     """(target, module) for every Make target that runs `python -m $(PKG).<module>`."""
-    return re.findall(r"^([a-z-]+):.*\n(?:\t.*\n)*?\t\$\(PYTHON\) -m \$\(PKG\)\.([\w.]+)", MAKEFILE, flags=re.M)
+    return re.findall(
+        r"^([a-z-]+):.*\n(?:\t.*\n)*?\t\$\(PYTHON\) -m \$\(PKG\)\.([\w.]+)", MAKEFILE, flags=re.M
+    )
 
 
 def experiments():
