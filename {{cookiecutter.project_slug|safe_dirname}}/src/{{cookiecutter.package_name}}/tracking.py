@@ -20,7 +20,7 @@ class Run:
     def log_image(self, key, image, caption=None):
         pass
 
-    def log_table(self, key, dataframe_rows, columns):
+    def log_table(self, key, rows, columns):
         pass
 
     def finish(self):
@@ -51,8 +51,8 @@ class WandbRun(Run):
     def log_image(self, key, image, caption=None):
         self.run.log({key: self.wandb.Image(image, caption=caption)})
 
-    def log_table(self, key, dataframe_rows, columns):
-        self.run.log({key: self.wandb.Table(columns=columns, data=dataframe_rows)})
+    def log_table(self, key, rows, columns):
+        self.run.log({key: self.wandb.Table(columns=columns, data=rows)})
 
     def finish(self):
         self.run.finish()

@@ -27,7 +27,6 @@ import contextlib
 import io
 import subprocess
 import sys
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -241,9 +240,8 @@ def run_export(cfg):
     torch.set_num_threads(int(d.intra_op_threads))
     onnx_path = Path(d.onnx)
     out_dir = Path(cfg.paths.deployment)
-    # export and check into a temp folder first: a model that fails parity never replaces the old one
-    with tempfile.TemporaryDirectory(dir=out_dir if out_dir.is_dir() else None) as tmp:
-        candidate = Path(tmp) / onnx_path.name
+    # export and check under a temp name beside the target: a model that fails parity never replaces the old one
+    with atomic_path(onnx_path) as candidate:
         export_onnx(estimator, candidate, input_size, d.opset, metadata)
         check = parity(
             estimator, candidate, images, K, d.parity.atol_R, d.parity.atol_t_mm, d.intra_op_threads
@@ -259,8 +257,6 @@ def run_export(cfg):
             graph_optimization=d.graph_optimization,
             allow_spinning=d.allow_spinning,
         )
-        with atomic_path(onnx_path) as final:
-            final.write_bytes(candidate.read_bytes())
     report = {
         "onnx": str(onnx_path),
         "opset": int(d.opset),
