@@ -5,9 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import compose
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR, PROJECT_ROOT
 
 MAKEFILE = (PROJECT_ROOT / "Makefile").read_text()
@@ -49,8 +49,7 @@ def test_checklists_name_only_existing_commands():
 
 @pytest.mark.parametrize("experiment", experiments())
 def test_config_tree_composes(experiment):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
+    cfg = compose(f"experiment={experiment}")
     OmegaConf.resolve(cfg)
     for stage in ("planning", "data", "training", "debugging", "deployment", "metric_review"):
         assert cfg.paths[stage].endswith(stage), stage
