@@ -111,14 +111,17 @@ def batches(loader, n):
 
 
 def bare_loop(c, n):
-    """The minimal loop: what any PyTorch training step has to do, nothing else."""
+    """The minimal loop: what any PyTorch training step has to do, nothing else (in the same precision)."""
     model, optimizer = c.model, c.optimizer
     model.train()
+    amp = training.use_amp(c.cfg, c.device)
     images = 0
     start = time.perf_counter()
     for batch in batches(c.train_loader, n):
         batch = training.to_device(batch, c.device, c.cfg)
-        loss, _ = c.criterion(model(batch["image"]), batch)
+        with torch.autocast(c.device.type, enabled=amp):
+            out = model(batch["image"])
+        loss, _ = c.criterion({k: v.float() for k, v in out.items()}, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
