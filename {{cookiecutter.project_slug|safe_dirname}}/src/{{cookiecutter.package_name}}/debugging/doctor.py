@@ -550,19 +550,30 @@ class Doctor:
         fixed_learning = probes.learning_vs_control(
             fixed, self.chance or self.control, self.th.alpha, self.th.min_learning_gain
         )
+        self.checks["longer_learns"] = fixed_learning["learned"]
+        # Training longer helps any run the doctor cut short. It implicates the configured schedule only when
+        # the screen ran all of it; otherwise the short schedule was the doctor's own budget.
+        whole = len(self.base.val_curve) >= int(user.training.epochs)
         self.add(
             "not_started",
-            effect["helped"] and fixed_learning["learned"],
+            whole and effect["helped"] and fixed_learning["learned"],
             effect["gain"],
             {
                 "trend": {"slope_per_epoch": slope, "p_value": p_trend},
                 "longer_fix": effect,
                 "epochs": [t.epochs, longer_epochs],
+                "screen_ran_whole_schedule": whole,
             },
             f"training.epochs={max(user.training.epochs * 3, longer_epochs)}",
             f"Over the configured {t.epochs} epoch(s) the val loss trend is {slope:+.3g}/epoch (p = {p_trend:.3g}); "
             f"{longer_epochs} epochs: {_effect(effect)}, and "
-            f"{'do' if fixed_learning['learned'] else 'do not'} beat the input-independent control.",
+            f"{'do' if fixed_learning['learned'] else 'do not'} beat the input-independent control"
+            + (
+                "."
+                if whole
+                else f" (the screen ran {len(self.base.val_curve)} of the configured {user.training.epochs} "
+                "epochs, so this does not implicate the schedule)."
+            ),
             "curves.png",
         )
         # implementation bug: can it overfit a small subset?
@@ -642,6 +653,8 @@ class Doctor:
                 "overfit.png",
             )
             return
+        if self.checks.get("longer_learns"):
+            return  # it beats the control when trained longer: slow within the doctor's budget, not unsolvable
         vs = self.checks.get("vs_shuffled_targets", {})
         self.add(
             "unsolvable",
