@@ -186,9 +186,13 @@ def rotate_in_plane(batch, max_deg):
     return batch | {"image": turned, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
 
 
-def collate_rotated(items, max_deg):
-    """The training loader's collate: stack the samples, then `rotate_in_plane` the whole batch at once."""
-    return rotate_in_plane(torch.utils.data.default_collate(items), max_deg)
+def collate(items, max_deg=0, transform=None):
+    """The loaders' collate: stack the samples, `rotate_in_plane` the whole batch at once (max_deg > 0),
+    then `transform` it (the bug zoo's faults in what the network sees, debugging/zoo.py)."""
+    batch = torch.utils.data.default_collate(items)
+    if max_deg:
+        batch = rotate_in_plane(batch, max_deg)
+    return transform(batch) if transform else batch
 
 
 def build_datasets(cfg):
@@ -199,7 +203,7 @@ def build_datasets(cfg):
     return train_set, val_set
 
 
-def build_loaders(cfg, train_set, val_set):
+def build_loaders(cfg, train_set, val_set, batch_transform=None):
     t = cfg.training
     rank, world = rank_and_world()
     if t.batch_size % world:
@@ -209,20 +213,21 @@ def build_loaders(cfg, train_set, val_set):
     if t.num_workers > 0:
         loader_args |= dict(worker_init_fn=seed_worker, persistent_workers=False)
     # The augmentation happens in the loader, so the doctor's probes see the same batches as training.
-    collate = (
-        functools.partial(collate_rotated, max_deg=t.augment.rotate_deg) if t.augment.rotate_deg else None
-    )
+    train_collate = functools.partial(collate, max_deg=t.augment.rotate_deg, transform=batch_transform)
+    val_collate = functools.partial(collate, transform=batch_transform)
     train_loader = DataLoader(
         train_set,
         batch_size=t.batch_size // world,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=train_collate,
         drop_last=len(train_set) // world >= t.batch_size // world,
         generator=torch.Generator().manual_seed(cfg.seed),
         **loader_args,
     )
     val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
-    val_loader = DataLoader(val_set, batch_size=t.batch_size // world, sampler=val_sampler, **loader_args)
+    val_loader = DataLoader(
+        val_set, batch_size=t.batch_size // world, sampler=val_sampler, collate_fn=val_collate, **loader_args
+    )
     return train_loader, val_loader
 
 

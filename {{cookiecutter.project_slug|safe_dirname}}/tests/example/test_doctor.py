@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import compose
+from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.debugging import doctor, probes, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 
@@ -57,10 +58,9 @@ def test_data_faults_do_what_they_say():
     assert moved > 50 and torch.equal(tr[0]["image"], train[0]["image"])
     assert sorted(float(tr[i]["t"][2]) for i in range(64)) == sorted(float(t[2]) for t in train.t)
 
-    tr, va = zoo.fault_datasets(fault_cfg("answer_in_input"), train, val)
-    task = probes.Task(
-        None, None, [tr[i] for i in range(64)], [va[i] for i in range(40)], target_fn=doctor.pose_target
-    )
+    leak = zoo.pixel_fault(fault_cfg("answer_in_input"))
+    leaked = [probes.unbatch(leak(probes.collate([d[i] for i in range(len(d))]))) for d in (train, val)]
+    task = probes.Task(None, None, *leaked, target_fn=doctor.pose_target)
     assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
 
     tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
@@ -75,8 +75,27 @@ def test_data_faults_do_what_they_say():
     _, va = zoo.fault_datasets(fault_cfg("val_in_train"), train, val)
     dup = probes.duplicates({"train": [train[i] for i in range(64)], "val": [va[i] for i in range(len(va))]})
     assert dup["train/val"]["shared"] == 40
-    tr, _ = zoo.fault_datasets(fault_cfg("black_level"), train, val)
-    assert float(tr[0]["image"].min()) >= 1000.0
+    offset = zoo.pixel_fault(fault_cfg("black_level"))
+    assert float(offset(probes.collate([train[0]]))["image"].min()) >= 1000.0
+    assert zoo.pixel_fault(fault_cfg("tiny_val")) is None
+
+
+def test_pixel_faults_act_after_the_augmentation(tiny_dataset):
+    """The loaders apply a leak or a sensor offset to the images the network gets, after the in-plane
+    rotation: the leaked pixels stay where they were written, and no zero padding undercuts the offset."""
+    for fault in ("black_level", "answer_in_input"):
+        cfg = compose(
+            *tiny_dataset.overrides,
+            "training.augment.rotate_deg=180",
+            f"debugging.fault={fault}",
+            "logger=none",
+        )
+        batch = next(iter(zoo.apply(training.build(cfg)).train_loader))
+        if fault == "black_level":
+            assert float(batch["image"].min()) >= 1000.0
+        else:
+            expected = zoo.answer_in_input(batch | {"image": torch.zeros_like(batch["image"])})["image"]
+            torch.testing.assert_close(batch["image"][:, 0, 0, :6], expected[:, 0, 0, :6])
 
 
 def test_model_faults_are_caught_by_the_backprop_checks():
@@ -131,12 +150,13 @@ def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):
 
 @pytest.fixture(scope="module")
 def zoo_dataset(tmp_path_factory):
-    """A freshly captured dataset (400 validation images, so the test-set check passes unless a config cuts it)."""
+    """A freshly captured dataset: as many training images as the doctor's budget uses (n_train), and 400
+    validation images, so the test-set check passes unless a config cuts it."""
     from {{ cookiecutter.package_name }}.data import capture
 
     root = tmp_path_factory.mktemp("zoo_data") / "dataset"
     counts = [
-        "data.capture.num_images.train=256",
+        "data.capture.num_images.train=2048",
         "data.capture.num_images.val=400",
         "data.capture.num_images.test=8",
     ]
@@ -150,13 +170,8 @@ def zoo_dataset(tmp_path_factory):
     [
         ("implementation_bug_input", "implementation_bug"),
         ("test_set_too_small", "test_set_too_small"),
-        # A known gap (4_debugging/FAILURE_MODES.md, "Limits"): on the real capture the doctor's default budget
-        # does not diagnose it. strict: when the doctor gets it right, this test says so and must be updated.
-        pytest.param(
-            "lr_too_high",
-            "lr_too_high",
-            marks=pytest.mark.xfail(strict=True, reason="doctor budget too small on the mitsuba capture"),
-        ),
+        ("lr_too_high", "lr_too_high"),
+        ("healthy", "none"),
     ],
 )
 def test_reduced_zoo_end_to_end(zoo_dataset, tmp_path, name, expected):

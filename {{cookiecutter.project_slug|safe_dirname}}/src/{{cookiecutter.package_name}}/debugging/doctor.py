@@ -170,7 +170,7 @@ class Doctor:
         self.checks = {}
         self.causes = {}
         self.log = []
-        self.chance = None  # converged input-independent run, set when the model does not learn
+        self.chance = None  # converged input-independent run (chance level), when a symptom calls for it
         self.reseeded = None  # the configured run with another seed, set when a symptom calls for fixes
 
     def say(self, text):
@@ -250,10 +250,16 @@ class Doctor:
             and forgetting["ratio"] > self.th.forgetting_ratio
             and forgetting["p_value"] < self.th.alpha
         )
-        gain = learning["metrics"].get("loss", {}).get("gain", learning["gain_vs_control"])
-        # learned, but little: within the doctor's budget a slow crawl and a plateau look the same, and the
-        # talk's diagnostics for both (a higher LR, another optimizer, less regularization) are the same
-        plateau = not no_learning and gain < self.th.plateau_gain
+        # Plateau: it learned, the training loss stopped falling (no significant downward trend over the second
+        # half), and the loss is little below chance level, the best loss any input-independent model reaches.
+        # Chance, not the control above: the control shares the configured recipe, so too much regularization
+        # or a poor optimizer handicaps it as much as the model and hides the plateau.
+        flat = not (slope < 0 and p_trend < self.th.alpha)
+        gain = None
+        if not no_learning and flat:
+            chance = self.chance_level()
+            gain = 1.0 - base.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
+        plateau = gain is not None and gain < self.th.plateau_gain
         leak = self.checks["shortcut"]["best_single_value_r2"] >= self.th.shortcut_r2
         dup = max(
             (v[k] for v in self.checks["duplicates"].values() for k in v if k.startswith("fraction")),
@@ -274,7 +280,8 @@ class Doctor:
             },
             "plateau": {
                 "present": bool(plateau),
-                "loss_gain_vs_control": gain,
+                "still_falling": not flat,
+                "loss_gain_vs_chance": gain,
                 "second_half_train_slope": slope,
                 "second_half_train_trend_p": p_trend,
             },
@@ -397,7 +404,10 @@ class Doctor:
 
     def chance_level(self):
         """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch):
-        the loss of the best prediction that ignores the input, i.e. "random performance" for this loss."""
+        the loss of the best prediction that ignores the input, i.e. "random performance" for this loss.
+        Trained once per report; from then on a fix counts only if it beats it (fix_effect)."""
+        if self.chance is not None:
+            return self.chance
         run = self.train(
             "chance_level",
             self.task.replace(optimizer_factory=probes.adam_factory, lr=1e-3, epochs=self.d.longer_epochs),
@@ -408,6 +418,7 @@ class Doctor:
             run.val_losses = run.val_losses_per_epoch[best]
         run.val_parts = {}
         self.checks["chance_level"] = {"val_loss": run.val_loss, "best_epoch": best + 1}
+        self.chance = run
         return run
 
     def probe_training(self):
@@ -425,7 +436,7 @@ class Doctor:
             "p_value": p_seed,
         }
         if s["no_learning"]["present"] and not s["loss_bounces"]["present"]:
-            self.chance = self.chance_level()
+            self.chance_level()
         lr = self.lr_probe()
         valley, suggestion = lr["lr_valley"], lr["suggestion"]
         gns = probes.gradient_noise_scale(

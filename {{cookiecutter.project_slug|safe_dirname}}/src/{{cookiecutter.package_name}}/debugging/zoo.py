@@ -17,6 +17,7 @@ live here instead of in training.py. `training.build` passes its Components thro
 """
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -93,20 +94,14 @@ def shuffled_targets(dataset, seed=0):
     return Mapped(dataset, fn=fn)
 
 
-def answer_in_input(dataset):
+def answer_in_input(batch):
     """The translation (and the rotation's first row) written into the first pixels of the red channel,
     scaled into [0, 1]: what a leaked label or a filename-derived feature looks like to the network."""
-
-    def fn(i, item):
-        image = item["image"].clone()
-        t = torch.as_tensor(item["t"], dtype=torch.float32)
-        R = torch.as_tensor(item["R"], dtype=torch.float32)
-        code = torch.cat([(t[:2] / t[2] + 1) / 2, t[2:] / 1000.0, (R[0] + 1) / 2]).clamp(0, 1)
-        image[0, 0, : len(code)] = code
-        item["image"] = image
-        return item
-
-    return Mapped(dataset, fn=fn)
+    t, R = batch["t"].float(), batch["R"].float()
+    code = torch.cat([(t[:, :2] / t[:, 2:] + 1) / 2, t[:, 2:] / 1000.0, (R[:, 0] + 1) / 2], 1).clamp(0, 1)
+    image = batch["image"].clone()
+    image[:, 0, 0, : code.shape[1]] = code
+    return batch | {"image": image}
 
 
 def sorted_by_target(dataset):
@@ -115,12 +110,21 @@ def sorted_by_target(dataset):
     return Mapped(dataset, index=np.argsort(yaw, kind="stable"))
 
 
-def scaled_pixels(dataset, factor=1.0, offset=0.0):
-    def fn(i, item):
-        item["image"] = item["image"] * factor + offset
-        return item
+def scaled_pixels(batch, factor=1.0, offset=0.0):
+    return batch | {"image": batch["image"] * factor + offset}
 
-    return Mapped(dataset, fn=fn)
+
+def pixel_fault(cfg):
+    """The faults in what the network sees, as a function on collated batches (None for the others). The
+    loaders apply it after the augmentation: a leak or a sensor offset is in every image the model gets,
+    and an in-plane rotation would otherwise turn the leaked pixels away or pad the offset with zeros."""
+    fault = fault_of(cfg)
+    if fault == "answer_in_input":
+        return answer_in_input
+    if fault in ("raw_pixels", "black_level"):
+        factor, offset = (255.0, 0.0) if fault == "raw_pixels" else (1.0, 1000.0)
+        return functools.partial(scaled_pixels, factor=factor, offset=offset)
+    return None
 
 
 def fault_datasets(cfg, train_set, val_set):
@@ -129,8 +133,6 @@ def fault_datasets(cfg, train_set, val_set):
     seed = int(cfg.get("seed", 0))
     if fault == "shuffled_targets":
         return shuffled_targets(train_set, seed), shuffled_targets(val_set, seed + 1)
-    if fault == "answer_in_input":
-        return answer_in_input(train_set), answer_in_input(val_set)
     if fault == "val_in_train":
         picks = np.random.default_rng(seed).choice(
             len(train_set), size=min(len(val_set), len(train_set)), replace=False
@@ -140,9 +142,6 @@ def fault_datasets(cfg, train_set, val_set):
         return sorted_by_target(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
-    if fault in ("raw_pixels", "black_level"):
-        factor, offset = (255.0, 0.0) if fault == "raw_pixels" else (1.0, 1000.0)
-        return scaled_pixels(train_set, factor, offset), scaled_pixels(val_set, factor, offset)
     return train_set, val_set
 
 
@@ -180,9 +179,10 @@ def apply(c):
     model = fault_model(cfg, c.model)
     model.zoo_fault = fault
     train_set, val_set = fault_datasets(cfg, c.train_set, c.val_set)
-    if train_set is c.train_set and val_set is c.val_set:
+    batch_fault = pixel_fault(cfg)
+    if train_set is c.train_set and val_set is c.val_set and batch_fault is None:
         return dataclasses.replace(c, model=model)
-    train_loader, val_loader = training.build_loaders(cfg, train_set, val_set)
+    train_loader, val_loader = training.build_loaders(cfg, train_set, val_set, batch_fault)
     scheduler = training.build_scheduler(cfg, c.optimizer, len(train_loader))
     return dataclasses.replace(
         c,
