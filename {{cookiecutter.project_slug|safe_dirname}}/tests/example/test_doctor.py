@@ -171,6 +171,7 @@ def zoo_dataset(tmp_path_factory):
         ("implementation_bug_input", "implementation_bug"),
         ("test_set_too_small", "test_set_too_small"),
         ("lr_too_high", "lr_too_high"),
+        ("not_started", "not_started"),
         ("healthy", "none"),
     ],
 )

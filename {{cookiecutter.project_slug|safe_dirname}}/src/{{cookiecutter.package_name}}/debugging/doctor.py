@@ -250,13 +250,16 @@ class Doctor:
             and forgetting["ratio"] > self.th.forgetting_ratio
             and forgetting["p_value"] < self.th.alpha
         )
-        # Plateau: it learned, the training loss stopped falling (no significant downward trend over the second
-        # half), and the loss is little below chance level, the best loss any input-independent model reaches.
-        # Chance, not the control above: the control shares the configured recipe, so too much regularization
-        # or a poor optimizer handicaps it as much as the model and hides the plateau.
+        # Plateau: it learned, but it stopped - the training loss no longer falls (no significant downward trend
+        # over the second half), or the configured schedule ended (the screen ran all of it) - at a loss little
+        # below chance level, the best loss any input-independent model reaches. Chance, not the control above:
+        # the control shares the configured recipe, so too much regularization or a poor optimizer handicaps it
+        # as much as the model and hides the plateau. A healthy run cut short by the doctor's own budget, still
+        # falling, is neither.
         flat = not (slope < 0 and p_trend < self.th.alpha)
+        whole = len(base.val_curve) >= int(self.cfg.training.epochs)
         gain = None
-        if not no_learning and flat:
+        if not no_learning and (flat or whole):
             chance = self.chance_level()
             gain = 1.0 - base.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
         plateau = gain is not None and gain < self.th.plateau_gain
@@ -281,6 +284,7 @@ class Doctor:
             "plateau": {
                 "present": bool(plateau),
                 "still_falling": not flat,
+                "screen_ran_whole_schedule": whole,
                 "loss_gain_vs_chance": gain,
                 "second_half_train_slope": slope,
                 "second_half_train_trend_p": p_trend,
