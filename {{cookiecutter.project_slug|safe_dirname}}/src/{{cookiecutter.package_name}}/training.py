@@ -167,7 +167,7 @@ def rotate_in_plane(batch, max_deg):
     Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
     # With fx = fy, R' = Rz R moves a pixel p (x right, y down) to c + Rz2 (p - c) about the principal point c.
     # Each output pixel samples the input at c + Rz2^T (p' - c): one grid_sample for the whole batch
-    # (torchvision's rotate works one image at a time). Pixel centres are at integers (BOP/OpenCV).
+    # (torchvision's rotate turns a whole batch by one angle). Pixel centres are at integers (BOP/OpenCV).
     H, W = images.shape[-2:]
     v, u = torch.meshgrid(
         torch.arange(H, dtype=K.dtype, device=K.device),

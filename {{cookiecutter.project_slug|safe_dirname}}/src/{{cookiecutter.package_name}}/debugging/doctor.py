@@ -250,16 +250,15 @@ class Doctor:
             and forgetting["ratio"] > self.th.forgetting_ratio
             and forgetting["p_value"] < self.th.alpha
         )
-        # Plateau: it learned, but it stopped - the training loss no longer falls (no significant downward trend
-        # over the second half), or the configured schedule ended (the screen ran all of it) - at a loss little
-        # below chance level, the best loss any input-independent model reaches. Chance, not the control above:
-        # the control shares the configured recipe, so too much regularization or a poor optimizer handicaps it
-        # as much as the model and hides the plateau. A healthy run cut short by the doctor's own budget, still
-        # falling, is neither.
+        # Plateau: it learned, but its validation loss is little below chance level, the best loss any
+        # input-independent model reaches. Chance, not the control above: the control shares the configured
+        # recipe, so too much regularization or a poor optimizer handicaps it as much as the model and hides
+        # the plateau. Within the doctor's budget a slow crawl (poor optimizer, low LR) and a plateau look the
+        # same, and so can a healthy run that is still young: only a fix that helps names a cause.
         flat = not (slope < 0 and p_trend < self.th.alpha)
         whole = len(base.val_curve) >= int(self.cfg.training.epochs)
         gain = None
-        if not no_learning and (flat or whole):
+        if not no_learning:
             chance = self.chance_level()
             gain = 1.0 - base.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
         plateau = gain is not None and gain < self.th.plateau_gain
@@ -831,8 +830,15 @@ def markdown(name, result):
             f"no train/val duplicates, data order looks random (runs test p = {result['checks']['order']['p_value']:.2g}), "
             f"validation set of {result['checks']['test_set']['n_test']} samples;",
             "- the model keeps samples apart (backprop-dependency check passed).",
-            "",
         ]
+        seen = [s["row"] for s in result["symptoms"].values() if s["present"]]
+        if seen:
+            lines.append(
+                f"- the screen, on the doctor's reduced budget, looked like: {'; '.join(seen)}; but no fix the "
+                "doctor tried was significantly better (table below), which is how a healthy run that is "
+                "still young looks."
+            )
+        lines.append("")
     else:
         c = present[0]
         lines += [f"**Top cause: `{top}`** - {c['summary']}", "", f"Fix: `{c['fix']}`", ""]
