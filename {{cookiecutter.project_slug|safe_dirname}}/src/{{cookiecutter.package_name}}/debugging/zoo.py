@@ -8,7 +8,7 @@ live here instead of in training.py. `training.build` passes its Components thro
     shuffled_targets   every image gets another image's pose: targets independent of inputs  (unsolvable)
     answer_in_input    the pose is written into the top-left pixels of every image            (answer_in_input)
     val_in_train       the validation images are copies of training images                    (answer_in_input)
-    sorted_by_target   training data ordered by yaw (a turntable recording), not shuffled        (data_not_shuffled)
+    sorted_by_target   training data ordered by distance (a dolly-shot recording), not shuffled (data_not_shuffled)
     tiny_val           the validation set cut to `debugging.fault_size` (default 12) samples  (test_set_too_small)
     batch_mixing       a reshape bug mixes the images of a batch before the network sees them (implementation_bug)
     ignores_input      a bug overwrites the images with zeros inside the forward pass         (implementation_bug)
@@ -18,7 +18,6 @@ live here instead of in training.py. `training.build` passes its Components thro
 
 import dataclasses
 import functools
-import math
 
 import numpy as np
 import torch
@@ -105,9 +104,10 @@ def answer_in_input(batch):
 
 
 def sorted_by_target(dataset):
-    """Ordered by the object's yaw (rotation about the camera axis), as frames recorded on a turntable are."""
-    yaw = np.array([math.atan2(float(R[1, 0]), float(R[0, 0])) for R, _ in _targets(dataset)])
-    return Mapped(dataset, index=np.argsort(yaw, kind="stable"))
+    """Ordered by the object's distance, as the frames of a camera dollying away from it are. Distance, not
+    yaw about the camera axis: the in-plane rotation augmentation re-draws that angle for every sample."""
+    depth = np.array([float(t[2]) for _, t in _targets(dataset)])
+    return Mapped(dataset, index=np.argsort(depth, kind="stable"))
 
 
 def scaled_pixels(batch, factor=1.0, offset=0.0):
