@@ -121,6 +121,12 @@ class PoseAdapter:
         self.components = c
         self.device = str(c.device)
         self.train_items = probes.take_items(c.train_loader, d.n_train)
+        # The stored training inputs, before augmentation, for the cross-split duplicate check: a copy of a
+        # training image in the validation set is a copy of the stored image, not of a random rotation of it.
+        stored = torch.utils.data.DataLoader(
+            c.train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed))
+        )
+        self.stored_train_items = probes.take_items(stored, d.n_train)
         self.val_items = probes.take_items(c.val_loader, d.n_val)
         self.n_val_total = len(c.val_set)
         self.criterion = c.criterion
@@ -296,7 +302,7 @@ class Doctor:
         """Cheap checks that run on every report: seconds each, and a leak hides behind normal curves."""
         a = self.adapter
         self.checks["order"] = probes.order_test(task, a.train_loader, n=self.d.n_train)
-        self.checks["duplicates"] = probes.duplicates({"train": a.train_items, "val": a.val_items})
+        self.checks["duplicates"] = probes.duplicates({"train": a.stored_train_items, "val": a.val_items})
         self.checks["shortcut"] = probes.shortcut_probe(task)
         stats = probes.input_statistics(task)
         self.input_mean, self.input_std = stats.pop("mean"), stats.pop("std")
