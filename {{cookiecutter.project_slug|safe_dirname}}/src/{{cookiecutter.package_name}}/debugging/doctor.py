@@ -596,6 +596,10 @@ class Doctor:
             ),
             "curves.png",
         )
+        # The overfit test and the shuffled-target control decide only between `implementation_bug` and
+        # `unsolvable` for a model that does not learn (probe_residual): a model that learned needs neither.
+        if not self.symptoms["no_learning"]["present"]:
+            return
         # implementation bug: can it overfit a small subset?
         over = probes.overfit_subset(
             t,
