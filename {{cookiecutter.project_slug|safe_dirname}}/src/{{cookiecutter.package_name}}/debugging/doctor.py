@@ -176,7 +176,7 @@ class Doctor:
         self.checks = {}
         self.causes = {}
         self.log = []
-        self.chance = None  # converged input-independent run (chance level), when a symptom calls for it
+        self.chance = None  # converged input-independent run (chance level), trained once when first needed
         self.reseeded = None  # the configured run with another seed, set when a symptom calls for fixes
 
     def say(self, text):
