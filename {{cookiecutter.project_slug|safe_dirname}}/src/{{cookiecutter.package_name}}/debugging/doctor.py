@@ -573,7 +573,7 @@ class Doctor:
         self.checks["longer_learns"] = fixed_learning["learned"]
         # Training longer helps any run the doctor cut short. It implicates the configured schedule only when
         # the screen ran all of it; otherwise the short schedule was the doctor's own budget.
-        whole = len(self.base.val_curve) >= int(user.training.epochs)
+        whole = self.symptoms["plateau"]["screen_ran_whole_schedule"]
         self.add(
             "not_started",
             whole and effect["helped"] and fixed_learning["learned"],
