@@ -17,14 +17,8 @@ from hydra import initialize_config_dir
 
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 
-# 32 px images: the camera of configs/data/synthetic.yaml scaled by 32 / 64.
-TINY_IMAGES = [
-    "data.image_size=32",
-    "data.camera.fx=40",
-    "data.camera.fy=40",
-    "data.camera.cx=15.5",
-    "data.camera.cy=15.5",
-]
+# 32 px images (capture scales the camera of configs/data/synthetic.yaml to them)
+TINY_IMAGES = ["data.image_size=32"]
 
 
 def compose(*overrides):

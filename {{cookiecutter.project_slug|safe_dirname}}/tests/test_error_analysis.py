@@ -197,7 +197,7 @@ def test_each_automatic_pose_tag(tmp_path, category):
     rows = [pose_row(0, **extra), pose_row(1, **(extra | CASES[category]))]
     table = ea.read_errors(write_csv(tmp_path / "errors.csv", rows))
     assert table.is_pose
-    tags = ea.pose_tags(table, ea.DEFAULT_SETTINGS["tags"])
+    tags = ea.pose_tags(table, ea._merge_settings({})["tags"])
     assert not any(values[0] for values in tags.values()), {c: v[0] for c, v in tags.items()}
     assert tags[category][1]
 

@@ -32,7 +32,6 @@ With `logger=wandb` the metrics go to the run as test/<key>, plus the prediction
 """
 
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,14 +40,14 @@ import hydra
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from . import tracking, training
+from . import tracking
+from .checkpoints import checkpoint_dir, load_model, pick_device
 from .data import bop
 from .files import atomic_dir, atomic_path, write_json
 from .paths import CONFIG_DIR
-from .pose import geometry, metrics
+from .pose import draw, metrics
 
 ERRORS_COLUMNS = (
     "scene_id", "im_id", "obj_id", "gt_id", "rgb_path", "re_deg", "te_cm", "add_mm", "adds_mm", "diameter_mm",
@@ -60,7 +59,7 @@ THRESHOLDS_CM = np.linspace(0.0, 10.0, 101)
 
 def checkpoint_path(cfg):
     """best.pt when training kept one, else last.pt; a clear error when neither exists."""
-    directory = training.checkpoint_dir(cfg)
+    directory = checkpoint_dir(cfg)
     for name in ("best.pt", "last.pt"):
         if (directory / name).is_file():
             return directory / name
@@ -232,56 +231,31 @@ def write_plots(directory, records, grid=None):
             torchvision.io.write_png(grid, str(tmp))
 
 
-def draw_axes(image, R, t, K, length_mm, shade, width=1):
-    """The object's x (red), y (green), z (blue) axes projected onto a uint8 3xHxW image.
-
-    PIL's ImageDraw rather than torchvision.utils.draw_keypoints: the latter draws every connecting line
-    in white whatever `colors` says, and the axes must be told apart.
-    """
-    axes = torch.cat([torch.zeros(1, 3), torch.eye(3)]).double() * length_mm
-    uv = geometry.project(axes, torch.as_tensor(R), torch.as_tensor(t), torch.as_tensor(K))
-    if not torch.isfinite(uv).all():
-        return image
-    canvas = Image.fromarray(image.permute(1, 2, 0).numpy())
-    draw = ImageDraw.Draw(canvas)
-    origin = tuple(uv[0].tolist())
-    for axis in range(3):
-        color = [0, 0, 0]
-        color[axis] = shade
-        draw.line([origin, tuple(uv[axis + 1].tolist())], fill=tuple(color), width=width)
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
-
-
 def prediction_grid(dataset, records, n=16, min_size=128):
     """Up to `n` test images, evenly spread over the split, with true (dark) and predicted (bright) axes.
 
     Small images are enlarged (nearest neighbour, K scaled to match) so the axes stay readable.
     """
     picks = np.unique(np.linspace(0, len(records) - 1, min(n, len(records))).round().astype(int))
-    drawn = []
-    for i in picks:
-        image = (dataset[int(i)]["image"].clamp(0, 1) * 255).to(torch.uint8)
-        scale = max(1, math.ceil(min_size / max(image.shape[-2:])))
-        image = image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-        r = records[i]
-        K = r["K"].copy()
-        K[:2] *= scale
-        K[:2, 2] += 0.5 * (scale - 1)  # pixel centres sit at integer coordinates
-        length = 0.5 * r["diameter_mm"]
-        image = draw_axes(image, r["R_gt"], r["t_gt"], K, length, 110, width=scale)
-        image = draw_axes(image, r["R_pred"], r["t_pred"], K, length, 255, width=scale)
-        drawn.append(image)
-    return torchvision.utils.make_grid(drawn, nrow=max(1, math.ceil(math.sqrt(len(drawn)))), padding=2)
+    chosen = [records[i] for i in picks]
+    return draw.pose_grid(
+        [dataset[int(i)]["image"] for i in picks],
+        [r["K"] for r in chosen],
+        [(r["R_gt"], r["t_gt"]) for r in chosen],
+        [(r["R_pred"], r["t_pred"]) for r in chosen],
+        0.5 * chosen[0]["diameter_mm"],
+        min_size,
+    )
 
 
 def evaluate(cfg, estimator=None, device=None):
     """Evaluate `estimator` (default: the trained checkpoint) on the test split; write the outputs; return metrics."""
     out_dir = Path(cfg.paths.training)
-    device = device or training.pick_device(cfg)
+    device = device or pick_device(cfg)
     image_size = cfg.data.get("image_size")
     if estimator is None:
         path = checkpoint_path(cfg)
-        estimator, trained_cfg = training.load_model(path, device)
+        estimator, trained_cfg = load_model(path, device)
         if int(trained_cfg.data.obj_id) != int(cfg.data.obj_id):
             raise ValueError(
                 f"{path} was trained on obj_id {trained_cfg.data.obj_id}, but data.obj_id={cfg.data.obj_id}"

@@ -36,17 +36,9 @@ from omegaconf import OmegaConf
 
 from .debugging.error_analysis import ErrorAnalysisError, checklist_items, read_errors
 from .files import atomic_path, write_json, write_text
-from .paths import CONFIG_DIR
+from .paths import CONFIG_DIR, group_defaults
 from .planning import RequirementsError, headline, load_requirements, metric_range
 from .tracking import start_run
-
-DEFAULT_SETTINGS = {
-    "strict": True,
-    "flagged_rate_alert": 0.1,
-    "trend_runs": 5,
-    "extra_slices": {},
-    "dvc_diff": True,
-}
 
 
 class ReviewError(ValueError):
@@ -476,7 +468,7 @@ def render_review(r):
 
 def review(settings, requirements_path, root=".", checklist=None, run=None):
     """The whole review; writes review.md/json, plots, appends history. Returns the review dict."""
-    s = DEFAULT_SETTINGS | dict(settings)
+    s = group_defaults("metric_review/default") | dict(settings)
     out = Path(s["out"])
     requirements = load_requirements(requirements_path)
     head = headline(requirements)

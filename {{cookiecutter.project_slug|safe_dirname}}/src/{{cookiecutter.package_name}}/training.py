@@ -7,8 +7,9 @@
 
 Writes `3_training/checkpoints/last.pt` every epoch (and on SIGTERM, e.g. a SLURM preemption) and
 `best.pt` when the validation score improves; both load with `torch.load(path, weights_only=True)`.
-`build(cfg)` returns every piece (model, data, optimizer, ...) so the doctor and the benchmark reuse
-exactly what training uses; `load_model(path)` gives back a ready `PoseEstimator`.
+`build(cfg)` returns every piece (model, data, optimizer, ...), the bug zoo's fault included when
+`debugging.fault` is set, so the doctor and the benchmark reuse exactly what training uses;
+`checkpoints.load_model(path)` gives back a ready `PoseEstimator`.
 """
 
 import dataclasses
@@ -20,26 +21,25 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import tracking
+from . import batches, tracking
+from .checkpoints import checkpoint_dir, load_checkpoint, pick_device
 from .data import bop
 from .debugging import zoo
 from .files import atomic_path
 from .paths import CONFIG_DIR
-from .pose import geometry, losses
+from .pose import draw, losses
 from .pose import metrics as pose_metrics
-from .pose.model import PoseEstimator, build_model
+from .pose.model import build_model
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -64,15 +64,6 @@ def init_distributed(cfg):
 
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def pick_device(cfg):
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(device)
 
 
 # --- reproducibility ---------------------------------------------------------------------------------------
@@ -186,10 +177,10 @@ def rotate_in_plane(batch, max_deg):
     return batch | {"image": turned, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
 
 
-def collate(items, max_deg=0, transform=None):
+def collate_and_augment(items, max_deg=0, transform=None):
     """The loaders' collate: stack the samples, `rotate_in_plane` the whole batch at once (max_deg > 0),
     then `transform` it (the bug zoo's faults in what the network sees, debugging/zoo.py)."""
-    batch = torch.utils.data.default_collate(items)
+    batch = batches.collate(items)
     if max_deg:
         batch = rotate_in_plane(batch, max_deg)
     return transform(batch) if transform else batch
@@ -213,8 +204,10 @@ def build_loaders(cfg, train_set, val_set, batch_transform=None):
     if t.num_workers > 0:
         loader_args |= dict(worker_init_fn=seed_worker, persistent_workers=False)
     # The augmentation happens in the loader, so the doctor's probes see the same batches as training.
-    train_collate = functools.partial(collate, max_deg=t.augment.rotate_deg, transform=batch_transform)
-    val_collate = functools.partial(collate, transform=batch_transform)
+    train_collate = functools.partial(
+        collate_and_augment, max_deg=t.augment.rotate_deg, transform=batch_transform
+    )
+    val_collate = functools.partial(collate_and_augment, transform=batch_transform)
     train_loader = DataLoader(
         train_set,
         batch_size=t.batch_size // world,
@@ -278,13 +271,15 @@ def build(cfg):
         torch.set_num_threads(cfg.training.threads)
     device = pick_device(cfg)
     seed_everything(cfg.seed, cfg.training.deterministic)
-    train_set, val_set = build_datasets(cfg)
-    train_loader, val_loader = build_loaders(cfg, train_set, val_set)
+    # the bug zoo's data faults (debugging.fault, debugging/zoo.py; none by default), so `make train
+    # EXPERIMENT=zoo/<cause>` trains on the broken data the doctor diagnoses
+    train_set, val_set = zoo.fault_datasets(cfg, *build_datasets(cfg))
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, zoo.pixel_fault(cfg))
     info = bop.load_models_info(cfg.data.root)[cfg.data.obj_id]
     symmetric = bop.is_symmetric(info)
     points = torch.as_tensor(bop.load_model_points(cfg.data.root, cfg.data.obj_id), dtype=torch.float32)
     criterion = losses.build_criterion(cfg.loss, points, symmetric, image_size=cfg.data.image_size)
-    model = build_model(cfg).to(device, memory_format=memory_format(cfg))
+    model = zoo.fault_model(cfg, build_model(cfg)).to(device, memory_format=memory_format(cfg))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     # bfloat16 has float32's exponent range: only float16 (CUDA) needs loss scaling
@@ -330,16 +325,10 @@ def memory_format(cfg):
 
 
 def to_device(batch, device, cfg):
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    batch["image"] = batch["image"].contiguous(memory_format=memory_format(cfg))
-    return batch
+    return batches.to_device(batch, device, memory_format(cfg))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(cfg):
-    return Path(cfg.training.checkpoint_dir)
 
 
 def save_checkpoint(path, c, state):
@@ -356,25 +345,6 @@ def save_checkpoint(path, c, state):
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-
-
-def load_checkpoint(path, device="cpu"):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (train first: make train)")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read ({error})") from error
-
-
-def load_model(path, device="cpu"):
-    """A checkpoint -> (PoseEstimator in eval mode on `device`, the config it was trained with)."""
-    checkpoint = load_checkpoint(path, device)
-    cfg = OmegaConf.create(checkpoint["config"])
-    net = build_model(cfg)
-    net.load_state_dict(checkpoint["model"])
-    return PoseEstimator(net).to(device).eval(), cfg
 
 
 # --- one epoch -----------------------------------------------------------------------------------------------
@@ -474,25 +444,11 @@ def prediction_grid(c, n=16):
     batch = to_device(next(iter(DataLoader(c.val_set, batch_size=n))), c.device, c.cfg)
     images = batch["image"]
     R, t = model.decode(model(images), batch["K"], images.shape[-2:])
-    axes = torch.cat([torch.zeros(1, 3), torch.eye(3)]).to(c.device) * (0.5 * c.diameter_mm)
-    drawn = []
-    for i in range(len(images)):
-        image = (images[i].clamp(0, 1) * 255).to(torch.uint8).cpu()
-        for (rot, trans), shade in (((batch["R"][i], batch["t"][i]), 110), ((R[i], t[i]), 255)):
-            uv = geometry.project(axes, rot, trans, batch["K"][i]).cpu()
-            for axis in range(3):
-                color = [0, 0, 0]
-                color[axis] = shade
-                image = torchvision.utils.draw_keypoints(
-                    image,
-                    uv[[0, axis + 1]][None],
-                    connectivity=[(0, 1)],
-                    colors=tuple(color),
-                    radius=0,
-                    width=1,
-                )
-        drawn.append(image)
-    return torchvision.utils.make_grid(drawn, nrow=int(math.sqrt(n)), padding=2)
+    cpu = {k: batch[k].cpu() for k in ("K", "R", "t")}
+    true = list(zip(cpu["R"], cpu["t"], strict=True))
+    return draw.pose_grid(
+        images.cpu(), cpu["K"], true, list(zip(R.cpu(), t.cpu(), strict=True)), 0.5 * c.diameter_mm
+    )
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -528,7 +484,7 @@ class SigtermFlag:
 def fit(cfg, c=None):
     """Train `cfg` (optionally with prebuilt components `c`); returns the final validation metrics."""
     rank, world = rank_and_world()
-    c = zoo.apply(c or build(cfg))  # bug-zoo faults (debugging.fault), a no-op by default
+    c = c or build(cfg)
     t = cfg.training
     ckpt_dir = checkpoint_dir(cfg)
     state = {"epoch": 0, "step": 0, "batch": 0, "best": math.inf, "history": []}

@@ -181,7 +181,7 @@ def test_symmetric_object(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.camera.fy=41", r"data.camera: fx \(40.0\) != fy \(41.0\)"),
+        ("data.camera.fy=81", r"data.camera: fx \(80.0\) != fy \(81.0\)"),
         ("data.capture.distance_mm=[20,30]", r"data.capture.distance_mm \[20, 30\]: the object does not fit"),
         ("data.capture.num_images.val=0", r"data.capture.num_images.val: must be >= 1"),
         ("data.capture.objects=[9]", r"data.capture.objects: \[9\] not in .*models_info.json"),
@@ -206,5 +206,5 @@ def test_command_reports_rate_and_fails_cleanly(tmp_path, monkeypatch, capsys):
         capture.main()
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "capture failed: data.camera: fx (40.0) != fy (1.0); the mitsuba pinhole has square pixels"
+        "capture failed: data.camera: fx (80.0) != fy (1.0); the mitsuba pinhole has square pixels"
     ]

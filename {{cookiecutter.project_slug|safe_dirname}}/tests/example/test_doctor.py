@@ -89,7 +89,7 @@ def test_pixel_faults_act_after_the_augmentation(tiny_dataset):
             f"debugging.fault={fault}",
             "logger=none",
         )
-        batch = next(iter(zoo.apply(training.build(cfg)).train_loader))
+        batch = next(iter(training.build(cfg).train_loader))
         if fault == "black_level":
             assert float(batch["image"].min()) >= 1000.0
         else:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose
-from {{ cookiecutter.package_name }}.deployment import benchmark, export, serve
+from {{ cookiecutter.package_name }}.deployment import benchmark, export, runtime, serve
 from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model
 
 SIZE = (24, 32)  # H != W catches a swapped axis
@@ -122,8 +122,8 @@ def test_latency_report_is_a_flat_dict_of_numbers(exported):
 
 def test_tile_repeats_a_batch_to_the_requested_size():
     x = torch.arange(3).view(3, 1)
-    assert export.tile(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
-    assert np.array_equal(export.tile(x, 2).numpy(), x[:2].numpy())
+    assert runtime.tile(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert np.array_equal(runtime.tile(x, 2).numpy(), x[:2].numpy())
 
 
 def untrained_checkpoint(tiny_dataset, root):

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from conftest import compose
-from {{ cookiecutter.package_name }}.pose import geometry
+from {{ cookiecutter.package_name }}.pose import geometry, losses
 from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model, initialize
 
 K64 = torch.tensor([[80.0, 0.0, 31.5], [0.0, 80.0, 31.5], [0.0, 0.0, 1.0]])
@@ -25,7 +25,7 @@ def test_output_shapes_and_decode_per_representation(loss):
     net = build_model(cfg).eval()
     images = torch.rand(3, 3, 64, 64)
     out = net(images)
-    assert out["rot"].shape == (3, geometry.rotation_dim(cfg.loss.rotation))
+    assert out["rot"].shape == (3, geometry.rotation_dim(losses.rotation_of(cfg.loss)))
     assert out["trans"].shape == (3, 3)
     R, t = net.decode(out, K64.expand(3, 3, 3))
     assert_rotations(R)

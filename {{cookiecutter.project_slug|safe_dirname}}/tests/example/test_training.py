@@ -12,7 +12,9 @@ import torchvision
 from hydra.errors import ConfigCompositionException
 
 from conftest import compose
-from {{ cookiecutter.package_name }} import training
+from {{ cookiecutter.package_name }} import checkpoints, training
+from {{ cookiecutter.package_name }}.data import bop
+from {{ cookiecutter.package_name }}.pose import geometry
 from {{ cookiecutter.package_name }}.paths import PROJECT_ROOT
 
 # A tiny, fast run: 16 training images in batches of 4, one thread so runs are bit-for-bit comparable.
@@ -59,7 +61,7 @@ def test_one_epoch_writes_loadable_checkpoints(tiny_dataset, tmp_path):
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 4
     assert {"model", "optimizer", "scheduler", "scaler", "config", "rng"} <= checkpoint.keys()
 
-    estimator, loaded_cfg = training.load_model(ckpt_dir / "last.pt")
+    estimator, loaded_cfg = checkpoints.load_model(ckpt_dir / "last.pt")
     assert not estimator.training and loaded_cfg.loss.name == cfg.loss.name
     batch = next(iter(torch.utils.data.DataLoader(training.build_datasets(cfg)[1], batch_size=8)))
     R, t = estimator(batch["image"], batch["K"])
@@ -175,10 +177,10 @@ def test_optimizers_and_schedules_build(tiny_dataset, tmp_path, optimizer, sched
 
 
 def test_in_plane_rotation_keeps_image_and_pose_consistent(tiny_dataset):
-    dataset = training.bop.BopDataset(tiny_dataset.root, "train", 1)
+    dataset = bop.BopDataset(tiny_dataset.root, "train", 1)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(8)])
     # a bright dot where the object's origin projects; after the augmentation it must sit where the new pose projects it
-    uv = training.geometry.project(torch.zeros(1, 3), batch["R"], batch["t"], batch["K"])[:, 0]
+    uv = geometry.project(torch.zeros(1, 3), batch["R"], batch["t"], batch["K"])[:, 0]
     images = torch.zeros_like(batch["image"])
     size = images.shape[-1]
     ys, xs = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
@@ -186,7 +188,7 @@ def test_in_plane_rotation_keeps_image_and_pose_consistent(tiny_dataset):
         images[i, 0] = torch.exp(-((xs - u) ** 2 + (ys - v) ** 2) / 2.0)  # centred exactly at (u, v)
     torch.manual_seed(0)
     turned = training.rotate_in_plane(batch | {"image": images}, 180)
-    uv_new = training.geometry.project(torch.zeros(1, 3), turned["R"], turned["t"], turned["K"])[:, 0]
+    uv_new = geometry.project(torch.zeros(1, 3), turned["R"], turned["t"], turned["K"])[:, 0]
     dot = turned["image"][:, 0]
     centroid = torch.stack([(dot * xs).sum((1, 2)), (dot * ys).sum((1, 2))], -1) / dot.sum((1, 2))[:, None]
     inside = ((uv_new > 3) & (uv_new < size - 4)).all(-1)

@@ -58,8 +58,14 @@ def linear_to_srgb(c):
     return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
 
 
-def intrinsics(camera):
-    return np.array([[camera.fx, 0.0, camera.cx], [0.0, camera.fy, camera.cy], [0.0, 0.0, 1.0]])
+def intrinsics(camera, image_size):
+    """K for square images of `image_size` px: `camera` (data.camera, given for `camera.size` px) scaled by
+    image_size / size, pixel centres at integer coordinates (c' = (c + 0.5) s - 0.5)."""
+    s = float(image_size) / float(camera.get("size") or image_size)
+    fx, fy, cx, cy = (float(camera[k]) for k in ("fx", "fy", "cx", "cy"))
+    return np.array(
+        [[fx * s, 0.0, (cx + 0.5) * s - 0.5], [0.0, fy * s, (cy + 0.5) * s - 0.5], [0.0, 0.0, 1.0]]
+    )
 
 
 class Renderer:
@@ -369,7 +375,7 @@ def renderer_for(cfg):
     cap = cfg.data.capture
     models_dir = Path(cap.get("models_dir") or ASSETS)
     obj_ids = tuple(int(o) for o in cap.objects)
-    K = intrinsics(cfg.data.camera)
+    K = intrinsics(cfg.data.camera, cfg.data.image_size)
     key = (
         str(models_dir),
         obj_ids,
@@ -498,7 +504,7 @@ def capture(cfg):
     models_dir, infos = validate(cfg)
     cap = cfg.data.capture
     size = int(cfg.data.image_size)
-    K = intrinsics(cfg.data.camera)
+    K = intrinsics(cfg.data.camera, cfg.data.image_size)
     total = sum(int(cap.num_images[s]) for s in SPLITS) * len(cap.objects)
     workers = worker_count(cfg, total)
     root = Path(cfg.data.root)

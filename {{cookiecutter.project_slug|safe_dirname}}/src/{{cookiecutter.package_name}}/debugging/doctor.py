@@ -117,7 +117,7 @@ class PoseAdapter:
         self.training, self.build_model = training, build_model
         self.cfg = cfg
         d = cfg.debugging.doctor
-        c = zoo.apply(training.build(cfg))  # apply() is a no-op when training.build applied the fault already
+        c = training.build(cfg)  # the bug zoo's fault included (debugging.fault)
         self.components = c
         self.device = str(c.device)
         self.train_items = probes.take_items(c.train_loader, d.n_train)

@@ -51,7 +51,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..files import atomic_path, write_json, write_text
-from ..paths import CONFIG_DIR
+from ..paths import CONFIG_DIR, group_defaults
 from ..planning import RequirementsError, SampleRule, headline, load_requirements
 from ..tracking import start_run
 
@@ -68,25 +68,6 @@ POSE_SHEET_COLUMNS = (
 )
 MATRIX_COLUMNS = ("R_gt", "t_gt", "R_pred", "t_pred", "K")
 FALSE_MARKS = {"", "0", "no", "n", "false", "-"}
-DEFAULT_SETTINGS = {
-    "select": "threshold",
-    "fail_when": None,
-    "worst_n": 100,
-    "worst_by": "re_deg",
-    "eyeball_fraction": 0.5,
-    "n_sample": 100,
-    "seed": 0,
-    "contact_sheet": {"max_images": 100, "thumb_px": 160, "nrow": 10},
-    "tags": {
-        "near_symmetry_ratio": 0.5,
-        "euler_margin_deg": 15.0,
-        "small_fraction": 0.15,
-        "occluded_below": 0.7,
-        "extreme_view_deg": 135.0,
-        "low_light_below": 0.25,
-        "blurry_above_px": 1.0,
-    },
-}
 
 
 class ErrorAnalysisError(ValueError):
@@ -330,14 +311,6 @@ def pose_tags(table, thresholds):
     return tags
 
 
-def _axes_keypoints(R, t, K, length):
-    """Pixel coordinates of the object origin and the tips of its x, y, z axes (length mm)."""
-    points = np.vstack([np.zeros(3), np.eye(3) * length])
-    cam = points @ R.T + t
-    z = np.maximum(cam[:, 2:], 1e-6)
-    return (cam @ K.T)[:, :2] / z, bool((cam[:, 2] > 0).all())
-
-
 def _find_image(path_text, search_dirs):
     path = Path(path_text)
     for candidate in [path, *(Path(d) / path for d in search_dirs)]:
@@ -354,10 +327,12 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
         return 0, "no contact sheet: the errors CSV has no pose columns (rgb_path, R_pred, t_pred, ...)"
     try:
         import torch
-        from PIL import Image, ImageDraw
+        from PIL import Image
         from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2.functional import resize
         from torchvision.utils import draw_bounding_boxes, make_grid
+
+        from ..pose.draw import draw_axes
     except ImportError as err:
         return 0, f"no contact sheet: {err.name} is not installed"
     sheet = settings["contact_sheet"]
@@ -377,18 +352,11 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
             missing += 1
             continue
         h, w = image.shape[-2:]
-        tile = Image.fromarray(resize(image, [thumb, thumb], antialias=True).permute(1, 2, 0).numpy())
-        # torchvision's draw_keypoints draws its connecting lines white only, so the coloured axes use PIL.
-        draw = ImageDraw.Draw(tile)
-        scale = np.array([thumb / w, thumb / h])
+        image = resize(image, [thumb, thumb], antialias=True)
+        k = np.diag([thumb / w, thumb / h, 1.0]) @ K[i]  # the pixels the axes are drawn in
         length = table.column("diameter_mm")[i] / 2
         for R, t, color in ((R_gt, t_gt, (0, 255, 0)), (R_pred, t_pred, (255, 0, 0))):
-            uv, in_front = _axes_keypoints(R[i], t[i], K[i], length)
-            if in_front:
-                origin, *tips = [tuple(p) for p in (uv * scale).clip(-10 * thumb, 11 * thumb)]
-                for tip in tips:
-                    draw.line([origin, tip], fill=color, width=2)
-        image = torch.from_numpy(np.asarray(tile).copy()).permute(2, 0, 1)
+            image = draw_axes(image, R[i], t[i], k, length, width=2, color=color)
         box = torch.tensor([[0, 0, thumb - 1, thumb - 1]], dtype=torch.float32)
         image = draw_bounding_boxes(image, box, labels=[f"#{n}"], colors="white")
         tiles.append(image)
@@ -592,7 +560,7 @@ def analyze(
 
 
 def _merge_settings(settings):
-    merged = json.loads(json.dumps(DEFAULT_SETTINGS))
+    merged = group_defaults("debugging/error_analysis/default") | {"seed": 0}
     for key, value in settings.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key].update(value)

@@ -28,7 +28,9 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
+
+from ..batches import collate, to_device
 
 # --- items and batches ---------------------------------------------------------------------------------------
 
@@ -83,10 +85,6 @@ def unbatch(batch, input_key="image"):
     return [_slice(batch, i, n) for i in range(n)]
 
 
-def collate(items):
-    return default_collate(items)
-
-
 def take_items(source, n=None, input_key="image"):
     """The first `n` samples of a DataLoader (in the order it yields them) or of a Dataset, as items."""
     items = []
@@ -99,16 +97,6 @@ def take_items(source, n=None, input_key="image"):
         count = len(source) if n is None else min(n, len(source))
         items = [source[i] for i in range(count)]
     return items[:n] if n is not None else items
-
-
-def to_device(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
 
 
 def zero_inputs(items, input_key="image"):

@@ -2,8 +2,9 @@
 
 Each configs/experiment/zoo/<cause>.yaml breaks the pose example in one way. Knob faults (a learning rate
 of 3, batch size 2, ...) are ordinary config values; the faults below change data or model code, so they
-live here instead of in training.py. `training.build` passes its Components through `apply(c)`, so
-`make train EXPERIMENT=zoo/answer_in_input` trains on the broken data just like the doctor sees it.
+live here instead of in training.py. `training.build` wraps its datasets (`fault_datasets`), loaders
+(`pixel_fault`) and model (`fault_model`) with them, so `make train EXPERIMENT=zoo/answer_in_input` trains
+on the broken data just like the doctor sees it. This module imports nothing of the project.
 
     shuffled_targets   every image gets another image's pose: targets independent of inputs  (unsolvable)
     answer_in_input    the pose is written into the top-left pixels of every image            (answer_in_input)
@@ -16,7 +17,6 @@ live here instead of in training.py. `training.build` passes its Components thro
     black_level        a constant 1000 added to every pixel (a sensor black level never subtracted) (poor_input_features)
 """
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -166,30 +166,3 @@ def fault_model(cfg, model):
     elif fault == "ignores_input":
         model.register_forward_pre_hook(_zero_input)
     return model
-
-
-def apply(c):
-    """The hook training.build calls on its Components: returns them unchanged unless `debugging.fault` is set."""
-    cfg = c.cfg
-    fault = fault_of(cfg)
-    if fault is None or getattr(c.model, "zoo_fault", None) == fault:  # none, or applied already
-        return c
-    from .. import training  # late import: training imports this module
-
-    model = fault_model(cfg, c.model)
-    model.zoo_fault = fault
-    train_set, val_set = fault_datasets(cfg, c.train_set, c.val_set)
-    batch_fault = pixel_fault(cfg)
-    if train_set is c.train_set and val_set is c.val_set and batch_fault is None:
-        return dataclasses.replace(c, model=model)
-    train_loader, val_loader = training.build_loaders(cfg, train_set, val_set, batch_fault)
-    scheduler = training.build_scheduler(cfg, c.optimizer, len(train_loader))
-    return dataclasses.replace(
-        c,
-        model=model,
-        train_set=train_set,
-        val_set=val_set,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        scheduler=scheduler,
-    )

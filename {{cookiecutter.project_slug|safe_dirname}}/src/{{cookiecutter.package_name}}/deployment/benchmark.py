@@ -34,47 +34,19 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 
+from ..checkpoints import load_model
 from ..files import write_json
 from ..paths import CONFIG_DIR
+from .export import test_batch
+from .runtime import latency_stats, measure_latency, open_session, throughput, tile, time_calls
 
 TARGET_SPEEDUP = 1.5
 
 
-def time_calls(fn, warmup, runs):
-    """Call fn warmup times, then runs times; the wall-clock milliseconds of each timed call."""
-    for _ in range(int(warmup)):
-        fn()
-    times = []
-    for _ in range(int(runs)):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return np.array(times)
-
-
-def latency_stats(ms):
-    return {
-        "latency_ms_p50": float(np.percentile(ms, 50)),
-        "latency_ms_p95": float(np.percentile(ms, 95)),
-        "latency_ms_mean": float(np.mean(ms)),
-    }
-
-
-def throughput(fn, n_images, warmup, runs):
-    ms = time_calls(fn, warmup, runs)
-    return float(n_images / (np.median(ms) / 1000))
-
-
 def compare_runtimes(estimator, onnx_path, images, K, threads, warmup, runs, batch, **session_options):
     """Eager PyTorch vs onnxruntime (the service's session options): batch-1 latency, throughput, ratios."""
-    from .export import tile
-    from .serve import open_session
-
     torch.set_num_threads(int(threads))
-    session = open_session(onnx_path, threads, **session_options)
     one_t, many_t = (images[:1], K[:1]), (tile(images, batch), tile(K, batch))
-    one_o = {"image": one_t[0].numpy(), "K": one_t[1].numpy()}
-    many_o = {"image": many_t[0].numpy(), "K": many_t[1].numpy()}
     batch_runs = max(3, runs // 10)
     # eager at 1 thread too: PyTorch's OpenMP threads degrade badly when other processes share the
     # cores, and the ratio should not credit onnxruntime for that alone
@@ -90,10 +62,7 @@ def compare_runtimes(estimator, onnx_path, images, K, threads, warmup, runs, bat
     torch.set_num_threads(int(threads))
     eager = eager_by_threads[int(threads)]
     best = min(eager_by_threads.values(), key=lambda s: s["latency_ms_p50"])
-    ort_ = latency_stats(time_calls(lambda: session.run(None, one_o), warmup, runs))
-    ort_["throughput_ips"] = throughput(
-        lambda: session.run(None, many_o), batch, max(1, warmup // 5), batch_runs
-    )
+    ort_ = measure_latency(onnx_path, images, K, threads, warmup, runs, batch, **session_options)
     return {
         "eager": eager,
         "eager_1_thread": eager_by_threads[1],
@@ -107,7 +76,6 @@ def compare_runtimes(estimator, onnx_path, images, K, threads, warmup, runs, bat
 
 def session_options_sweep(onnx_path, images, K, max_threads, warmup, runs):
     """onnxruntime batch-1 p50/p95 per graph optimization level, intra-op thread count and spinning."""
-    from .serve import open_session
 
     one = {"image": images[:1].numpy(), "K": K[:1].numpy()}
     rows = []
@@ -207,8 +175,6 @@ async def http_load(url, payloads, clients, max_requests, seconds):
 
 
 def run_benchmark(cfg, overrides=()):
-    from ..training import load_model
-    from .export import test_batch
 
     d, b = cfg.deployment, cfg.deployment.benchmark
     onnx_path = Path(d.onnx)

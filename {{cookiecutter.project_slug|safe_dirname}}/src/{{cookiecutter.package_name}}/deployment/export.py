@@ -3,7 +3,7 @@
     python -m <package>.deployment.export experiment=<name>      # make export
 
 1. loads `deployment.checkpoint` (3_training/checkpoints/best.pt, torch.load(weights_only=True)) with
-   training.load_model -> PoseEstimator;
+   checkpoints.load_model -> PoseEstimator;
 2. exports `PoseEstimator(image, K) -> (R, t)` with torch.onnx's torch.export-based exporter at opset
    `deployment.opset` (18): inputs `image` float32 [batch, 3, H, W] RGB in [0, 1] (the ImageNet
    normalization is inside the graph) and `K` float32 [batch, 3, 3]; outputs `R` float32 [batch, 3, 3]
@@ -38,10 +38,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 
 from .. import tracking
+from ..checkpoints import load_model
 from ..files import atomic_path, write_json
 from ..paths import CONFIG_DIR, PROJECT_ROOT
-from .benchmark import latency_stats, time_calls
-from .serve import open_session, sha256_file
+from ..pose import losses
+from .runtime import measure_latency, open_session, sha256_file
 
 INPUT_NAMES = ("image", "K")
 OUTPUT_NAMES = ("R", "t")
@@ -126,27 +127,6 @@ def parity(estimator, onnx_path, images, K, atol_R, atol_t_mm, threads=2):
     return result
 
 
-def measure_latency(onnx_path, images, K, threads=2, warmup=10, runs=100, batch=32, **session_options):
-    """onnxruntime latency at batch 1 (p50/p95/mean ms) and throughput at `batch` (images/s)."""
-    session = open_session(onnx_path, threads, **session_options)
-    one = {"image": images[:1].numpy(), "K": K[:1].numpy()}
-    many = {"image": tile(images, batch).numpy(), "K": tile(K, batch).numpy()}
-    stats = latency_stats(time_calls(lambda: session.run(None, one), warmup, runs))
-    batch_ms = time_calls(lambda: session.run(None, many), max(1, warmup // 5), max(3, runs // 10))
-    return {
-        **stats,
-        "throughput_ips": float(batch / (np.median(batch_ms) / 1000)),
-        "batch": batch,
-        "model_size_mb": Path(onnx_path).stat().st_size / 1e6,
-        "intra_op_threads": int(threads),
-    }
-
-
-def tile(x, n):
-    reps = -(-n // x.shape[0])
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n].contiguous()
-
-
 def git_commit(root=PROJECT_ROOT):
     try:
         out = subprocess.run(
@@ -213,8 +193,6 @@ def test_batch(cfg, image_size, n):
 
 
 def run_export(cfg):
-    from ..training import load_model
-
     d = cfg.deployment
     checkpoint = Path(d.checkpoint)
     if not checkpoint.is_file():
@@ -228,7 +206,7 @@ def run_export(cfg):
         experiment = HydraConfig.get().runtime.choices.get("experiment") or "default"
     metadata = build_metadata(
         input_size,
-        train_cfg.loss.rotation,
+        losses.rotation_of(train_cfg.loss),
         train_cfg.loss.translation,
         experiment,
         train_cfg.data.obj_id,

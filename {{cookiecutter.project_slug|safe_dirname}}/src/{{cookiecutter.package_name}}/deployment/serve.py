@@ -40,12 +40,10 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated
 
 import hydra
 import numpy as np
-import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from PIL import Image, UnidentifiedImageError
@@ -53,6 +51,7 @@ from pydantic import BaseModel, Field
 
 from ..paths import CONFIG_DIR
 from .feedback import ServiceLog, feedback_record, has_prediction, utc_now
+from .runtime import model_metadata, open_session, sha256_file
 
 IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/octet-stream", ""}
 IMAGE_FORMATS = {"PNG", "JPEG"}
@@ -65,54 +64,6 @@ class BadInput(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# --- the model -----------------------------------------------------------------------------------
-
-
-def open_session(path, intra_op_threads=2, graph_optimization="all", allow_spinning=False):
-    """An onnxruntime CPU session with explicit threads, graph optimization level and thread spinning.
-
-    Spinning worker threads shave a little off latency on an idle CPU but, when other processes share
-    the cores (the web server itself, a robot's control loop), they steal time and inflate p95.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} does not exist (run: make export)")
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if graph_optimization not in levels:
-        raise ValueError(
-            f"deployment.graph_optimization={graph_optimization!r}; expected one of {sorted(levels)}"
-        )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[graph_optimization]
-    options.intra_op_num_threads = int(intra_op_threads)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def model_metadata(session):
-    """The metadata_props written by export.py, plus the input size as ints."""
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    missing = [k for k in ("input_height", "input_width") if k not in meta]
-    if missing:
-        raise ValueError(f"ONNX model has no {missing} metadata; re-export it with deployment.export")
-    return meta
-
-
-def sha256_file(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- input checks and preprocessing ---------------------------------------------------------------

@@ -3,7 +3,7 @@
     build_criterion(loss_cfg, model_points_mm=None, symmetric=False, image_size=None) -> PoseCriterion
     criterion(out, batch) -> (loss, parts)
 
-`out` is the network's raw output {"rot": [B, D], "trans": [B, 3]} (D = geometry.rotation_dim(loss_cfg.rotation));
+`out` is the network's raw output {"rot": [B, D], "trans": [B, 3]} (D = geometry.rotation_dim(rotation_of(loss_cfg)));
 `batch` is a BopDataset batch with "R" [B, 3, 3], "t" [B, 3] (mm), "K" [B, 3, 3] and "image" [B, 3, H, W]
 (the image only supplies (H, W) for translation mode "centre_depth", or pass image_size).
 `loss` is a scalar tensor to backpropagate; `parts` maps names to detached 0-dim tensors (use float(v)):
@@ -11,7 +11,8 @@
 decoded pose's errors, for monitoring). The criterion also exposes `.rotation` (representation the network
 must output) and `.translation` (translation mode) so the model can be built to match.
 
-Config keys: name, rotation (euler | quaternion | sixd), translation (direct | centre_depth),
+Config keys: name, rotation (point_matching only: euler | quaternion | sixd; the other losses fix it, see
+`rotation_of`), translation (direct | centre_depth),
 rotation_weight, translation_weight, and for point_matching n_points (model points used, default 500).
 
 Losses (each term: squared error summed over components, averaged over the batch):
@@ -139,16 +140,24 @@ def _diameter_units(model_points_mm, n_points, seed=0):
     return points / diameter
 
 
+def rotation_of(loss_cfg):
+    """The rotation representation the network outputs, from one source: the one the loss's name needs
+    (euler_l2, quaternion, sixd), else `loss.rotation` (point_matching works with any; default sixd)."""
+    name, given = loss_cfg.get("name"), loss_cfg.get("rotation")
+    required = _REQUIRED_REPRESENTATION.get(name)
+    if required is not None and given not in (None, required):
+        raise ValueError(f"loss.name={name} needs loss.rotation={required}, got loss.rotation={given}")
+    rotation = required or given or "sixd"
+    geometry.rotation_dim(rotation)  # raises on an unknown representation
+    return rotation
+
+
 def build_criterion(loss_cfg, model_points_mm=None, symmetric=False, image_size=None):
     """The loss named by `loss_cfg.name` (see the module docstring); raises ValueError on a bad config."""
     name = loss_cfg.get("name")
     if name not in LOSSES:
         raise ValueError(f"loss.name={name!r} is not a known loss; expected one of {LOSSES}")
-    rotation = loss_cfg.get("rotation")
-    geometry.rotation_dim(rotation)  # raises on an unknown representation
-    required = _REQUIRED_REPRESENTATION.get(name)
-    if required is not None and rotation != required:
-        raise ValueError(f"loss.name={name} needs loss.rotation={required}, got loss.rotation={rotation}")
+    rotation = rotation_of(loss_cfg)
     translation = loss_cfg.get("translation")
     geometry.translation_dim(translation)  # raises on an unknown mode
     points = None

@@ -1,7 +1,7 @@
 """The pose network: a torchvision backbone, a translation head and an orientation head.
 
 `build_model(cfg)` reads `cfg.model` (backbone and head knobs) and, from the loss config, which rotation
-representation the orientation head outputs (`cfg.loss.rotation`, its size from `geometry.rotation_dim`)
+representation the orientation head outputs (`losses.rotation_of(cfg.loss)`, its size from `geometry.rotation_dim`)
 and how the translation head's output is encoded (`cfg.loss.translation`, see `geometry`).
 
     net = build_model(cfg)
@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from . import geometry
+from . import geometry, losses
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -173,7 +173,7 @@ class PoseEstimator(nn.Module):
 
 
 def build_model(cfg):
-    """PoseNet from `cfg.model` with the orientation output that `cfg.loss.rotation` needs."""
+    """PoseNet from `cfg.model` with the orientation output that the loss needs (`losses.rotation_of`)."""
     m = cfg.model
     if m.arch == "small_resnet":
         trunk, channels = small_resnet(m.width, m.depth, m.get("stages", 4), m.get("stem_stride") or 1)
@@ -187,7 +187,7 @@ def build_model(cfg):
     net = PoseNet(
         trunk,
         channels,
-        rotation=cfg.loss.rotation,
+        rotation=losses.rotation_of(cfg.loss),
         translation=cfg.loss.translation,
         image_size=cfg.data.get("image_size"),  # an int: square images
         pool=m.get("pool", 4),
