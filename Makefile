@@ -1,4 +1,4 @@
-# Two commands: `make demo` bakes the default project and runs its pipeline; `make test` runs every template test.
+# Two commands: `make demo` bakes the default project (with the pose example, named Pose Estimation) and runs its pipeline; `make test` runs every template test.
 # Both create .venv with Python 3.11 and install what they need.
 
 PYTHON_BIN ?= python3.11
@@ -26,7 +26,7 @@ test-fast: venv  ## template tests without the slow end-to-end ones
 
 demo: venv  ## bake the default project into demo/ and run its whole pipeline
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	$(VENV)/bin/cookiecutter --no-input -o $(DEMO_DIR) .
+	$(VENV)/bin/cookiecutter --no-input -o $(DEMO_DIR) . project_name="Pose Estimation"
 	$(PY) -m pip install --quiet --no-deps -e $(DEMO_DIR)/$(SLUG)
 	cd $(DEMO_DIR)/$(SLUG) && $(MAKE) pipeline PYTHON=$(abspath $(PY))
 	@echo "Demo project: $(DEMO_DIR)/$(SLUG) (see its README; metrics in 3_training/metrics.json)"

@@ -23,25 +23,23 @@ DVC_REMOTE = "../{{ cookiecutter.project_slug }}-dvc-storage"
 AUTHOR = ("{{ cookiecutter.author_name }}", "{{ cookiecutter.author_email }}")
 
 SRC = f"src/{PACKAGE}"
-# Everything that belongs to the worked 6D pose example. With include_example=no the project keeps
-# the lifecycle folders, checklists, planning, error analysis, metric review and the generic doctor probes.
+# Everything that belongs to the worked 6D pose example. With include_example=no the project keeps the
+# lifecycle folders, checklists and the generic core that runs any task.Task: planning, training, evaluation,
+# the doctor (engine and probes), error analysis, metric review (docs/your-task.md says what to write).
 EXAMPLE = [
     f"{SRC}/data",
     f"{SRC}/pose",
     f"{SRC}/deployment",
-    f"{SRC}/training.py",
-    f"{SRC}/evaluation.py",
     f"{SRC}/benchmark.py",
-    f"{SRC}/debugging/doctor.py",
     f"{SRC}/debugging/zoo.py",
     f"{SRC}/debugging/zoo_benchmark.py",
+    "configs/task/pose.yaml",
     "configs/data",
     "configs/model",
     "configs/loss",
-    "configs/training",
+    "configs/training/gpu.yaml",
     "configs/deployment",
     "configs/hydra",
-    "configs/debugging/doctor",
     "configs/experiment/smoke.yaml",
     "configs/experiment/baseline.yaml",
     "configs/experiment/gpu.yaml",

@@ -81,7 +81,7 @@ def test_bake_without_git_prints_next_steps(tmp_path):
     cmd = [sys.executable, "-m", "cookiecutter", "--no-input", "-o", str(out), str(TEMPLATE)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    project = out / "pose-estimation"
+    project = out / "my-dl-project"
     assert (project / "README.md").exists()
     assert not (project / ".git").exists()
     assert "git init" in result.stdout

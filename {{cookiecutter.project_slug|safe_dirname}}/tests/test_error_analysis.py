@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 from {{ cookiecutter.package_name }}.debugging import error_analysis as ea
+{%- if cookiecutter.include_example == "yes" %}
+from {{ cookiecutter.package_name }}.pose import errors as pose_errors
+from {{ cookiecutter.package_name }}.pose.task import PoseTask
+{%- endif %}
 
 K = "500 0 320 0 500 240 0 0 1"
 EYE = "1 0 0 0 1 0 0 0 1"
@@ -195,9 +199,9 @@ CASES = {
 def test_each_automatic_pose_tag(tmp_path, category):
     extra = {"brightness": 0.8, "blur_px": 0.0}
     rows = [pose_row(0, **extra), pose_row(1, **(extra | CASES[category]))]
-    table = ea.read_errors(write_csv(tmp_path / "errors.csv", rows))
-    assert table.is_pose
-    tags = ea.pose_tags(table, ea._merge_settings({})["tags"])
+    table = ea.read_errors(write_csv(tmp_path / "errors.csv", rows), PoseTask(None))
+    assert pose_errors.has_pose_columns(table)
+    tags = pose_errors.pose_tags(table, ea._merge_settings({})["tags"])
     assert not any(values[0] for values in tags.values()), {c: v[0] for c, v in tags.items()}
     assert tags[category][1]
 
@@ -208,7 +212,7 @@ def test_pose_rule_uses_add_s(tmp_path):
         pose_row(1, add_mm=50.0, adds_mm=5.0, symmetric=0),  # asymmetric: ADD 50 mm fails
         pose_row(2, add_mm=9.0, adds_mm=9.0),
     ]
-    table = ea.read_errors(write_csv(tmp_path / "errors.csv", rows))
+    table = ea.read_errors(write_csv(tmp_path / "errors.csv", rows), PoseTask(None))
     settings = ea._merge_settings({"fail_when": "add_s_mm >= 0.1 * diameter_mm"})
     failing, _ = ea.select_errors(table, settings, None)
     assert failing.tolist() == [False, True, False]
@@ -228,7 +232,9 @@ def test_contact_sheet_and_report_from_pose_errors(tmp_path):
         "eyeball_fraction": 1.0,
         "contact_sheet": {"thumb_px": 64},
     }
-    analysis = ea.analyze(errors, tmp_path / "out", settings=settings, search_dirs=[tmp_path])
+    analysis = ea.analyze(
+        errors, tmp_path / "out", settings=settings, search_dirs=[tmp_path], task=PoseTask(None)
+    )
     assert analysis["n_errors"] == 6 and analysis["contact_sheet"]["tiles"] == 6
     sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
     pixels = np.asarray(sheet)
@@ -245,7 +251,9 @@ def test_missing_or_corrupt_images_skip_the_contact_sheet(tmp_path):
     rows = [pose_row(i, add_mm=40.0) for i in range(3)]  # 000001.png and 000002.png do not exist
     errors = write_csv(tmp_path / "errors.csv", rows)
     settings = {"fail_when": "add_s_mm >= 0.1 * diameter_mm", "eyeball_fraction": 1.0}
-    analysis = ea.analyze(errors, tmp_path / "out", settings=settings, search_dirs=[tmp_path])
+    analysis = ea.analyze(
+        errors, tmp_path / "out", settings=settings, search_dirs=[tmp_path], task=PoseTask(None)
+    )
     assert analysis["contact_sheet"]["tiles"] == 0 and "could be read" in analysis["contact_sheet"]["note"]
     assert not (tmp_path / "out" / "contact_sheet.png").exists()
     assert "could be read" in (tmp_path / "out" / "report.md").read_text()

@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 from {{ cookiecutter.package_name }} import metric_review as mr
+{%- if cookiecutter.include_example == "yes" %}
+from {{ cookiecutter.package_name }}.pose.task import PoseTask
+{%- endif %}
 
 PROJECT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = [
@@ -128,6 +131,9 @@ def test_bad_metrics_file_is_a_clear_error(tmp_path):
         run_review(tmp_path, settings)
 
 
+{%- if cookiecutter.include_example == "yes" %}
+
+
 def pose_row(i, depth, visib, symmetric, add_mm, rot_z_deg=0.0):
     c, s = math.cos(math.radians(rot_z_deg)), math.sin(math.radians(rot_z_deg))
     return {
@@ -156,7 +162,7 @@ def test_slices_of_the_headline(tmp_path):
             )
         )
     settings = setup(tmp_path, latency={"latency_ms_p95": 20.0}, errors=errors)
-    result = run_review(tmp_path, settings)
+    result = run_review(tmp_path, settings, task=PoseTask(None))
     slices = result["slices"]
     assert set(slices) == {"distance (camera depth)", "rotation magnitude", "visibility", "symmetry"}
     distance = slices["distance (camera depth)"]
@@ -171,8 +177,11 @@ def test_slices_of_the_headline(tmp_path):
     assert "distance (camera depth): 70–90 cm" in result["weak_slices"]
     assert (tmp_path / "review" / "slices.png").is_file()
     # extra slices on any numeric column
-    result = run_review(tmp_path, settings | {"extra_slices": {"visib_fract": [0, 0.5, 1.01]}})
+    result = run_review(
+        tmp_path, settings | {"extra_slices": {"visib_fract": [0, 0.5, 1.01]}}, task=PoseTask(None)
+    )
     assert [row["n"] for row in result["slices"]["visib_fract"]] == [15, 15]
+{%- endif %}
 
 
 def test_slices_of_your_own_task(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from .pose.model import PoseEstimator, build_model
+from .task import load_task
 
 
 def pick_device(cfg):
@@ -39,9 +39,11 @@ def load_checkpoint(path, device="cpu"):
 
 
 def load_model(path, device="cpu"):
-    """A checkpoint -> (PoseEstimator in eval mode on `device`, the config it was trained with)."""
+    """A checkpoint -> (the task's inference model in eval mode on `device`, the config it was trained with);
+    for the pose example a PoseEstimator."""
     checkpoint = load_checkpoint(path, device)
     cfg = OmegaConf.create(checkpoint["config"])
-    net = build_model(cfg)
+    task = load_task(cfg)
+    net = task.build_model(cfg)
     net.load_state_dict(checkpoint["model"])
-    return PoseEstimator(net).to(device).eval(), cfg
+    return task.inference_model(net, cfg).to(device).eval(), cfg

@@ -7,8 +7,8 @@
   On a key present in several sources the first wins, in that order.
 - A requirement whose metric is in none of them (or is NaN) is "not measured"; a `must` that is not
   measured counts as failing: a gate that passes because nothing was measured is no gate.
-- The headline requirement is broken into slices (pose: distance, rotation magnitude, visibility,
-  symmetry; your task: `slice_<name>` columns, any column via `extra_slices`) from the per-sample
+- The headline requirement is broken into slices (the task's own, `Task.error_slices`; `slice_<name>`
+  columns; any column via `extra_slices`) from the per-sample
   errors CSV, using the headline's `sample_fails_when` rule: a slice's value is the share of its
   samples that pass it.
 - Trend: each review appends one line to `6_metric_review/history.jsonl`; the report shows the last
@@ -38,6 +38,7 @@ from .debugging.error_analysis import ErrorAnalysisError, checklist_items, read_
 from .files import atomic_path, write_json, write_text
 from .paths import CONFIG_DIR, group_defaults
 from .planning import RequirementsError, headline, load_requirements, metric_range
+from .task import Task, configured_task
 from .tracking import start_run
 
 
@@ -137,57 +138,34 @@ def exit_code(results, strict=True):
 # --- slices of the headline ----------------------------------------------------------------------------
 
 
-def _bins(values, edges, labels):
+def bin_labels(values, edges, labels):
     """(label per sample, labels in order) for numeric bins [edges[i], edges[i+1]); NaN -> 'n/a'."""
     index = np.digitize(values, edges[1:-1])
     per_sample = ["n/a" if np.isnan(v) else labels[i] for v, i in zip(values, index, strict=True)]
     return per_sample, [*labels, "n/a"]
 
 
-def pose_slices(table):
-    depth_cm = table.column("depth_mm") / 10
-    edges = np.unique(np.nanquantile(depth_cm, [0, 1 / 3, 2 / 3, 1]))  # terciles; fewer when depths repeat
-    if len(edges) < 2:
-        distance = ([f"{edges[0]:.0f} cm"] * len(depth_cm), [f"{edges[0]:.0f} cm"])
-    else:
-        distance = _bins(
-            depth_cm, edges, [f"{lo:.0f}–{hi:.0f} cm" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-        )
-    symmetric = ["symmetric" if s > 0.5 else "asymmetric" for s in np.nan_to_num(table.column("symmetric"))]
-    return {
-        "distance (camera depth)": distance,
-        "rotation magnitude": _bins(
-            table.column("rot_deg"), [0, 45, 90, 135, 180], ["0–45°", "45–90°", "90–135°", "135–180°"]
-        ),
-        "visibility": _bins(
-            np.nan_to_num(table.column("visib_fract"), nan=1.0),
-            [0, 0.5, 0.8, 1.0],
-            ["<50% visible", "50–80% visible", "≥80% visible"],
-        ),
-        "symmetry": (symmetric, ["asymmetric", "symmetric"]),
-    }
-
-
-def slice_headline(errors_path, req, extra_slices):
+def slice_headline(errors_path, req, extra_slices, task=None):
     """Per slice family: [{slice, n, pass_rate (, re_deg_median, te_cm_median)}]; plus a note."""
     if req.sample_fails_when is None:
         return {}, f"headline '{req.name}' has no sample_fails_when: no slices"
     if not Path(errors_path).is_file():
         return {}, f"no per-sample errors at {errors_path}: no slices"
-    table = read_errors(errors_path)
+    task = task or Task(None)
+    table = read_errors(errors_path, task)
     rule = req.sample_fails_when
     try:
         passing = ~rule.fails({c: table.column(c) for c in rule.columns if c in table.columns})
     except ValueError as err:
         raise ReviewError(f"{errors_path}: {err}") from None
-    families = pose_slices(table) if table.is_pose else {}
+    families = task.error_slices(table)
     # your own task: `slice_<name>` columns of the errors CSV are categorical slices, plus extra_slices
     columns = {c[6:]: (c, None) for c in table.columns if c.startswith("slice_") and len(c) > 6}
     columns |= {c: (c, edges) for c, edges in (extra_slices or {}).items()}
     for family, (column, edges) in columns.items():
         if edges:
             labels = [f"{lo:g}–{hi:g}" for lo, hi in zip(edges[:-1], edges[1:], strict=False)]
-            families[family] = _bins(table.column(column), list(edges), labels)
+            families[family] = bin_labels(table.column(column), list(edges), labels)
         else:
             if column not in table.columns:
                 raise ReviewError(f"{errors_path}: no column '{column}' to slice by")
@@ -202,9 +180,8 @@ def slice_headline(errors_path, req, extra_slices):
             if not mask.any():
                 continue
             row = {"slice": label, "n": int(mask.sum()), "pass_rate": float(passing[mask].mean())}
-            if table.is_pose:
-                row["re_deg_median"] = float(np.nanmedian(table.column("re_deg")[mask]))
-                row["te_cm_median"] = float(np.nanmedian(table.column("te_cm")[mask]))
+            for column in task.slice_medians:
+                row[f"{column}_median"] = float(np.nanmedian(table.column(column)[mask]))
             rows.append(row)
         result[family] = rows
     note = f"`{rule}` per sample from {errors_path} ({len(table)} samples)"
@@ -412,16 +389,12 @@ def render_review(r):
     lines += ["## Slices of the headline", ""]
     lines.append(r["slices_note"] + ("; plot: slices.png" if r["plots"].get("slices") else ""))
     for family, rows in r["slices"].items():
-        pose = "re_deg_median" in rows[0]
+        medians = [k for k in rows[0] if k.endswith("_median")]
         lines += ["", f"**{family}**", ""]
-        lines += [
-            "| slice | n | pass rate"
-            + (" | median rot. err (deg) | median transl. err (cm)" if pose else "")
-            + " |"
-        ]
-        lines += ["|---|---|---" + ("|---|---" if pose else "") + "|"]
+        lines += ["| slice | n | pass rate" + "".join(f" | median {k[:-7]}" for k in medians) + " |"]
+        lines += ["|---|---|---" + "|---" * len(medians) + "|"]
         for row in rows:
-            extra = f" | {row['re_deg_median']:.2f} | {row['te_cm_median']:.2f}" if pose else ""
+            extra = "".join(f" | {row[k]:.2f}" for k in medians)
             lines.append(f"| {row['slice']} | {row['n']} | {100 * row['pass_rate']:.1f}%{extra} |")
     if r["weak_slices"]:
         lines += ["", "Slices below the headline target: " + ", ".join(r["weak_slices"]) + "."]
@@ -466,7 +439,7 @@ def render_review(r):
     return "\n".join(lines) + "\n"
 
 
-def review(settings, requirements_path, root=".", checklist=None, run=None):
+def review(settings, requirements_path, root=".", checklist=None, run=None, task=None):
     """The whole review; writes review.md/json, plots, appends history. Returns the review dict."""
     s = group_defaults("metric_review/default") | dict(settings)
     out = Path(s["out"])
@@ -475,7 +448,7 @@ def review(settings, requirements_path, root=".", checklist=None, run=None):
     metrics, sources, notes, production = measurements(s)
     results = check_requirements(requirements, metrics, sources)
     code = exit_code(results, bool(s["strict"]))
-    slices, slices_note = slice_headline(s["errors"], head, s.get("extra_slices"))
+    slices, slices_note = slice_headline(s["errors"], head, s.get("extra_slices"), task)
     weak = []
     if metric_range(head.metric, head.unit) == (0.0, 1.0) and head.op in (">=", ">"):
         weak = [
@@ -557,6 +530,7 @@ def main(cfg):
             root=cfg.paths.root,
             checklist=checklist_items(Path(cfg.paths.metric_review) / "CHECKLIST.md"),
             run=run,
+            task=configured_task(cfg),
         )
     except (ReviewError, RequirementsError, ErrorAnalysisError, yaml.YAMLError) as err:
         print(f"review: {err}", file=sys.stderr)

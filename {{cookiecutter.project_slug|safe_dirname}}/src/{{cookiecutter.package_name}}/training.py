@@ -1,15 +1,16 @@
-"""Stage 3: train the pose network. Plain PyTorch, read it top to bottom.
+"""Stage 3: train the configured task's network (task.Task, selected by `task._target_`). Plain PyTorch,
+read it top to bottom.
 
     python -m <package>.training                              # the default config (CPU)
-    python -m <package>.training experiment=baseline          # the talk's Euler-angle baseline
+    python -m <package>.training experiment=<name>            # an experiment (configs/experiment/<name>.yaml)
     python -m <package>.training training.resume=true         # continue exactly where the last run stopped
     python -m torch.distributed.run --nproc_per_node 2 -m <package>.training   # DDP (gloo on CPU, nccl on GPU)
 
 Writes `3_training/checkpoints/last.pt` every epoch (and on SIGTERM, e.g. a SLURM preemption) and
 `best.pt` when the validation score improves; both load with `torch.load(path, weights_only=True)`.
-`build(cfg)` returns every piece (model, data, optimizer, ...), the bug zoo's fault included when
-`debugging.fault` is set, so the doctor and the benchmark reuse exactly what training uses;
-`checkpoints.load_model(path)` gives back a ready `PoseEstimator`.
+`build(cfg)` returns every piece (task, model, data, optimizer, ...), an injected fault included when
+`debugging.fault` is set (Task.fault_*), so the doctor and the benchmark reuse exactly what training uses;
+`checkpoints.load_model(path)` gives back the task's ready inference model.
 """
 
 import dataclasses
@@ -33,13 +34,9 @@ from tqdm import tqdm
 
 from . import batches, tracking
 from .checkpoints import checkpoint_dir, load_checkpoint, pick_device
-from .data import bop
-from .debugging import zoo
 from .files import atomic_path
 from .paths import CONFIG_DIR
-from .pose import draw, losses
-from .pose import metrics as pose_metrics
-from .pose.model import build_model
+from .task import load_task
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -126,6 +123,7 @@ class EpochSampler(DistributedSampler):
 @dataclasses.dataclass
 class Components:
     cfg: object
+    task: object  # task.Task
     device: torch.device
     model: nn.Module
     criterion: object
@@ -136,65 +134,18 @@ class Components:
     val_set: object
     train_loader: DataLoader
     val_loader: DataLoader
-    model_points: torch.Tensor  # mm, all PLY vertices
-    symmetric: bool
-    diameter_mm: float
 
 
-def rotate_in_plane(batch, max_deg):
-    """Augmentation: turn the camera about its optical axis by a random angle in [-max_deg, max_deg].
-
-    The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
-    the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
-    object's orientation per sample, without rendering more images. Corners outside the old image are black.
-    `batch` holds image [B,3,H,W], K, R, t; the random angles come from torch's global generator.
-    """
-    K = batch["K"]
-    if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
-        raise ValueError("training.augment.rotate_deg needs square pixels (fx = fy, no skew); set it to 0")
-    images = batch["image"]
-    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
-    cos, sin, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
-    Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
-    # With fx = fy, R' = Rz R moves a pixel p (x right, y down) to c + Rz2 (p - c) about the principal point c.
-    # Each output pixel samples the input at c + Rz2^T (p' - c): one grid_sample for the whole batch
-    # (torchvision's rotate turns a whole batch by one angle). Pixel centres are at integers (BOP/OpenCV).
-    H, W = images.shape[-2:]
-    v, u = torch.meshgrid(
-        torch.arange(H, dtype=K.dtype, device=K.device),
-        torch.arange(W, dtype=K.dtype, device=K.device),
-        indexing="ij",
-    )
-    du, dv = u - K[:, 0, 2, None, None], v - K[:, 1, 2, None, None]  # [B,H,W]
-    c, s = cos[:, None, None], sin[:, None, None]
-    src_u = K[:, 0, 2, None, None] + c * du + s * dv
-    src_v = K[:, 1, 2, None, None] - s * du + c * dv
-    # grid_sample's align_corners=False puts pixel i's centre at (2i + 1) / size - 1
-    grid = torch.stack([(2 * src_u + 1) / W - 1, (2 * src_v + 1) / H - 1], -1).to(images.dtype)
-    turned = nn.functional.grid_sample(
-        images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return batch | {"image": turned, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
-
-
-def collate_and_augment(items, max_deg=0, transform=None):
-    """The loaders' collate: stack the samples, `rotate_in_plane` the whole batch at once (max_deg > 0),
-    then `transform` it (the bug zoo's faults in what the network sees, debugging/zoo.py)."""
+def collate_and_augment(items, augment=None, transform=None):
+    """The loaders' collate: stack the samples, `augment` the whole batch at once (the task's
+    `train_transform`), then `transform` it (an injected fault in what the network sees, `fault_batch`)."""
     batch = batches.collate(items)
-    if max_deg:
-        batch = rotate_in_plane(batch, max_deg)
+    if augment is not None:
+        batch = augment(batch)
     return transform(batch) if transform else batch
 
 
-def build_datasets(cfg):
-    d = cfg.data
-    args = dict(image_size=d.image_size, preload=d.preload, min_visib_fract=d.min_visib_fract)
-    train_set = bop.BopDataset(d.root, d.splits.train, d.obj_id, **args)
-    val_set = bop.BopDataset(d.root, d.splits.val, d.obj_id, **args)
-    return train_set, val_set
-
-
-def build_loaders(cfg, train_set, val_set, batch_transform=None):
+def build_loaders(cfg, train_set, val_set, augment=None, batch_transform=None):
     t = cfg.training
     rank, world = rank_and_world()
     if t.batch_size % world:
@@ -204,9 +155,7 @@ def build_loaders(cfg, train_set, val_set, batch_transform=None):
     if t.num_workers > 0:
         loader_args |= dict(worker_init_fn=seed_worker, persistent_workers=False)
     # The augmentation happens in the loader, so the doctor's probes see the same batches as training.
-    train_collate = functools.partial(
-        collate_and_augment, max_deg=t.augment.rotate_deg, transform=batch_transform
-    )
+    train_collate = functools.partial(collate_and_augment, augment=augment, transform=batch_transform)
     val_collate = functools.partial(collate_and_augment, transform=batch_transform)
     train_loader = DataLoader(
         train_set,
@@ -271,21 +220,22 @@ def build(cfg):
         torch.set_num_threads(cfg.training.threads)
     device = pick_device(cfg)
     seed_everything(cfg.seed, cfg.training.deterministic)
-    # the bug zoo's data faults (debugging.fault, debugging/zoo.py; none by default), so `make train
+    task = load_task(cfg)
+    # an injected fault (the example's bug zoo, `debugging.fault`; none by default), so `make train
     # EXPERIMENT=zoo/<cause>` trains on the broken data the doctor diagnoses
-    train_set, val_set = zoo.fault_datasets(cfg, *build_datasets(cfg))
-    train_loader, val_loader = build_loaders(cfg, train_set, val_set, zoo.pixel_fault(cfg))
-    info = bop.load_models_info(cfg.data.root)[cfg.data.obj_id]
-    symmetric = bop.is_symmetric(info)
-    points = torch.as_tensor(bop.load_model_points(cfg.data.root, cfg.data.obj_id), dtype=torch.float32)
-    criterion = losses.build_criterion(cfg.loss, points, symmetric, image_size=cfg.data.image_size)
-    model = zoo.fault_model(cfg, build_model(cfg)).to(device, memory_format=memory_format(cfg))
+    train_set, val_set = task.fault_datasets(cfg, *task.build_datasets(cfg))
+    train_loader, val_loader = build_loaders(
+        cfg, train_set, val_set, task.train_transform(cfg), task.fault_batch(cfg)
+    )
+    criterion = task.build_loss(cfg, train_set)
+    model = task.fault_model(cfg, task.build_model(cfg)).to(device, memory_format=memory_format(cfg))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     # bfloat16 has float32's exponent range: only float16 (CUDA) needs loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp(cfg, device) and device.type == "cuda")
     return Components(
         cfg=cfg,
+        task=task,
         device=device,
         model=model,
         criterion=criterion,
@@ -296,9 +246,6 @@ def build(cfg):
         val_set=val_set,
         train_loader=train_loader,
         val_loader=val_loader,
-        model_points=points,
-        symmetric=symmetric,
-        diameter_mm=float(info["diameter"]),
     )
 
 
@@ -362,8 +309,8 @@ def train_one_epoch(c, epoch, state, stop, progress):
     for batch in progress:
         batch = to_device(batch, c.device, c.cfg)
         with torch.autocast(c.device.type, enabled=amp):
-            out = model(batch["image"])
-        loss, parts = c.criterion({k: v.float() for k, v in out.items()}, batch)
+            out = model(batch[c.task.input_key])
+        loss, parts = c.criterion(as_float(out), batch)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
@@ -383,7 +330,7 @@ def train_one_epoch(c, epoch, state, stop, progress):
         c.scheduler.step()
         state["step"] += 1
         state["batch"] += 1
-        state["seen"] += batch["image"].shape[0]
+        state["seen"] += len(batch[c.task.input_key])
         state["loss_sum"] += loss_value
         if state["step"] % t.log_every == 0:
             state["log"](
@@ -397,36 +344,37 @@ def train_one_epoch(c, epoch, state, stop, progress):
             raise StopRequested
 
 
+def as_float(out):
+    """The network's output in float32 (autocast may give bfloat16/float16) for the loss."""
+    return {k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float()
+
+
 @torch.no_grad()
 def validate(c):
-    """Median rotation error (deg) and translation error (cm) on the validation split, and the val loss."""
+    """The validation loss and the median of each of the task's per-sample errors (`val/<name>_median`)."""
     model = c.model.module if hasattr(c.model, "module") else c.model
     model.eval()
-    re, te, loss_sum, n = [], [], 0.0, 0
+    errors, loss_sum, n = {}, 0.0, 0
     for batch in c.val_loader:
         batch = to_device(batch, c.device, c.cfg)
         with torch.autocast(c.device.type, enabled=use_amp(c.cfg, c.device)):
-            out = model(batch["image"])
-        out = {k: v.float() for k, v in out.items()}
+            out = model(batch[c.task.input_key])
+        out = as_float(out)
         loss, _ = c.criterion(out, batch)
-        R, t = model.decode(out, batch["K"], batch["image"].shape[-2:])
-        # the same error definitions as the test-set evaluation (bop_toolkit's re and te)
-        re.append(torch.as_tensor(pose_metrics.rotation_error_deg(R, batch["R"]), dtype=torch.float32))
-        te.append(
-            torch.as_tensor(pose_metrics.translation_error_mm(t, batch["t"]) / 10.0, dtype=torch.float32)
-        )
-        loss_sum += loss.item() * len(R)
-        n += len(R)
-    re, te, totals = torch.cat(re), torch.cat(te), torch.tensor([loss_sum, n], dtype=torch.float64)
+        for name, values in c.task.val_errors(model, out, batch).items():
+            errors.setdefault(name, []).append(torch.as_tensor(values, dtype=torch.float32).cpu())
+        size = len(batch[c.task.input_key])
+        loss_sum += loss.item() * size
+        n += size
+    errors = {name: torch.cat(values) for name, values in errors.items()}
+    totals = torch.tensor([loss_sum, n], dtype=torch.float64)
     if dist.is_initialized():  # medians need every rank's errors
-        re, te = gather(re.to(c.device)).cpu(), gather(te.to(c.device)).cpu()
+        errors = {name: gather(values.to(c.device)).cpu() for name, values in errors.items()}
         totals = totals.to(c.device)
         dist.all_reduce(totals)
         totals = totals.cpu()
-    return {
-        "val/loss": float(totals[0] / totals[1]),
-        "val/re_deg_median": float(re.median()),
-        "val/te_cm_median": float(te.median()),
+    return {"val/loss": float(totals[0] / totals[1])} | {
+        f"val/{name}_median": float(values.median()) for name, values in errors.items()
     }
 
 
@@ -438,17 +386,11 @@ def gather(x):
 
 @torch.no_grad()
 def prediction_grid(c, n=16):
-    """Validation images with the predicted (bright) and true (dark) object axes drawn on them."""
+    """The task's picture of its predictions on `n` validation samples (Task.preview), or None."""
     model = c.model.module if hasattr(c.model, "module") else c.model
     model.eval()
     batch = to_device(next(iter(DataLoader(c.val_set, batch_size=n))), c.device, c.cfg)
-    images = batch["image"]
-    R, t = model.decode(model(images), batch["K"], images.shape[-2:])
-    cpu = {k: batch[k].cpu() for k in ("K", "R", "t")}
-    true = list(zip(cpu["R"], cpu["t"], strict=True))
-    return draw.pose_grid(
-        images.cpu(), cpu["K"], true, list(zip(R.cpu(), t.cpu(), strict=True)), 0.5 * c.diameter_mm
-    )
+    return c.task.preview(model, batch)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -547,16 +489,19 @@ def fit(cfg, c=None):
                         state["best"] = score
                         save("best.pt")
                     save("last.pt")
+                    errors = "  ".join(
+                        f"{k[4:].removesuffix('_median')} {v:.2f}"
+                        for k, v in metrics.items()
+                        if k.startswith("val/") and k.endswith("_median")
+                    )
                     print(
-                        f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train/loss_epoch']:.4f}  "
-                        f"val re {metrics['val/re_deg_median']:.2f} deg  te {metrics['val/te_cm_median']:.2f} cm  "
-                        f"({metrics['train/images_per_s']:.0f} img/s)",
+                        f"epoch {epoch + 1}/{t.epochs}  loss {metrics['train/loss_epoch']:.4f}  val {errors}  "
+                        f"({metrics['train/images_per_s']:.0f} samples/s)",
                         flush=True,
                     )
-            if rank == 0 and t.log_predictions:
-                run.log_image(
-                    "val/predictions", prediction_grid(c).permute(1, 2, 0).numpy(), "bright: predicted"
-                )
+            grid = prediction_grid(c) if rank == 0 and t.log_predictions else None
+            if grid is not None:
+                run.log_image("val/predictions", grid.permute(1, 2, 0).numpy(), "the task's preview")
         except StopRequested:
             if rank == 0:
                 save("last.pt")

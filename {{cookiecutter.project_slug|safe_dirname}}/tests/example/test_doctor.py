@@ -10,6 +10,7 @@ from conftest import compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.debugging import doctor, probes, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
+from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
 torch.set_num_threads(1)
 ZOO = Path(CONFIG_DIR) / "experiment" / "zoo"
@@ -59,14 +60,14 @@ def test_data_faults_do_what_they_say():
 
     leak = zoo.pixel_fault(fault_cfg("answer_in_input"))
     leaked = [probes.unbatch(leak(probes.collate([d[i] for i in range(len(d))]))) for d in (train, val)]
-    task = probes.Task(None, None, *leaked, target_fn=doctor.pose_target)
+    task = probes.Task(None, None, *leaked, target_fn=PoseTask(None).target)
     assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
 
     tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
     depth = [float(tr[i]["t"][2]) for i in range(64)]
     assert depth == sorted(depth)
     loader = torch.utils.data.DataLoader(tr, batch_size=16, shuffle=False)
-    order = probes.order_test(probes.Task(None, None, [], [], target_fn=doctor.pose_target), loader)
+    order = probes.order_test(probes.Task(None, None, [], [], target_fn=PoseTask(None).target), loader)
     assert order["p_value"] < 1e-3
 
     _, va = zoo.fault_datasets(fault_cfg("tiny_val", size=5), train, val)

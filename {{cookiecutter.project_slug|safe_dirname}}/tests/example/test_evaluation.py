@@ -16,6 +16,7 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 from {{ cookiecutter.package_name }} import evaluation
+from {{ cookiecutter.package_name }}.pose import evaluation as pose_evaluation
 from {{ cookiecutter.package_name }}.pose import metrics
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -85,6 +86,7 @@ def make_cfg(tmp_path, data_root, image_size=SIZE):
     return OmegaConf.create(
         {
             "device": "cpu",
+            "task": {"_target_": "{{ cookiecutter.package_name }}.pose.task.PoseTask"},
             "paths": {"training": str(tmp_path / "3_training"), "logs": str(tmp_path / "logs")},
             "data": {
                 "root": str(data_root),
@@ -171,7 +173,7 @@ def test_predict_returns_one_record_per_instance(tmp_path):
     from {{ cookiecutter.package_name }}.data.bop import BopDataset
 
     dataset = BopDataset(make_bop(tmp_path / "bop"), "test", 1)
-    records = evaluation.predict(
+    records = pose_evaluation.predict(
         OracleEstimator(), torch.utils.data.DataLoader(dataset, batch_size=4), torch.device("cpu")
     )
     assert len(records) == N_IMAGES

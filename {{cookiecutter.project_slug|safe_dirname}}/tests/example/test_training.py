@@ -14,8 +14,9 @@ from hydra.errors import ConfigCompositionException
 from conftest import compose
 from {{ cookiecutter.package_name }} import checkpoints, training
 from {{ cookiecutter.package_name }}.data import bop
-from {{ cookiecutter.package_name }}.pose import geometry
 from {{ cookiecutter.package_name }}.paths import PROJECT_ROOT
+from {{ cookiecutter.package_name }}.pose import geometry
+from {{ cookiecutter.package_name }}.pose.task import PoseTask, rotate_in_plane
 
 # A tiny, fast run: 16 training images in batches of 4, one thread so runs are bit-for-bit comparable.
 TINY = [
@@ -63,7 +64,7 @@ def test_one_epoch_writes_loadable_checkpoints(tiny_dataset, tmp_path):
 
     estimator, loaded_cfg = checkpoints.load_model(ckpt_dir / "last.pt")
     assert not estimator.training and loaded_cfg.loss.name == cfg.loss.name
-    batch = next(iter(torch.utils.data.DataLoader(training.build_datasets(cfg)[1], batch_size=8)))
+    batch = next(iter(torch.utils.data.DataLoader(PoseTask(cfg).build_datasets(cfg)[1], batch_size=8)))
     R, t = estimator(batch["image"], batch["K"])
     eye = torch.eye(3).expand(len(R), 3, 3)
     torch.testing.assert_close(R @ R.transpose(1, 2), eye, atol=1e-5, rtol=0)
@@ -187,7 +188,7 @@ def test_in_plane_rotation_keeps_image_and_pose_consistent(tiny_dataset):
     for i, (u, v) in enumerate(uv.tolist()):
         images[i, 0] = torch.exp(-((xs - u) ** 2 + (ys - v) ** 2) / 2.0)  # centred exactly at (u, v)
     torch.manual_seed(0)
-    turned = training.rotate_in_plane(batch | {"image": images}, 180)
+    turned = rotate_in_plane(batch | {"image": images}, 180)
     uv_new = geometry.project(torch.zeros(1, 3), turned["R"], turned["t"], turned["K"])[:, 0]
     dot = turned["image"][:, 0]
     centroid = torch.stack([(dot * xs).sum((1, 2)), (dot * ys).sum((1, 2))], -1) / dot.sum((1, 2))[:, None]

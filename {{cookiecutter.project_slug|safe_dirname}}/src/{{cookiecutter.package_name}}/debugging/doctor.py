@@ -28,10 +28,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from .. import tracking
+from .. import tracking, training
 from ..files import atomic_dir, write_json, write_text
 from ..paths import CONFIG_DIR
-from . import probes, zoo
+from . import probes
 
 CAUSES = (
     "architecture",
@@ -68,7 +68,7 @@ TIER = {
 }
 
 
-# --- adapting the pose example to the generic probes --------------------------------------------------------
+# --- adapting the project's task to the generic probes --------------------------------------------------------
 
 
 def budget_config(cfg):
@@ -85,6 +85,8 @@ def budget_config(cfg):
         for key, value in pairs:
             if OmegaConf.select(small, key, default="__missing__") != "__missing__":
                 OmegaConf.update(small, key, value, merge=False)
+        if small.get("model") is None:  # a task without model knobs: nothing to scale
+            return small
         if small.model.get("width") and d.width_scale:
             small.model.width = max(1, round(small.model.width * d.width_scale))
         if small.model.get("hidden") and d.width_scale:
@@ -100,29 +102,19 @@ def with_overrides(cfg, overrides):
     return out
 
 
-def pose_target(batch):
-    """Translation (m) and rotation matrix entries: what the order and shortcut probes correlate."""
-    t = torch.as_tensor(batch["t"]).float() / 1000.0
-    R = torch.as_tensor(batch["R"]).float().reshape(len(t), -1)
-    return torch.cat([t, R], 1)
-
-
-class PoseAdapter:
-    """Builds probe Tasks for config variants of the pose example (the doctor's only pose-specific part)."""
+class TaskAdapter:
+    """Builds the probes' training setups (probes.Task) for config variants of the project's task (task.Task)."""
 
     def __init__(self, cfg):
-        from .. import training
-        from ..pose.model import build_model
-
-        self.training, self.build_model = training, build_model
         self.cfg = cfg
         d = cfg.debugging.doctor
-        c = training.build(cfg)  # the bug zoo's fault included (debugging.fault)
+        c = training.build(cfg)  # an injected fault included (debugging.fault)
         self.components = c
+        self.spec = c.task
         self.device = str(c.device)
         self.train_items = probes.take_items(c.train_loader, d.n_train)
         # The stored training inputs, before augmentation, for the cross-split duplicate check: a copy of a
-        # training image in the validation set is a copy of the stored image, not of a random rotation of it.
+        # training image in the validation set is a copy of the stored image, not of an augmented view of it.
         stored = torch.utils.data.DataLoader(
             c.train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed))
         )
@@ -137,10 +129,10 @@ class PoseAdapter:
         t, d = cfg.training, cfg.debugging.doctor
 
         def model_factory():
-            return zoo.fault_model(cfg, self.build_model(cfg))
+            return self.spec.fault_model(cfg, self.spec.build_model(cfg))
 
         def optimizer_factory(model, lr):
-            return self.training.build_optimizer(with_overrides(cfg, {"training.lr": lr}), model)
+            return training.build_optimizer(with_overrides(cfg, {"training.lr": lr}), model)
 
         task = probes.Task(
             model_factory=model_factory,
@@ -154,8 +146,8 @@ class PoseAdapter:
             epochs=int(min(t.epochs, d.epochs)),
             max_steps=int(d.max_steps) if d.get("max_steps") else None,
             grad_clip=t.get("grad_clip"),
-            input_key="image",
-            target_fn=pose_target,
+            input_key=self.spec.input_key,
+            target_fn=self.spec.target,
             device=self.device,
             seed=int(cfg.seed),
         )
@@ -493,7 +485,7 @@ class Doctor:
 
     def probe_no_learning(self, user):
         t, cfg, a = self.task, self.adapter.cfg, self.adapter
-        m = cfg.model
+        m = cfg.get("model") or OmegaConf.create({})
         # architecture: wider and shallower
         if m.get("width"):
             changes = {"model.width": m.width * 4, "model.hidden": m.get("hidden", 64) * 4}
@@ -643,7 +635,10 @@ class Doctor:
                 "curves.png",
             )
         # regularization: ablate dropout and weight decay
-        dropout, wd = float(cfg.model.get("dropout") or 0.0), float(cfg.training.get("weight_decay") or 0.0)
+        dropout, wd = (
+            float((cfg.get("model") or {}).get("dropout") or 0.0),
+            float(cfg.training.get("weight_decay") or 0.0),
+        )
         if dropout > 0 or wd > self.th.weight_decay_ignore:
             fixed = self.train(
                 "no_regularization",
@@ -698,7 +693,7 @@ class Doctor:
         )
 
     def fault_fix(self, text="fix the data/model code"):
-        fault = zoo.fault_of(self.adapter.cfg)
+        fault = self.adapter.spec.fault_of(self.adapter.cfg)
         return f"debugging.fault=null  # {text}" if fault else text
 
     # 3. ranking and the report ---------------------------------------------------------------------------------
@@ -907,7 +902,7 @@ def run_doctor(cfg, name=None):
     if d.get("threads"):
         torch.set_num_threads(int(d.threads))
     small = budget_config(cfg)
-    adapter = PoseAdapter(small)
+    adapter = TaskAdapter(small)
     out = Path(d.output) / name
     with atomic_dir(out) as tmp:
         doctor = Doctor(cfg, adapter, tmp)

@@ -27,13 +27,12 @@ it and tags.csv to start over; without it every cell that differs from the autom
 manual). A row you edited that drops out of the sample (a new model no longer gets it wrong) is parked
 in tags_state.json and comes back with your marks if it is sampled again.
 
-Automatic categories: any 0/1 column named `tag_<category>` in the errors CSV (for your own task), plus,
-only when the pose columns are present (6D pose example, see the "pose tags" section below): near a
-symmetry, Euler wrap-around, gimbal lock, far/small in image, truncated by the border, occluded, extreme
-viewpoint, and low light / blurry when `brightness` / `blur_px` columns exist.
+Automatic categories: any 0/1 column named `tag_<category>` in the errors CSV, plus the configured task's
+own (`Task.error_tags`, thresholds in `debugging.error_analysis.tags`; the pose example's are in
+pose/errors.py).
 
-Outputs in `4_debugging/error_analysis/`: report.md, analysis.json, tags.csv, tags_state.json and,
-for pose errors with readable images, contact_sheet.png (GT axes green, predicted axes red).
+Outputs in `4_debugging/error_analysis/`: report.md, analysis.json, tags.csv, tags_state.json and, when
+the errors CSV names readable images (the task's `image_column`), contact_sheet.png.
 """
 
 import csv
@@ -53,20 +52,9 @@ from omegaconf import OmegaConf
 from ..files import atomic_path, write_json, write_text
 from ..paths import CONFIG_DIR, group_defaults
 from ..planning import RequirementsError, SampleRule, headline, load_requirements
+from ..task import Task, configured_task
 from ..tracking import start_run
 
-POSE_COLUMNS = ("add_mm", "adds_mm", "diameter_mm", "symmetric", "visib_fract", "R_gt", "t_gt", "K")
-POSE_ID_COLUMNS = ("scene_id", "im_id", "obj_id", "gt_id")
-POSE_SHEET_COLUMNS = (
-    *POSE_ID_COLUMNS,
-    "rgb_path",
-    "re_deg",
-    "te_cm",
-    "add_s_mm",
-    "diameter_mm",
-    "visib_fract",
-)
-MATRIX_COLUMNS = ("R_gt", "t_gt", "R_pred", "t_pred", "K")
 FALSE_MARKS = {"", "0", "no", "n", "false", "-"}
 
 
@@ -80,20 +68,20 @@ class ErrorAnalysisError(ValueError):
 class ErrorsTable:
     """The errors CSV: `rows` (list of dicts of strings), `keys` (one id per row), numeric columns."""
 
-    def __init__(self, path, rows, columns):
+    def __init__(self, path, rows, columns, task=None):
         self.path, self.rows, self.columns = Path(path), rows, list(columns)
-        self.is_pose = all(c in self.columns for c in POSE_COLUMNS)
+        self.task = task or Task(None)
         self.keys = [self._key(i, row) for i, row in enumerate(rows)]
         dupes = [k for k, count in Counter(self.keys).items() if count > 1]
         if dupes:
             raise ErrorAnalysisError(f"{self.path}: duplicate sample ids {sorted(dupes)[:5]}")
         self._numeric = {}
-        if self.is_pose:
-            add_pose_columns(self)
+        self.task.error_columns(self)
 
     def _key(self, index, row):
-        if all(c in row for c in POSE_ID_COLUMNS):
-            return "/".join(row[c] for c in POSE_ID_COLUMNS)
+        ids = self.task.sample_id_columns
+        if ids and all(c in row for c in ids):
+            return "/".join(row[c] for c in ids)
         for column in ("id", "sample_id"):
             if column in row:
                 return row[column]
@@ -137,7 +125,7 @@ def _number(text):
     return float(text) if text not in ("", "nan") else math.nan
 
 
-def read_errors(path):
+def read_errors(path, task=None):
     path = Path(path)
     if not path.is_file():
         raise ErrorAnalysisError(f"{path}: errors CSV not found (stage 3 writes it: make evaluate)")
@@ -147,7 +135,7 @@ def read_errors(path):
         columns = reader.fieldnames or []
     if not rows:
         raise ErrorAnalysisError(f"{path}: no samples in the errors CSV")
-    return ErrorsTable(path, rows, columns)
+    return ErrorsTable(path, rows, columns, task)
 
 
 # --- selection and the eyeball / blackbox split -------------------------------------------------------
@@ -230,87 +218,6 @@ def generic_tags(table):
     return tags
 
 
-# --- pose tags (used only when the errors CSV has the pose columns) --------------------------------------
-
-
-def add_pose_columns(table):
-    """Derived per-sample pose columns: add_s_mm (ADD, or ADD-S for symmetric objects), depth_mm,
-    apparent_px (object diameter in pixels), rot_deg (geodesic angle of R_gt from identity) and
-    view_deg (angle between the camera direction in model coordinates and the canonical view, -z)."""
-    symmetric = np.nan_to_num(table.column("symmetric")) > 0.5
-    table.set_column("add_s_mm", np.where(symmetric, table.column("adds_mm"), table.column("add_mm")))
-    R, t, K = table.matrices("R_gt", (3, 3)), table.matrices("t_gt", (3,)), table.matrices("K", (3, 3))
-    table.set_column("depth_mm", t[:, 2])
-    table.set_column("apparent_px", K[:, 0, 0] * table.column("diameter_mm") / np.maximum(t[:, 2], 1e-6))
-    cos = np.clip((np.trace(R, axis1=1, axis2=2) - 1) / 2, -1, 1)
-    table.set_column("rot_deg", np.degrees(np.arccos(cos)))
-    camera_in_model = -np.einsum("nji,nj->ni", R, t)  # -R^T t
-    cos_view = -camera_in_model[:, 2] / np.maximum(np.linalg.norm(camera_in_model, axis=1), 1e-9)
-    table.set_column("view_deg", np.degrees(np.arccos(np.clip(cos_view, -1, 1))))
-
-
-def euler_angles_deg(R):
-    """Euler angles of R (N,3,3) in degrees with the pose package's convention (roma), as the Euler
-    baseline sees its targets; returns (angles, convention)."""
-    try:
-        import roma
-        import torch
-    except ImportError:  # no roma (a bake without the example): numpy, extrinsic xyz = Rz @ Ry @ Rx
-        angles = np.stack(
-            [
-                np.arctan2(R[:, 2, 1], R[:, 2, 2]),
-                -np.arcsin(np.clip(R[:, 2, 0], -1, 1)),
-                np.arctan2(R[:, 1, 0], R[:, 0, 0]),
-            ],
-            axis=1,
-        )
-        return np.degrees(angles), "xyz"
-    try:
-        from ..pose.geometry import EULER_CONVENTION as convention
-    except ImportError:  # a bake without the pose package: the example's convention
-        convention = "xyz"
-    angles = roma.rotmat_to_euler(convention, torch.as_tensor(R, dtype=torch.float64), degrees=True)
-    return angles.numpy(), convention
-
-
-def pose_tags(table, thresholds):
-    """{category: bool array over all rows} for the pose example. Thresholds: configs/debugging/error_analysis."""
-    t = thresholds
-    R, tvec, K = table.matrices("R_gt", (3, 3)), table.matrices("t_gt", (3,)), table.matrices("K", (3, 3))
-    tags = {}
-    symmetric = np.nan_to_num(table.column("symmetric")) > 0.5
-    # The prediction is close to a symmetric copy of the GT: large ADD but small ADD-S.
-    tags["near_symmetry"] = symmetric & (
-        table.column("adds_mm") < t["near_symmetry_ratio"] * np.maximum(table.column("add_mm"), 1e-9)
-    )
-    euler, convention = euler_angles_deg(R)
-    margin = t["euler_margin_deg"]
-    tait_bryan = len(set(convention.lower())) == 3
-    # Wrap-around: an outer angle near +-180 deg, where a tiny rotation flips the target by 360 deg.
-    tags["euler_wrap"] = (np.abs(euler[:, [0, 2]]) > 180 - margin).any(axis=1)
-    # Gimbal lock: middle angle near +-90 (Tait-Bryan) or near 0/180 (proper Euler): outer angles ambiguous.
-    middle = np.abs(euler[:, 1])
-    tags["gimbal_lock"] = middle > 90 - margin if tait_bryan else (middle < margin) | (middle > 180 - margin)
-    width, height = 2 * K[:, 0, 2], 2 * K[:, 1, 2]  # principal point at the image centre
-    tags["far_small"] = table.column("apparent_px") < t["small_fraction"] * width
-    # Projected bounding sphere (radius diameter/2 about the model origin) crossing the image border:
-    # an over-approximation, so a truncated object always gets the tag and a near-border one may too.
-    z = np.maximum(tvec[:, 2], 1e-6)
-    u = K[:, 0, 0] * tvec[:, 0] / z + K[:, 0, 2]
-    v = K[:, 1, 1] * tvec[:, 1] / z + K[:, 1, 2]
-    r = table.column("apparent_px") / 2
-    tags["truncated"] = (u - r < 0) | (v - r < 0) | (u + r > width) | (v + r > height)
-    tags["occluded"] = np.nan_to_num(table.column("visib_fract"), nan=1.0) < t["occluded_below"]
-    tags["extreme_view"] = table.column("view_deg") > t["extreme_view_deg"]
-    if "brightness" in table.columns:
-        brightness = table.column("brightness")
-        brightness = brightness / 255 if np.nanmax(brightness) > 1 else brightness
-        tags["low_light"] = brightness < t["low_light_below"]
-    if "blur_px" in table.columns:
-        tags["blurry"] = np.nan_to_num(table.column("blur_px")) > t["blurry_above_px"]
-    return tags
-
-
 def _find_image(path_text, search_dirs):
     path = Path(path_text)
     for candidate in [path, *(Path(d) / path for d in search_dirs)]:
@@ -320,30 +227,26 @@ def _find_image(path_text, search_dirs):
 
 
 def contact_sheet(table, indices, out_path, settings, search_dirs):
-    """Draw the sampled errors with GT (green) and predicted (red) object axes (x, y, z; half the
-    diameter long) into one PNG grid (torchvision make_grid).
+    """The sampled errors' images (the task's `image_column`), annotated by the task (`draw_error`; the pose
+    example draws GT and predicted axes), numbered, in one PNG grid (torchvision make_grid).
     Returns (number of tiles, note)."""
-    if not table.is_pose or not {"rgb_path", "R_pred", "t_pred"} <= set(table.columns):
-        return 0, "no contact sheet: the errors CSV has no pose columns (rgb_path, R_pred, t_pred, ...)"
+    column = table.task.image_column
+    if not column or column not in table.columns:
+        return 0, f"no contact sheet: the errors CSV has no image column ({column})"
     try:
         import torch
         from PIL import Image
         from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2.functional import resize
         from torchvision.utils import draw_bounding_boxes, make_grid
-
-        from ..pose.draw import draw_axes
     except ImportError as err:
         return 0, f"no contact sheet: {err.name} is not installed"
     sheet = settings["contact_sheet"]
     chosen = list(indices)[: int(sheet["max_images"])]
-    R_gt, t_gt = table.matrices("R_gt", (3, 3)), table.matrices("t_gt", (3,))
-    R_pred, t_pred = table.matrices("R_pred", (3, 3)), table.matrices("t_pred", (3,))
-    K = table.matrices("K", (3, 3))
     tiles, missing = [], 0
     thumb = int(sheet["thumb_px"])
     for n, i in enumerate(chosen, start=1):
-        path = _find_image(table.rows[i]["rgb_path"], search_dirs)
+        path = _find_image(table.rows[i][column], search_dirs)
         try:
             image = decode_image(str(path), mode=ImageReadMode.RGB) if path else None
         except (RuntimeError, OSError):  # unreadable or corrupt image: counted like a missing one
@@ -352,20 +255,17 @@ def contact_sheet(table, indices, out_path, settings, search_dirs):
             missing += 1
             continue
         h, w = image.shape[-2:]
-        image = resize(image, [thumb, thumb], antialias=True)
-        k = np.diag([thumb / w, thumb / h, 1.0]) @ K[i]  # the pixels the axes are drawn in
-        length = table.column("diameter_mm")[i] / 2
-        for R, t, color in ((R_gt, t_gt, (0, 255, 0)), (R_pred, t_pred, (255, 0, 0))):
-            image = draw_axes(image, R[i], t[i], k, length, width=2, color=color)
+        thumbnail = resize(image, [thumb, thumb], antialias=True)
+        image = table.task.draw_error(thumbnail, table, i, (thumb / w, thumb / h))
         box = torch.tensor([[0, 0, thumb - 1, thumb - 1]], dtype=torch.float32)
         image = draw_bounding_boxes(image, box, labels=[f"#{n}"], colors="white")
         tiles.append(image)
     if not tiles:
-        return 0, f"no contact sheet: none of the {len(chosen)} sampled images could be read (rgb_path)"
+        return 0, f"no contact sheet: none of the {len(chosen)} sampled images could be read ({column})"
     grid = make_grid(tiles, nrow=int(sheet["nrow"]), padding=2, pad_value=0)
     with atomic_path(out_path) as tmp:
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    note = f"{len(tiles)} tiles, numbered as the `n` column of tags.csv; GT axes green, predicted red"
+    note = f"{len(tiles)} tiles, numbered as the `n` column of tags.csv" + table.task.contact_sheet_legend
     return len(tiles), note + (f"; {missing} images missing or unreadable" if missing else "")
 
 
@@ -477,12 +377,20 @@ def checklist_items(path, section=None):
 
 
 def analyze(
-    errors_path, out_dir, requirements_path=None, settings=None, search_dirs=(), checklist=None, run=None
+    errors_path,
+    out_dir,
+    requirements_path=None,
+    settings=None,
+    search_dirs=(),
+    checklist=None,
+    run=None,
+    task=None,
 ):
-    """Run the whole analysis; returns the analysis dict (also written to out_dir/analysis.json)."""
+    """Run the whole analysis; returns the analysis dict (also written to out_dir/analysis.json).
+    `task` (task.Task) adds its derived columns, automatic tags and contact-sheet drawing."""
     s = _merge_settings(settings or {})
     out_dir = Path(out_dir)
-    table = read_errors(errors_path)
+    table = read_errors(errors_path, task)
     failing, rule_text = select_errors(table, s, requirements_path)
     eyeball, sampled = split_and_sample(
         table.keys, failing, float(s["eyeball_fraction"]), s["n_sample"], s["seed"]
@@ -494,13 +402,13 @@ def analyze(
         "eyeball": float(failing[eyeball].mean()) if eyeball.any() else math.nan,
         "blackbox": float(failing[blackbox].mean()) if blackbox.any() else math.nan,
     }
-    auto_all = generic_tags(table) | (pose_tags(table, s["tags"]) if table.is_pose else {})
+    auto_all = generic_tags(table) | table.task.error_tags(table, s.get("tags") or {})
     keys = [table.keys[i] for i in sampled]
     auto = {c: {table.keys[i]: bool(v[i]) for i in sampled} for c, v in auto_all.items()}
-    if table.is_pose:
-        info_columns = [c for c in POSE_SHEET_COLUMNS if c in table.columns]
+    if table.task.sheet_columns is not None:
+        info_columns = [c for c in table.task.sheet_columns if c in table.columns]
     else:
-        info_columns = [c for c in table.columns if c not in MATRIX_COLUMNS and not c.startswith("tag_")]
+        info_columns = [c for c in table.columns if not c.startswith("tag_")]
     sample_rows = [(table.keys[i], {c: table.rows[i].get(c, "") for c in info_columns}) for i in sampled]
     sheet_path, state_path = out_dir / "tags.csv", out_dir / "tags_state.json"
     columns, rows, categories, manual_edits, state = merge_tag_sheet(
@@ -649,6 +557,7 @@ def main(cfg):
             search_dirs=[cfg.paths.root, errors_path.parent],
             checklist=checklist_items(Path(cfg.paths.debugging) / "CHECKLIST.md", "error analysis"),
             run=run,
+            task=configured_task(cfg),
         )
     except (ErrorAnalysisError, RequirementsError, yaml.YAMLError) as err:
         print(f"analyze: {err}", file=sys.stderr)

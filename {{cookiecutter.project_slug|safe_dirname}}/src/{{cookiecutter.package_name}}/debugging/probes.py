@@ -1,6 +1,6 @@
 """Failure-mode probes: one function per diagnostic of the talk's "Failure Modes in Deep Learning" table.
 
-Every probe works on any PyTorch model and data, not only the pose example:
+Every probe works on any PyTorch model and data:
 
     task = Task(model_factory=lambda: MyNet(), criterion=lambda out, batch: F.mse_loss(out, batch[1]),
                 train_items=take_items(train_loader, 256), val_items=take_items(val_loader, 128))
@@ -384,7 +384,7 @@ def train(
 def compare_runs(worse, better, alpha=0.01, min_gain=0.05, parts=True):
     """Is `better` better than `worse` on held-out data, by the total loss or by any criterion part?
 
-    Each metric (the loss, then each part the criterion reports, e.g. rotation and translation errors) gets
+    Each metric (the loss, then each part the criterion reports, e.g. the loss's named terms) gets
     a paired one-sided permutation test; Bonferroni over the metrics keeps the family-wise error at `alpha`.
     A metric counts when significant AND at least `min_gain` relative better (significant but tiny gains are
     not "better"). Returns the best metric's name, p-value and gain, and `better`: True/False.

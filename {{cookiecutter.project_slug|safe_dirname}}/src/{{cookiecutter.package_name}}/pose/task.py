@@ -1,0 +1,147 @@
+"""The 6D pose example as a lifecycle task (task.Task): BOP data, PoseNet, the pose losses, the bug zoo's
+faults, the pose errors that evaluation writes. The generic stages know the example only through this class.
+"""
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from .. import task
+from ..data import bop
+from ..debugging import zoo
+from . import draw, errors, losses
+from . import metrics as pose_metrics
+from .model import PoseEstimator, build_model
+
+
+class PoseTask(task.Task):
+    input_key = "image"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.diameter_mm = None  # of the object, set by build_loss (it reads the models)
+
+    def build_datasets(self, cfg):
+        d = cfg.data
+        args = dict(image_size=d.image_size, preload=d.preload, min_visib_fract=d.min_visib_fract)
+        train_set = bop.BopDataset(d.root, d.splits.train, d.obj_id, **args)
+        val_set = bop.BopDataset(d.root, d.splits.val, d.obj_id, **args)
+        return train_set, val_set
+
+    def build_loss(self, cfg, train_set):
+        info = bop.load_models_info(cfg.data.root)[cfg.data.obj_id]
+        self.diameter_mm = float(info["diameter"])
+        points = torch.as_tensor(bop.load_model_points(cfg.data.root, cfg.data.obj_id), dtype=torch.float32)
+        return losses.build_criterion(
+            cfg.loss, points, bop.is_symmetric(info), image_size=cfg.data.image_size
+        )
+
+    def build_model(self, cfg):
+        return build_model(cfg)
+
+    def train_transform(self, cfg):
+        max_deg = cfg.training.augment.rotate_deg
+        return functools.partial(rotate_in_plane, max_deg=max_deg) if max_deg else None
+
+    def val_errors(self, model, out, batch):
+        R, t = model.decode(out, batch["K"], batch["image"].shape[-2:])
+        # the same error definitions as the test-set evaluation (bop_toolkit's re and te)
+        return {
+            "re_deg": torch.as_tensor(pose_metrics.rotation_error_deg(R, batch["R"]), dtype=torch.float32),
+            "te_cm": torch.as_tensor(
+                pose_metrics.translation_error_mm(t, batch["t"]) / 10.0, dtype=torch.float32
+            ),
+        }
+
+    def preview(self, model, batch):
+        """Validation images with the predicted (bright) and true (dark) object axes drawn on them."""
+        images = batch["image"]
+        R, t = model.decode(model(images), batch["K"], images.shape[-2:])
+        cpu = {k: batch[k].cpu() for k in ("K", "R", "t")}
+        true = list(zip(cpu["R"], cpu["t"], strict=True))
+        predicted = list(zip(R.cpu(), t.cpu(), strict=True))
+        return draw.pose_grid(images.cpu(), cpu["K"], true, predicted, 0.5 * self.diameter_mm)
+
+    def fault_datasets(self, cfg, train_set, val_set):
+        return zoo.fault_datasets(cfg, train_set, val_set)
+
+    def fault_batch(self, cfg):
+        return zoo.pixel_fault(cfg)
+
+    def fault_model(self, cfg, model):
+        return zoo.fault_model(cfg, model)
+
+    def fault_of(self, cfg):
+        return zoo.fault_of(cfg)
+
+    def target(self, batch):
+        """Translation (m) and rotation matrix entries: what the order and shortcut probes correlate."""
+        t = torch.as_tensor(batch["t"]).float() / 1000.0
+        R = torch.as_tensor(batch["R"]).float().reshape(len(t), -1)
+        return torch.cat([t, R], 1)
+
+    # error analysis and metric review (pose/errors.py)
+    sample_id_columns = errors.POSE_ID_COLUMNS
+    image_column = "rgb_path"
+    sheet_columns = errors.POSE_SHEET_COLUMNS
+    slice_medians = ("re_deg", "te_cm")
+    contact_sheet_legend = "; GT axes green, predicted red"
+
+    def error_columns(self, table):
+        if errors.has_pose_columns(table):
+            errors.add_pose_columns(table)
+
+    def error_tags(self, table, thresholds):
+        return errors.pose_tags(table, thresholds) if errors.has_pose_columns(table) else {}
+
+    def error_slices(self, table):
+        return errors.pose_slices(table) if errors.has_pose_columns(table) else {}
+
+    def draw_error(self, image, table, i, scale):
+        return errors.draw_error(image, table, i, scale)
+
+    def inference_model(self, net, cfg):
+        return PoseEstimator(net)
+
+    def evaluate(self, cfg, trained_cfg, model, device, out_dir):
+        from .evaluation import evaluate_pose  # bop_toolkit-style metrics and plots: only when evaluating
+
+        return evaluate_pose(cfg, trained_cfg, model, device, out_dir)
+
+
+def rotate_in_plane(batch, max_deg):
+    """Augmentation: turn the camera about its optical axis by a random angle in [-max_deg, max_deg].
+
+    The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
+    the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
+    object's orientation per sample, without rendering more images. Corners outside the old image are black.
+    `batch` holds image [B,3,H,W], K, R, t; the random angles come from torch's global generator.
+    """
+    K = batch["K"]
+    if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
+        raise ValueError("training.augment.rotate_deg needs square pixels (fx = fy, no skew); set it to 0")
+    images = batch["image"]
+    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
+    cos, sin, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
+    Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
+    # With fx = fy, R' = Rz R moves a pixel p (x right, y down) to c + Rz2 (p - c) about the principal point c.
+    # Each output pixel samples the input at c + Rz2^T (p' - c): one grid_sample for the whole batch
+    # (torchvision's rotate turns a whole batch by one angle). Pixel centres are at integers (BOP/OpenCV).
+    H, W = images.shape[-2:]
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=K.dtype, device=K.device),
+        torch.arange(W, dtype=K.dtype, device=K.device),
+        indexing="ij",
+    )
+    du, dv = u - K[:, 0, 2, None, None], v - K[:, 1, 2, None, None]  # [B,H,W]
+    c, s = cos[:, None, None], sin[:, None, None]
+    src_u = K[:, 0, 2, None, None] + c * du + s * dv
+    src_v = K[:, 1, 2, None, None] - s * du + c * dv
+    # grid_sample's align_corners=False puts pixel i's centre at (2i + 1) / size - 1
+    grid = torch.stack([(2 * src_u + 1) / W - 1, (2 * src_v + 1) / H - 1], -1).to(images.dtype)
+    turned = nn.functional.grid_sample(
+        images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return batch | {"image": turned, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
