@@ -149,3 +149,13 @@ def test_statistics_behave():
     small = probes.test_set_precision(a, n_total=12)
     big = probes.test_set_precision(a, n_total=2000)
     assert small["ci95_half_width"] > 10 * big["ci95_half_width"] / 2
+
+
+def test_runs_test_on_a_class_indicator():
+    """A 0/1 target (one class of a classifier) is mostly ties at its median: shuffled it is not "in blocks",
+    sorted it is."""
+    shuffled = [(np.random.default_rng(seed).random(400) < 0.3).astype(float) for seed in range(100)]
+    p_values = np.array([probes.runs_test(labels)[1] for labels in shuffled])
+    assert (p_values < 0.01).mean() <= 0.05  # calibrated: about 1 % of shuffled sequences below 0.01
+    z, p = probes.runs_test(np.sort(shuffled[0]))
+    assert z < -10 and p < 1e-6, (z, p)

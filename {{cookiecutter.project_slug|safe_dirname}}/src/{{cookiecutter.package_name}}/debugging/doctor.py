@@ -170,6 +170,12 @@ class Doctor:
         self.log = []
         self.chance = None  # converged input-independent run (chance level), trained once when first needed
         self.reseeded = None  # the configured run with another seed, set when a symptom calls for fixes
+        # set by screen(), which diagnose() runs first: the configured setup, its run and the control run,
+        # the training inputs' statistics
+        self.task = None
+        self.base = self.control = None
+        self.input_mean = self.input_std = None
+        self.overfit_curve = None  # set by the overfit test, for its plot
 
     def say(self, text):
         self.log.append(text)
@@ -806,7 +812,7 @@ def plot(doctor, out_dir):
         fig.savefig(out_dir / "lr_range_test.png", dpi=90)
         plt.close(fig)
         files.append("lr_range_test.png")
-    if getattr(doctor, "overfit_curve", None):
+    if doctor.overfit_curve:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(doctor.overfit_curve)
         ax.set_yscale("log")

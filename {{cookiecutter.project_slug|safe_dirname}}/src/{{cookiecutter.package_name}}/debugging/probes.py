@@ -239,7 +239,12 @@ def runs_test(sequence):
     """Wald-Wolfowitz runs test above/below the median: (z, two-sided p). Too few runs (z << 0) means the
     sequence comes in blocks, e.g. sorted data."""
     s = np.asarray(sequence, np.float64)
-    s = s[s != np.median(s)] > np.median(s)
+    m = np.median(s)
+    above = s[s != m] > m  # continuous values: the ties at the median carry no side
+    if above.all() or not above.any():
+        # a discrete target (a class indicator) is mostly ties: split at the median instead of dropping them
+        above = s > m if (s > m).any() else s >= m
+    s = above
     n1, n2 = int(s.sum()), int((~s).sum())
     if n1 == 0 or n2 == 0:
         return -math.inf, 0.0
