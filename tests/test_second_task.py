@@ -193,5 +193,6 @@ def test_a_second_task_runs_the_whole_lifecycle(bake):
     assert "error rate" in result.stdout
     result, log = make(project, "review")
     passed = metrics["accuracy"] >= 0.9  # the bake's headline `must`: accuracy >= 0.9
-    assert result.returncode == (0 if passed else 1), log
+    assert (result.returncode == 0) == passed, log  # the gate: make fails when a `must` fails
+    assert ("FAIL: must requirement(s) failed: task_accuracy" in result.stdout) == (not passed), log
     assert (project / "6_metric_review" / "review.md").is_file()
