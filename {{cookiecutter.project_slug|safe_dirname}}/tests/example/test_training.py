@@ -152,7 +152,9 @@ def test_workers_resumed_at_an_epoch_boundary_draw_the_same_augmentation(tiny_da
     args = ["training.num_workers=2", "training.schedule=constant", "model.dropout=0.2"]
     training.fit(tiny_cfg(tiny_dataset, tmp_path / "straight", *args, "training.epochs=2"))
     training.fit(tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=1"))
-    training.fit(tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true"))
+    training.fit(
+        tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true")
+    )
     assert_same_weights(
         weights(tmp_path / "straight/3_training/checkpoints/last.pt"),
         weights(tmp_path / "resumed/3_training/checkpoints/last.pt"),
@@ -296,7 +298,13 @@ def test_schedules_follow_the_configured_learning_rate_curve(tiny_dataset, tmp_p
 
 @pytest.mark.parametrize(
     "avx512_bf16, amx, expected",
-    [(True, False, True), (False, True, True), (False, False, False), (None, True, True), (None, None, False)],
+    [
+        (True, False, True),
+        (False, True, True),
+        (False, False, False),
+        (None, True, True),
+        (None, None, False),
+    ],
 )
 def test_cpu_has_native_bf16_reads_the_cpu_checks(monkeypatch, avx512_bf16, amx, expected):
     for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
