@@ -189,6 +189,52 @@ def test_failed_capture_leaves_the_old_dataset_or_nothing(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
 
 
+def test_capture_after_a_sigkill_sweeps_the_killed_captures_temp_folder(tmp_path, capsys):
+    """SIGKILL leaves `2_data/.dataset.<random>` behind (nothing can clean up); the next capture removes
+    it and says so, and leaves alone what is not a dead capture's: a live one's, another name's, .old."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "WANDB_MODE": "offline"}
+    many = ["data.capture.num_images.train=2000", "data.capture.workers=0"]
+    cmd = [sys.executable, "-m", "{{ cookiecutter.package_name }}.data.capture", f"paths.root={tmp_path}",
+           "logger=none", *TINY_IMAGES, *many]  # fmt: skip
+    data = tmp_path / "2_data"
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:  # until it renders into its temp folder
+        if list(data.glob(".dataset.*/train/000000/rgb/*.png")):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    [stale] = data.glob(".dataset.*")
+    assert (stale / capture.OWNER_FILE).read_text() == str(process.pid)
+    # not a dead capture's of this dataset: a running capture's, another dataset's, the swap's .old
+    live = data / ".dataset.live0001"
+    (live).mkdir()
+    (live / capture.OWNER_FILE).write_text(str(os.getpid()))
+    other = data / ".other.dead0001"
+    other.mkdir()
+    (other / capture.OWNER_FILE).write_text(str(process.pid))
+    (data / ".dataset.old").mkdir()
+
+    capture.capture(compose(f"data.root={data / 'dataset'}", *TINY_IMAGES, *FEW, "logger=none"))
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in data.iterdir()) == [
+        ".dataset.live0001",
+        ".dataset.old",
+        ".other.dead0001",
+        "dataset",
+    ]
+    assert len(bop.BopDataset(data / "dataset", "train", obj_id=1)) == 3
+    assert not list((data / "dataset").rglob(capture.OWNER_FILE))
+
+
 def test_symmetric_object(tmp_path):
     root = tmp_path / "sym"
     capture.capture(compose(f"data.root={root}", *TINY_IMAGES, *FEW, "logger=none", "data.obj_id=2"))
