@@ -14,7 +14,8 @@ Conventions (BOP): mm, OpenCV camera (+x right, +y down, +z forward), cam_R_m2c 
 centres at integer coordinates. The mitsuba scene is built once in the object's frame and the camera
 moves (no rebuild of the ray-tracing structure per image); mitsuba's camera looks down +z with +x left
 and +y up, i.e. the OpenCV camera turned 180 deg about z. The whole dataset is written into a temporary
-folder that replaces cfg.data.root only when complete.
+folder that replaces cfg.data.root only when complete; a capture killed outright (SIGKILL) leaves that
+folder behind, and the next capture of the same dataset removes it (and says so).
 """
 
 import contextlib
