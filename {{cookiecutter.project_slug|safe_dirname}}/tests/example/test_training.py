@@ -110,6 +110,7 @@ def record_output_dtypes(model):
         ),
         ("channels_last", ["training.channels_last=true"], torch.float32),
     ],
+    ids=["float32", "bf16", "workers", "channels_last"],
 )
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(
     tiny_dataset, tmp_path, request, variant, overrides, dtype
