@@ -40,6 +40,23 @@ def test_plan_and_review_commands_in_example_off_project(bake):
     project = bake(include_example="no", use_dvc="no")
     plan = run(["make", "plan", "PYTHON=python"], cwd=project)
     assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "task_accuracy" in plan.stdout, plan.stdout
+    # The skeleton's `must` is `accuracy >= 0.9` (1_planning/requirements.yaml): the user's own
+    # evaluation writes 3_training/metrics.json, the review passes or fails on it.
+    metrics = project / "3_training" / "metrics.json"
+    metrics.write_text(json.dumps({"accuracy": 0.95}))
+    passed = run(["make", "review", "PYTHON=python"], cwd=project)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "PASS" in passed.stdout, passed.stdout
+    review = json.loads((project / "6_metric_review" / "review.json").read_text())
+    assert review["exit_code"] == 0 and review["requirements"][0]["status"] == "pass", review
+    metrics.write_text(json.dumps({"accuracy": 0.5}))
+    failed = run(["make", "review", "PYTHON=python"], cwd=project)
+    assert failed.returncode != 0, failed.stdout + failed.stderr
+    assert "FAIL: must requirement(s) failed: task_accuracy" in failed.stdout, failed.stdout
+    assert "| task_accuracy (headline) | `accuracy >= 0.9` | 0.5 |" in (
+        project / "6_metric_review" / "review.md"
+    ).read_text()
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="pre-commit needs git")

@@ -4,6 +4,9 @@ import csv
 import json
 import math
 import os
+{%- if cookiecutter.use_dvc == "yes" %}
+import shutil
+{%- endif %}
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +233,47 @@ def test_checklist_items_are_named(tmp_path):
     run_review(tmp_path, settings, checklist=items)
     report = (tmp_path / "review" / "review.md").read_text()
     assert all(item in report for item in items)
+{%- if cookiecutter.use_dvc == "yes" %}
+
+
+def git(cwd, *args):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="a DVC repository needs git")
+def test_dvc_metrics_diff_on_a_two_commit_history(tmp_path, monkeypatch):
+    """A real git + DVC repo: metrics.json committed twice, then changed in the workspace."""
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert mr.dvc_metrics_diff(tmp_path) is None  # not a DVC repo
+    git(tmp_path, "init", "-q")
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "dvc.yaml").write_text("metrics:\n  - metrics.json\n")
+    settings = setup(tmp_path, metrics=GOOD_METRICS | {"re_deg_median": 8.0})
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "first")
+    setup(tmp_path, metrics=GOOD_METRICS)  # re_deg_median 6.0
+    git(tmp_path, "commit", "-qam", "second")
+    assert mr.dvc_metrics_diff(tmp_path) is None  # workspace == HEAD: nothing to show
+    setup(tmp_path, metrics=GOOD_METRICS | {"re_deg_median": 4.5})
+    table = mr.dvc_metrics_diff(tmp_path)
+    assert table is not None
+    row = next(line for line in table.splitlines() if "re_deg_median" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["metrics.json", "re_deg_median", "6.0", "4.5", "-1.5"], table
+    assert "add_s_01d" not in table  # unchanged metrics are left out
+    # the review puts it in its report (settings.dvc_diff on), and leaves it out inside a DVC stage
+    result = run_review(tmp_path, settings | {"dvc_diff": True})
+    assert result["dvc_metrics_diff"] == table
+    assert "`dvc metrics diff` (workspace vs HEAD):" in (tmp_path / "review" / "review.md").read_text()
+    monkeypatch.setenv("DVC_STAGE", "review")
+    assert mr.dvc_metrics_diff(tmp_path) is None
+{%- endif %}
 {%- if cookiecutter.include_example == "yes" %}
 
 

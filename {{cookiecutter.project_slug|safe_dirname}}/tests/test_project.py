@@ -1,10 +1,12 @@
 """The project's own wiring: every stage command exists, composes the config tree and is documented."""
 
-import importlib.util
+import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import compose
@@ -32,12 +34,27 @@ def test_every_stage_folder_has_a_checklist():
 
 
 @pytest.mark.parametrize("target, module", make_commands())
-def test_make_target_runs_a_module_composing_the_config_tree(target, module):
-    spec = importlib.util.find_spec(f"{{ cookiecutter.package_name }}.{module}")
-    assert spec is not None, f"make {target}: module {module} not found"
-    source = Path(spec.origin).read_text()
-    composes = "hydra.main" in source or "initialize_config_dir" in source
-    assert composes and "def main" in source, f"make {target}: {module} does not compose configs/"
+def test_make_target_runs_a_module_composing_the_config_tree(target, module, monkeypatch, capsys, tmp_path):
+    """The module `make <target>` runs is a Hydra app over configs/: asked for its job config (Hydra's
+    `--cfg job`, which runs nothing), it prints exactly what `compose` builds from the same overrides."""
+    overrides = ["logger=none", "seed=7", f"paths.root={tmp_path}"]
+    expected = OmegaConf.to_container(compose(*overrides))
+    app = importlib.import_module(f"{{ cookiecutter.package_name }}.{module}")
+    try:
+        if module == "debugging.zoo_benchmark":  # its own command line: Hydra overrides + benchmark.*
+            composed = []
+            monkeypatch.setattr(app, "run", lambda cfg, _overrides: composed.append(cfg) or [])
+            app.main([*overrides, "benchmark.seeds=1"])
+            job = OmegaConf.to_container(composed[0])
+            assert job.pop("benchmark") == {"seeds": 1}
+        else:
+            monkeypatch.setattr(sys, "argv", [module, "--cfg", "job", *overrides])
+            app.main()
+            job = OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
+    finally:
+        GlobalHydra.instance().clear()
+    assert job == expected, f"make {target}: {module} does not compose configs/"
+    assert job["seed"] == 7 and job["paths"]["root"] == str(tmp_path)  # the overrides were applied
 
 
 def test_checklists_name_only_existing_commands():

@@ -259,11 +259,16 @@ def use_amp(cfg, device):
 
 
 def cpu_has_native_bf16():
-    # torch only exposes these checks privately; without them, stay in float32 (bf16 is emulated and slow)
-    checks = [
-        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    return any(check is not None and check() for check in checks)
+    # torch only exposes these checks privately; when one is missing (or fails) it counts as "no", and
+    # without both, stay in float32 (bf16 is emulated and slow)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if callable(check) and check():
+                return True
+        except Exception:  # a private API may change under us: detection must never stop training
+            continue
+    return False
 
 
 def memory_format(cfg):

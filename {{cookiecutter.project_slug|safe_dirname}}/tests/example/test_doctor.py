@@ -33,6 +33,55 @@ def test_zoo_has_a_config_per_cause_and_healthy_controls():
         zoo_benchmark.injected_cause("mystery")
 
 
+def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
+    """run -> summarize -> markdown, through `make doctor-benchmark`'s main, with a scripted doctor: right on
+    lr_too_high, wrong on not_started, crashing on implementation_bug, a false alarm on healthy seed 1."""
+    answers = {"lr_too_high": "lr_too_high", "not_started": "lr_too_low", "healthy/seed0": "none",
+               "healthy/seed1": "poor_init"}  # fmt: skip
+    seen = []
+
+    def scripted_doctor(cfg, name):
+        seen.append((name, cfg.seed, cfg.debugging.fault, cfg.debugging.doctor.verbose))
+        label = name.removeprefix("zoo/")
+        if label == "implementation_bug":
+            raise RuntimeError("probe crashed")
+        return {"top_cause": answers[label]}
+
+    monkeypatch.setattr(doctor, "run_doctor", scripted_doctor)
+    configs = "benchmark.configs=[lr_too_high,not_started,implementation_bug,healthy]"
+    zoo_benchmark.main([f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2"])
+    faults = {name: compose(f"experiment=zoo/{name}").debugging.fault for name in ("lr_too_high", "healthy")}
+    assert [(n, s) for n, s, _, _ in seen] == [
+        ("zoo/lr_too_high", 0), ("zoo/not_started", 0), ("zoo/implementation_bug", 0),
+        ("zoo/healthy/seed0", 0), ("zoo/healthy/seed1", 1),
+    ]  # fmt: skip
+    assert seen[0][2] == faults["lr_too_high"] and seen[3][2] == faults["healthy"] and not seen[0][3]
+
+    out = tmp_path / "4_debugging" / "doctor"
+    summary = json.loads((out / "benchmark.json").read_text())
+    assert (summary["correct"], summary["faulty_configs"], summary["false_alarms"], summary["healthy_runs"]) == (
+        1, 3, 1, 2,
+    )  # fmt: skip
+    assert summary["top1_accuracy"] == pytest.approx(1 / 3)
+    rows = {(r["config"], r["seed"]): r for r in summary["rows"]}
+    assert rows[("implementation_bug", 0)]["diagnosed"] == "error"
+    assert rows[("implementation_bug", 0)]["error"] == "RuntimeError: probe crashed"
+    assert summary["confusion"]["not_started"]["lr_too_low"] == 1
+    assert summary["confusion"]["none"] == {
+        label: int(label in ("none", "poor_init")) for label in summary["confusion"]["none"]
+    }
+    report = (out / "benchmark.md").read_text()
+    assert report == zoo_benchmark.markdown(summary) and report in capsys.readouterr().out
+    assert "Top-1 accuracy on faulty configs: **1/3 = 33%**" in report
+    assert "False alarms on healthy runs: **1/2**" in report
+    assert "| not_started | 0 | `not_started` | `lr_too_low` | **no** |" in report
+    assert "| `none` |" in report and "| lr_too_high | 0 | `lr_too_high` | `lr_too_high` | yes |" in report
+    # healthy configs only: no accuracy to report, and markdown says so instead of failing
+    healthy_only = zoo_benchmark.summarize([r for r in summary["rows"] if r["injected"] == "none"])
+    assert healthy_only["top1_accuracy"] is None
+    assert "Top-1 accuracy on faulty configs: **0/0**" in zoo_benchmark.markdown(healthy_only)
+
+
 class PoseLike(torch.utils.data.Dataset):
     def __init__(self, n=64, seed=0):
         g = torch.Generator().manual_seed(seed)

@@ -203,8 +203,9 @@ def test_missing_checkpoint_names_the_folder(tmp_path):
         evaluation.evaluate(cfg)
 
 
-def save_untrained_checkpoint(tmp_path, *overrides):
-    """A checkpoint as training writes it (model weights + resolved config), for an untrained network."""
+def save_untrained_checkpoint(tmp_path, *overrides, seed=0, name="last.pt"):
+    """A checkpoint as training writes it (model weights + resolved config) for a network initialised
+    from `seed`; returns (config, checkpoint path, the network)."""
     from hydra import compose, initialize_config_dir
 
     from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
@@ -214,25 +215,47 @@ def save_untrained_checkpoint(tmp_path, *overrides):
                  "data.preload=false", "logger=none", "device=cpu", *overrides]  # fmt: skip
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    checkpoint = tmp_path / "3_training" / "checkpoints" / "last.pt"
-    checkpoint.parent.mkdir(parents=True)
-    state = {"model": build_model(cfg).state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
-    torch.save(state, checkpoint)
-    return cfg, checkpoint
+    checkpoint = tmp_path / "3_training" / "checkpoints" / name
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = build_model(cfg)
+    torch.save({"model": net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}, checkpoint)
+    return cfg, checkpoint, net
+
+
+def predicted_poses(tmp_path):
+    with open(tmp_path / "3_training" / "predictions.csv", newline="") as f:
+        return [(row["R"], row["t"]) for row in csv.DictReader(f)]
+
+
+def accuracy(summary):
+    return {k: v for k, v in summary.items() if k in metrics.METRIC_KEYS and "time" not in k}
 
 
 def test_evaluates_the_trained_checkpoint(tmp_path):
+    from {{ cookiecutter.package_name }}.pose.model import PoseEstimator
+
     make_bop(tmp_path / "bop")
-    cfg, _ = save_untrained_checkpoint(tmp_path, "experiment=smoke")
+    cfg, _, net = save_untrained_checkpoint(tmp_path, "experiment=smoke", seed=0)
     summary = evaluation.evaluate(cfg)
     assert summary["n_test"] == N_IMAGES and all(math.isfinite(v) for v in summary.values())
     assert json.loads((tmp_path / "3_training" / "metrics.json").read_text()) == summary
+    from_checkpoint = predicted_poses(tmp_path)
+    # the numbers are the checkpoint's: the same network passed in directly gives the same poses ...
+    direct = evaluation.evaluate(cfg, PoseEstimator(net).eval(), torch.device("cpu"))
+    assert accuracy(direct) == accuracy(summary) and predicted_poses(tmp_path) == from_checkpoint
+    # ... and best.pt, once training kept one, is evaluated instead of last.pt: other weights, other poses
+    _, _, other = save_untrained_checkpoint(tmp_path, "experiment=smoke", seed=1, name="best.pt")
+    from_best = evaluation.evaluate(cfg)
+    assert predicted_poses(tmp_path) != from_checkpoint
+    assert accuracy(from_best)["re_deg_median"] != summary["re_deg_median"]
+    assert accuracy(from_best) == accuracy(evaluation.evaluate(cfg, PoseEstimator(other).eval()))
 
 
 @pytest.mark.slow
 def test_cli_writes_metrics_and_fails_with_one_message(tmp_path):
     make_bop(tmp_path / "bop")
-    _, checkpoint = save_untrained_checkpoint(tmp_path, "experiment=smoke")
+    _, checkpoint, _ = save_untrained_checkpoint(tmp_path, "experiment=smoke")
     env = dict(os.environ, PYTHONPATH=str(PROJECT / "src"), WANDB_MODE="offline")
     command = [sys.executable, "-m", "{{ cookiecutter.package_name }}.evaluation", "experiment=smoke",
                f"paths.root={tmp_path}", f"data.root={tmp_path / 'bop'}", f"data.image_size={SIZE}",

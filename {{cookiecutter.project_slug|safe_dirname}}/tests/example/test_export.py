@@ -175,7 +175,16 @@ def test_benchmark_runs_eager_onnxruntime_and_http_in_one_run(tiny_dataset, tmp_
     report = benchmark.run_benchmark(cfg, overrides=[f"paths.root={tmp_path}", "logger=none"])
     assert report["http"]["requests"] == 10 and report["http"]["errors"] == 0, report["http"]
     assert report["http_1_client"]["requests"] == 2 and report["http_1_client"]["errors"] == 0
-    assert report["speedup_p50"] > 0 and len(report["session_options"]) == 12
+    assert len(report["session_options"]) == 12
+    # both runtimes were measured, and the speed-ups are eager over onnxruntime of those measurements
+    eager, ort = report["eager"], report["onnxruntime"]
+    for stats in (eager, report["eager_1_thread"], ort):
+        assert 0 < stats["latency_ms_p50"] <= stats["latency_ms_p95"] and stats["throughput_ips"] > 0, stats
+    assert report["speedup_p50"] == pytest.approx(eager["latency_ms_p50"] / ort["latency_ms_p50"])
+    assert report["speedup_p95"] == pytest.approx(eager["latency_ms_p95"] / ort["latency_ms_p95"])
+    assert report["speedup_throughput"] == pytest.approx(ort["throughput_ips"] / eager["throughput_ips"])
+    best_eager = min(eager["latency_ms_p50"], report["eager_1_thread"]["latency_ms_p50"])
+    assert report["speedup_p50_vs_best_eager"] == pytest.approx(best_eager / ort["latency_ms_p50"])
     assert json.loads((tmp_path / "5_deployment" / "benchmark.json").read_text())["http"]["requests"] == 10
     assert not (
         tmp_path / "5_deployment" / "service_log.jsonl"

@@ -161,7 +161,33 @@ def test_bad_names_raise_clear_errors():
         geometry.raw_to_rotmat(torch.zeros(2, 4), "sixd")
 
 
-def test_float32_batches_work():
-    raw = torch.randn(8, 6)
-    R = geometry.raw_to_rotmat(raw, "sixd")
-    assert R.dtype == torch.float32 and R.shape == (8, 3, 3)
+@pytest.mark.parametrize("representation", REPRESENTATIONS)
+def test_float32_path_matches_float64(representation):
+    # training runs in float32: every function gives the float64 values to float32 precision
+    generator = torch.Generator().manual_seed(3)
+    raw = torch.randn(64, geometry.rotation_dim(representation), generator=generator, dtype=torch.float64)
+    R64 = geometry.raw_to_rotmat(raw, representation)
+    R32 = geometry.raw_to_rotmat(raw.float(), representation)
+    assert R32.dtype == torch.float32 and R32.shape == (64, 3, 3)
+    torch.testing.assert_close(R32.double(), R64, atol=1e-5, rtol=0)
+    target = geometry.rotmat_to_target(R64, representation)
+    torch.testing.assert_close(
+        geometry.rotmat_to_target(R64.float(), representation).double(), target, atol=1e-5, rtol=1e-5
+    )
+    # the angle between the float32 and float64 rotations is float32 rounding, not a bug
+    assert geometry.geodesic_angle_deg(R32.double(), R64).max() < 1e-3
+
+
+@pytest.mark.parametrize("mode", geometry.TRANSLATION_MODES)
+def test_float32_translation_and_projection_match_float64(mode):
+    t, K, R = random_translations(64, seed=4), random_intrinsics(64, seed=4), random_rotations(64, seed=4)
+    encoded = geometry.encode_translation(t, K, mode, image_size=(120, 160))
+    encoded32 = geometry.encode_translation(t.float(), K.float(), mode, image_size=(120, 160))
+    assert encoded32.dtype == torch.float32
+    torch.testing.assert_close(encoded32.double(), encoded, atol=1e-5, rtol=1e-5)
+    decoded32 = geometry.decode_translation(encoded32, K.float(), mode, image_size=(120, 160))
+    torch.testing.assert_close(decoded32.double(), t, atol=1e-2, rtol=1e-5)  # mm
+    points = torch.randn(64, 10, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 50
+    uv = geometry.project(points, R, t, K)
+    uv32 = geometry.project(points.float(), R.float(), t.float(), K.float())
+    torch.testing.assert_close(uv32.double(), uv, atol=1e-3, rtol=0)  # pixels

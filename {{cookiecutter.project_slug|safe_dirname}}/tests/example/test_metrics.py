@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
 from {{ cookiecutter.package_name }}.pose import metrics
@@ -154,8 +155,7 @@ def test_bad_inputs_raise_clear_errors():
         metrics.summarize(dict(errors, diameter_mm=[100.0, 100.0], symmetric=[0, 0]))
 
 
-def test_accepts_torch_tensors():
-    torch = pytest.importorskip("torch")
+def test_accepts_torch_tensors():  # torch is a required dependency: a missing one fails, not skips
     R, t = random_poses(3, seed=11)
     errors = metrics.pose_errors(
         torch.tensor(R), torch.tensor(t), torch.tensor(R), torch.tensor(t), box_points()

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torchvision
@@ -52,16 +54,40 @@ def test_the_network_normalizes_its_input():
     torch.testing.assert_close(net(images)["rot"], raw(normalized)["rot"])
 
 
-@pytest.mark.parametrize("init", ["he_normal", "xavier_uniform", "small_normal", "zeros"])
-def test_inits(init):
-    net = build_model(small(f"model.init={init}"))
-    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-    if init == "zeros":
-        assert not conv.weight.any()
-    elif init == "small_normal":
-        assert conv.weight.std() < 0.02
-    else:
-        assert conv.weight.std() > 0.02
+def fans(weight):
+    receptive = weight[0, 0].numel()  # kernel height x width for a conv, 1 for a linear layer
+    return weight.shape[1] * receptive, weight.shape[0] * receptive
+
+
+@pytest.mark.parametrize("init", ["he_normal", "xavier_uniform", "small_normal", "zeros", "default"])
+def test_inits_draw_from_their_distributions(init):
+    # Each init is told apart by its scale (std against the fan-in / fan-out formula) and its shape:
+    # a uniform draw stays inside its bound (max / std = sqrt(3)), a normal one of >= 1000 draws does not.
+    net = build_model(small(f"model.init={init}", "model.init_std=0.01"))
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    checked = 0
+    for layer in layers:
+        w = layer.weight.detach()
+        if init != "default" and layer.bias is not None:
+            assert not layer.bias.any()
+        if init == "zeros":
+            assert not w.any()
+            continue
+        if w.numel() < 1000:  # too few draws for the statistics below
+            continue
+        checked += 1
+        fan_in, fan_out = fans(w)
+        std, peak = w.std().item(), w.abs().max().item()
+        if init in ("xavier_uniform", "default"):
+            # xavier: U(-a, a), a = sqrt(6 / (fan_in + fan_out)); PyTorch's default: a = 1 / sqrt(fan_in)
+            bound = math.sqrt(6 / (fan_in + fan_out)) if init == "xavier_uniform" else 1 / math.sqrt(fan_in)
+            assert peak <= bound and peak > 0.95 * bound, (layer, peak, bound)
+            assert std == pytest.approx(bound / math.sqrt(3), rel=0.1), layer
+        else:
+            expected = math.sqrt(2 / fan_in) if init == "he_normal" else 0.01
+            assert std == pytest.approx(expected, rel=0.1), (layer, std, expected)
+            assert peak > 2.5 * std, layer  # tails: not a uniform draw of the same std
+    assert checked >= 3 or init == "zeros"
 
 
 def test_width_depth_and_stem_stride_change_the_network():

@@ -19,9 +19,12 @@ from {{ cookiecutter.package_name }}.pose import geometry
 from {{ cookiecutter.package_name }}.pose.task import PoseTask, rotate_in_plane
 
 # A tiny, fast run: 16 training images in batches of 4, one thread so runs are bit-for-bit comparable.
+# Float32 on every host (`training.amp=true` would pick bf16 only on a CPU with native bf16); the bf16
+# path is pinned on explicitly where it is tested (`bf16`).
 TINY = [
     "experiment=smoke",
     "logger=none",
+    "training.amp=false",
     "training.batch_size=4",
     "training.threads=1",
     "training.progress=false",
@@ -80,13 +83,51 @@ def test_training_reduces_the_loss(tiny_dataset, tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tiny_dataset, tmp_path):
+@pytest.fixture()
+def bf16(monkeypatch):
+    """Pin the bf16 autocast path on any CPU (torch emulates bf16 where the CPU lacks it, only slower)."""
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    return ["training.amp=true"]
+
+
+def record_output_dtypes(model):
+    dtypes = set()
+    model.register_forward_hook(lambda module, args, out: dtypes.update(v.dtype for v in out.values()))
+    return dtypes
+
+
+# float32 and bf16 autocast both run here on every machine; workers > 0 take the worker-seeding path
+# (the augmentation's random angles are drawn in the workers), channels-last the other memory layout.
+@pytest.mark.parametrize(
+    "variant, overrides, dtype",
+    [
+        ("float32", [], torch.float32),
+        ("bf16", [], torch.bfloat16),
+        pytest.param(
+            "workers",
+            ["training.num_workers=2"],
+            torch.float32,
+            # Worker w draws the angles of batches w, w + 2, ... from one RNG stream; a run resumed at
+            # batch 2 hands batch 2 to worker 0 with a fresh stream, so its angles differ (issue 14).
+            marks=pytest.mark.xfail(strict=True, reason="augmentation RNG of workers is not resumed"),
+        ),
+        ("channels_last", ["training.channels_last=true"], torch.float32),
+    ],
+    ids=["float32", "bf16", "workers", "channels_last"],
+)
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(
+    tiny_dataset, tmp_path, request, variant, overrides, dtype
+):
+    if variant == "bf16":
+        overrides = request.getfixturevalue("bf16")
+    args = ["training.epochs=2", "model.dropout=0.2", *overrides]
     straight = tmp_path / "straight"
-    training.fit(tiny_cfg(tiny_dataset, straight, "training.epochs=2", "model.dropout=0.2"))
+    training.fit(tiny_cfg(tiny_dataset, straight, *args))
 
     interrupted = tmp_path / "interrupted"
-    cfg = tiny_cfg(tiny_dataset, interrupted, "training.epochs=2", "model.dropout=0.2")
+    cfg = tiny_cfg(tiny_dataset, interrupted, *args)
     c = training.build(cfg)
+    dtypes = record_output_dtypes(c.model)
     criterion, calls = c.criterion, []
 
     def preempt_at_step_6(out, batch):  # step 6 = the 2nd batch of epoch 2
@@ -98,16 +139,64 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(tiny_dataset, t
     c.criterion = preempt_at_step_6
     with pytest.raises(training.StopRequested):
         training.fit(cfg, c)
+    assert dtypes == {dtype}
     checkpoint = torch.load(interrupted / "3_training/checkpoints/last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"], checkpoint["batch"]) == (1, 6, 2)
 
-    training.fit(
-        tiny_cfg(tiny_dataset, interrupted, "training.epochs=2", "model.dropout=0.2", "training.resume=true")
-    )
+    training.fit(tiny_cfg(tiny_dataset, interrupted, *args, "training.resume=true"))
     assert_same_weights(
         weights(straight / "3_training/checkpoints/last.pt"),
         weights(interrupted / "3_training/checkpoints/last.pt"),
     )
+
+
+def test_workers_resumed_at_an_epoch_boundary_draw_the_same_augmentation(tiny_dataset, tmp_path):
+    # Two loader workers draw the augmentation's angles; their seeds come from the loader's generator,
+    # reseeded per epoch, so epoch 2 of a resumed run sees the angles of an uninterrupted one.
+    args = ["training.num_workers=2", "training.schedule=constant", "model.dropout=0.2"]
+    training.fit(tiny_cfg(tiny_dataset, tmp_path / "straight", *args, "training.epochs=2"))
+    training.fit(tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=1"))
+    training.fit(
+        tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true")
+    )
+    assert_same_weights(
+        weights(tmp_path / "straight/3_training/checkpoints/last.pt"),
+        weights(tmp_path / "resumed/3_training/checkpoints/last.pt"),
+    )
+
+
+def test_channels_last_switch_changes_the_layout_not_the_result(tiny_dataset, tmp_path):
+    default = training.build(tiny_cfg(tiny_dataset, tmp_path))
+    cl = training.build(tiny_cfg(tiny_dataset, tmp_path, "training.channels_last=true"))
+    convs = [m.weight for m in cl.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not default.model.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
+    batch = next(iter(default.val_loader))
+    image = training.to_device(batch, cl.device, cl.cfg)["image"]
+    assert image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+    assert training.to_device(batch, default.device, default.cfg)["image"].is_contiguous()
+    out_default, out_cl = default.model.eval()(batch["image"]), cl.model.eval()(image)
+    for key in out_default:
+        torch.testing.assert_close(out_cl[key], out_default[key], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_scaler_path_on_cpu_changes_nothing_in_float32(tiny_dataset, tmp_path):
+    # The fp16 (CUDA) configuration's loss scaling, run on CPU: scaling by a power of two and unscaling
+    # before the gradient clipping is exact, so the weights match an unscaled run bit for bit.
+    plain = tmp_path / "plain"
+    training.fit(tiny_cfg(tiny_dataset, plain, "training.epochs=2"))
+    scaled = tmp_path / "scaled"
+    c = training.build(tiny_cfg(tiny_dataset, scaled, "training.epochs=2"))
+    assert not c.scaler.is_enabled()  # only float16 needs it
+    c.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    unscaled = []
+    unscale = c.scaler.unscale_
+    c.scaler.unscale_ = lambda optimizer: (unscale(optimizer), unscaled.append(c.scaler.get_scale()))
+    training.fit(c.cfg, c)
+    assert len(unscaled) == 8 and unscaled[0] == 2.0**10  # every step unscales before clipping
+    checkpoint = torch.load(scaled / "3_training/checkpoints/last.pt", weights_only=True)
+    assert checkpoint["scaler"]["scale"] == 2.0**12  # grown twice in 8 finite steps (growth_interval=3)
+    assert_same_weights(weights(plain / "3_training/checkpoints/last.pt"), checkpoint["model"])
 
 
 @pytest.mark.slow
@@ -165,16 +254,89 @@ def test_command_exits_1_with_one_message(tiny_dataset, tmp_path):
     assert "training.schedule must be one of" in out and "Traceback" not in out
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_optimizers_and_schedules_build(tiny_dataset, tmp_path, optimizer, schedule):
-    c = training.build(
-        tiny_cfg(tiny_dataset, tmp_path, f"training.optimizer={optimizer}", f"training.schedule={schedule}")
+def expected_lr(schedule, step, total, lr=1e-2, warmup_fraction=0.2, div=25.0):
+    """The configured curves, written out: the learning rate after `step` scheduler steps."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":  # linear from lr / div over the warmup steps, then cosine to 0
+        warmup = int(warmup_fraction * total)
+        if step < warmup:
+            return lr / div + (lr - lr / div) * step / warmup
+        return lr * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
+    # onecycle: cosine up from lr / div to lr at step warmup_fraction * total - 1, then cosine down to
+    # lr / div / 1e4 (OneCycleLR's final_div_factor) at the last step
+    peak, low, end = warmup_fraction * total - 1, lr / div / 1e4, total - 1
+    if step <= peak:
+        return lr + (lr / div - lr) * (1 + math.cos(math.pi * step / peak)) / 2
+    return low + (lr - low) * (1 + math.cos(math.pi * (step - peak) / (end - peak))) / 2
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedules_follow_the_configured_learning_rate_curve(tiny_dataset, tmp_path, optimizer, schedule):
+    cfg = tiny_cfg(
+        tiny_dataset,
+        tmp_path,
+        f"training.optimizer={optimizer}",
+        f"training.schedule={schedule}",
+        "training.epochs=10",  # 4 batches an epoch: 40 steps, 8 of them warmup
+        "training.lr=1e-2",
+        "training.warmup_fraction=0.2",
+        "training.warmup_div=25",
     )
-    for _ in range(len(c.train_loader) * c.cfg.training.epochs):
+    c = training.build(cfg)
+    total = len(c.train_loader) * cfg.training.epochs
+    assert total == 40
+    seen = []
+    for step in range(total):
+        lrs = {group["lr"] for group in c.optimizer.param_groups}
+        assert len(lrs) == 1, lrs  # decay and no-decay groups share the schedule
+        seen.append(lrs.pop())
+        assert seen[-1] == pytest.approx(expected_lr(schedule, step, total), rel=1e-4, abs=1e-9), step
         c.optimizer.step()
         c.scheduler.step()
-    assert all(group["lr"] >= 0 for group in c.optimizer.param_groups)
+    if schedule != "constant":  # the curve's landmarks: warm start, the peak, annealed to ~0 at the end
+        assert seen[0] == pytest.approx(1e-2 / 25) and max(seen) == pytest.approx(1e-2, rel=1e-3)
+        assert seen[-1] < 1e-2 / 25 / 4
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [
+        (True, False, True),
+        (False, True, True),
+        (False, False, False),
+        (None, True, True),
+        (None, None, False),
+    ],
+)
+def test_cpu_has_native_bf16_reads_the_cpu_checks(monkeypatch, avx512_bf16, amx, expected):
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:  # a torch without this private check
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+    assert training.cpu_has_native_bf16() is expected
+
+
+def test_cpu_has_native_bf16_survives_a_failing_check(monkeypatch):
+    def broken():
+        raise RuntimeError("cpuinfo unavailable")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert training.cpu_has_native_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert training.cpu_has_native_bf16() is False
+
+
+@pytest.mark.parametrize("amp", [True, False])
+@pytest.mark.parametrize("native", [True, False])
+def test_use_amp_picks_the_precision(monkeypatch, amp, native):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    cfg = compose(f"training.amp={str(amp).lower()}")
+    assert training.use_amp(cfg, torch.device("cpu")) is (amp and native)
+    assert training.use_amp(cfg, torch.device("cuda")) is amp  # float16 with the scaler on CUDA
 
 
 def test_in_plane_rotation_keeps_image_and_pose_consistent(tiny_dataset):

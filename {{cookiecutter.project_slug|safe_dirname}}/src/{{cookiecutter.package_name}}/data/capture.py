@@ -14,13 +14,15 @@ Conventions (BOP): mm, OpenCV camera (+x right, +y down, +z forward), cam_R_m2c 
 centres at integer coordinates. The mitsuba scene is built once in the object's frame and the camera
 moves (no rebuild of the ray-tracing structure per image); mitsuba's camera looks down +z with +x left
 and +y up, i.e. the OpenCV camera turned 180 deg about z. The whole dataset is written into a temporary
-folder that replaces cfg.data.root only when complete.
+folder that replaces cfg.data.root only when complete; a capture killed outright (SIGKILL) leaves that
+folder behind, and the next capture of the same dataset removes it (and says so).
 """
 
 import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,6 +45,7 @@ ASSETS = Path(__file__).resolve().parent / "assets" / "models"
 SPLITS = ("train", "val", "test")
 DEPTH_SCALE = 0.1  # mm per depth-PNG unit: uint16 covers 0-6.5 m at 0.1 mm
 NEAR_CLIP = 1.0  # mm
+OWNER_FILE = ".capture.pid"  # in a capture's temporary folder while it writes: the owning process
 
 
 class CaptureError(ValueError):
@@ -499,6 +502,38 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
+def process_alive(pid):
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never call a process dead
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def sweep_stale_temp_dirs(root):
+    """Remove the temporary folders (`.<name>.<random>` beside `root`) of earlier captures of `root` that
+    were killed before they could clean up (SIGKILL, out of memory, power loss): only folders holding an
+    OWNER_FILE whose process no longer runs. Returns the removed folders."""
+    root = Path(root)
+    pattern = re.compile(rf"\.{re.escape(root.name)}\.[a-z0-9_]{{8}}")  # tempfile.mkdtemp's random part
+    swept = []
+    for folder in sorted(root.parent.glob(f".{root.name}.*")) if root.parent.is_dir() else []:
+        if not (pattern.fullmatch(folder.name) and folder.is_dir()):
+            continue
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not marked by a capture (or being created right now): not ours to remove
+        if not process_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            swept.append(folder)
+    return swept
+
+
 def capture(cfg):
     """Render the dataset described by cfg.data into cfg.data.root, atomically. Returns (images, seconds)."""
     models_dir, infos = validate(cfg)
@@ -508,12 +543,16 @@ def capture(cfg):
     total = sum(int(cap.num_images[s]) for s in SPLITS) * len(cap.objects)
     workers = worker_count(cfg, total)
     root = Path(cfg.data.root)
+    for folder in sweep_stale_temp_dirs(root):
+        print(f"capture: removed {folder}, the temporary folder of a capture that was killed", flush=True)
     start = time.perf_counter()
     with (
         atomic_dir(root) as tmp,
         tqdm(total=total, desc="capture", unit="img", file=sys.stdout) as progress,
         contextlib.ExitStack() as stack,
     ):
+        owner = tmp / OWNER_FILE
+        owner.write_text(str(os.getpid()))
         shutil.copytree(models_dir, tmp / "models", ignore=shutil.ignore_patterns(".*"))
         camera = {"cx": K[0, 2], "cy": K[1, 2], "fx": K[0, 0], "fy": K[1, 1], "width": size, "height": size}
         (tmp / "camera.json").write_text(json.dumps(camera | {"depth_scale": DEPTH_SCALE}, indent=2) + "\n")
@@ -535,6 +574,7 @@ def capture(cfg):
             for name, data in zip(("scene_gt", "scene_camera", "scene_gt_info"), labels[split], strict=True):
                 ordered = dict(sorted(data.items(), key=lambda item: int(item[0])))
                 (scene_dir / f"{name}.json").write_text(json.dumps(ordered) + "\n")
+        owner.unlink()  # complete: atomic_dir moves it into place
     return total, time.perf_counter() - start
 
 

@@ -26,7 +26,8 @@ with source "service", `flagged: true` in the answer), so the caller can re-capt
 
 Bad input is a 4xx naming what is wrong, and the server stays up: the body size is capped before
 anything is parsed (413), non-image/truncated/oversized-in-pixels images are 400/413, other part
-content types 415, missing or invalid intrinsics 422. Every answered prediction is appended to the
+content types 415, missing or invalid intrinsics 422 (a focal length outside `FOCAL_FACTOR` times the
+image side either way, a principal point outside the image), several `image` parts 422. Every answered prediction is appended to the
 service log (`deployment.service_log`, see feedback.py).
 """
 
@@ -45,7 +46,7 @@ from typing import Annotated
 import hydra
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
@@ -57,6 +58,8 @@ IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "a
 IMAGE_FORMATS = {"PNG", "JPEG"}
 # 8-bit colour or grey; 16-bit/float modes (e.g. a depth PNG sent by mistake) would be clipped into nonsense
 IMAGE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
+# focal lengths (pixels) outside [side / FOCAL_FACTOR, side * FOCAL_FACTOR] are rejected as implausible
+FOCAL_FACTOR = 100
 
 
 class BadInput(Exception):
@@ -103,9 +106,17 @@ def check_intrinsics(fx, fy, cx, cy, width, height):
     for name, value in (("fx", fx), ("fy", fy), ("cx", cx), ("cy", cy)):
         if not math.isfinite(value):
             raise BadInput(422, f"{name}={value} is not a finite number")
-    for name, value in (("fx", fx), ("fy", fy)):
+    for name, value, side in (("fx", fx, width), ("fy", fy, height)):
         if value <= 0:
             raise BadInput(422, f"{name}={value}: focal lengths must be positive (pixels)")
+        # a focal length of side / FOCAL_FACTOR is a ~179 degree field of view, side * FOCAL_FACTOR ~0.6 degrees
+        low, high = side / FOCAL_FACTOR, side * FOCAL_FACTOR
+        if not low <= value <= high:
+            raise BadInput(
+                422,
+                f"{name}={value} is not a focal length a camera has for a {width}x{height} image "
+                f"(expected {low:g}..{high:g} pixels of the sent image)",
+            )
     # pixel centres at integer coordinates: the image spans [-0.5, width - 0.5]
     if not -0.5 <= cx <= width - 0.5:
         raise BadInput(422, f"cx={cx} is outside the image [-0.5, {width - 0.5}] (pixels of the sent image)")
@@ -260,6 +271,14 @@ class RecentIds:
             return prediction_id in self.ids
 
 
+async def one_image_part(request: Request):
+    """422 for a request with several `image` parts (FastAPI would silently take the last one)."""
+    form = await request.form()  # the form FastAPI parsed for the endpoint (Starlette caches it)
+    count = len(form.getlist("image"))
+    if count > 1:
+        raise HTTPException(422, f"the request has {count} image parts; send exactly one image per request")
+
+
 class FeedbackIn(BaseModel):
     reason: str = Field("", max_length=2000)
 
@@ -318,7 +337,7 @@ def create_app(
         }
 
     # A plain `def`: FastAPI runs it in its thread pool, so inference does not block the event loop.
-    @app.post("/predict")
+    @app.post("/predict", dependencies=[Depends(one_image_part)])
     def predict(
         image: Annotated[UploadFile, File(description="PNG or JPEG")],
         fx: Annotated[float, Form(description="focal length x of the sent image, pixels")],
