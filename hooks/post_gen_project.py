@@ -32,6 +32,7 @@ EXAMPLE = [
     f"{SRC}/training.py",
     f"{SRC}/evaluation.py",
     f"{SRC}/benchmark.py",
+    f"{SRC}/loop_benchmark.py",
     f"{SRC}/debugging/doctor.py",
     f"{SRC}/debugging/zoo.py",
     f"{SRC}/debugging/zoo_benchmark.py",
