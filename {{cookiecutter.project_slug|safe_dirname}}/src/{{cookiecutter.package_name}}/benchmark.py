@@ -189,6 +189,10 @@ def checks(result, targets, experiment):
     return out
 
 
+def run_name(row):
+    return f"{row['experiment']} seed {row['seed']}{' (float32 forced)' if row['float32_forced'] else ''}"
+
+
 def table_row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -208,13 +212,13 @@ def markdown(result, targets):
         lines += ["", "## Capture + train + evaluate (wall clock; one capture shared by every run)", ""]
         lines += [table_row(header), table_row(["---"] * len(header))]
         for r in p["runs"]:
-            name = f"{r['experiment']} seed {r['seed']}{' (float32 forced)' if r['float32_forced'] else ''}"
-            lines.append(table_row([name, r["precision"], *(format(r[k], f) for k, _, f in COLUMNS)]))
+            cells = (format(r[k], f) for k, _, f in COLUMNS)
+            lines.append(table_row([run_name(r), r["precision"], *cells]))
         seeds = p["seeds"]
         for stat in ("min", "median", "max"):
             cells = (format(p["spread"][k][stat], f) for k, _, f in COLUMNS)
             lines.append(table_row([f"**{stat}** over seeds {seeds}", p["precision"], *cells]))
-        cpu = [f"{r['experiment']} seed {r['seed']}: {r['total_cpu_s']:.0f}" for r in p["runs"]]
+        cpu = [f"{run_name(r)}: {r['total_cpu_s']:.0f}" for r in p["runs"]]
         lines += ["", f"CPU seconds (all cores, capture + train + evaluate): {', '.join(cpu)}."]
     t = result["throughput"]
     lines += [
@@ -229,9 +233,9 @@ def markdown(result, targets):
         f"- DataLoader alone: {t['loader_images']} images in {t['loader_seconds']:.2f} s = {t['loader_images_per_s']:.0f} images/s, "
         f"{t['loader_ratio']:.1f}x what training consumes (target >= {targets.loader_ratio}x)",
         f"- training in {t['precision']}: {t['flops_per_image'] / 1e6:.1f} MFLOP per image (forward + backward) x "
-        f"{t['ours_images_per_s']:.0f} images/s = {t['achieved_flop_per_s'] / 1e9:.1f} GFLOP/s",
+        f"{t['ours_images_per_s']:.0f} images/s = {t['achieved_flop_per_s'] / 1e9:.3g} GFLOP/s",
         f"- {t['torch_threads']}-thread matmul peak ({t['gemm_size']}^3): bfloat16 "
-        f"{t['gemm_peak_bfloat16_flop_per_s'] / 1e9:.0f} GFLOP/s, float32 {t['gemm_peak_float32_flop_per_s'] / 1e9:.0f} GFLOP/s; "
+        f"{t['gemm_peak_bfloat16_flop_per_s'] / 1e9:.3g} GFLOP/s, float32 {t['gemm_peak_float32_flop_per_s'] / 1e9:.3g} GFLOP/s; "
         f"training uses {t['fraction_of_bfloat16_peak']:.0%} of the bfloat16 peak, {t['fraction_of_float32_peak']:.0%} of the float32 one",
         "",
         "## Checks",

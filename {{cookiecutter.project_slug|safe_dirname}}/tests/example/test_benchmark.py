@@ -33,12 +33,15 @@ def components(tiny_dataset, tmp_path):
 
 
 def sleeper(seconds_per_batch):
-    """A stand-in training loop that takes a known time per batch."""
+    """A stand-in training loop that takes a known wall time per batch (it spins: a sleep overshoots by
+    more when the machine is loaded)."""
 
     def loop(c, batches, state):
         images = 0
         for batch in batches:
-            time.sleep(seconds_per_batch)
+            end = time.perf_counter() + seconds_per_batch
+            while time.perf_counter() < end:
+                pass
             images += len(batch["image"])
         return images
 
