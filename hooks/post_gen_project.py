@@ -31,6 +31,7 @@ EXAMPLE = [
     f"{SRC}/pose",
     f"{SRC}/deployment",
     f"{SRC}/benchmark.py",
+    f"{SRC}/loop_benchmark.py",
     f"{SRC}/debugging/zoo.py",
     f"{SRC}/debugging/zoo_benchmark.py",
     "configs/task/pose.yaml",

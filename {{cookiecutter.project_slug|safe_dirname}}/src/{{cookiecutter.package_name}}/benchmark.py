@@ -1,25 +1,27 @@
-"""Stage 3 benchmark: does the default config meet its targets on this machine? Prints a table, writes
-`3_training/benchmark.json`.
+"""Stage 3 benchmark: does the default config meet its targets on this machine, over seeds and precisions?
+Prints a table, writes `3_training/benchmark.json` and `benchmark.md`.
 
-    python -m <package>.benchmark                                   # all of it (about 20 min on 2 cores)
-    python -m <package>.benchmark training.benchmark.pipeline=false # loop and loader throughput only (~1 min)
+    python -m <package>.benchmark                                   # one seed, and the baseline (~20 min on 2 cores)
+    python -m <package>.benchmark training.benchmark.seeds=[0,1,2] training.benchmark.float32=true
+    python -m <package>.benchmark training.benchmark.pipeline=false # loop, loader and FLOP/s only (~1 min)
     python -m <package>.benchmark experiment=smoke training.benchmark.experiments=[]   # a quick check
 
 1. Pipeline: capture, train and evaluate as separate commands, exactly as `make capture train evaluate`
-   runs them, timed by the wall clock: the default config, then each experiment in
-   `training.benchmark.experiments` (the talk's Euler baseline) on the same captured data and budget.
-   Each run lives in `3_training/benchmark/<experiment>/` (its own paths.root).
-2. Training-loop overhead: images/s of `training.train_one_epoch` against a bare PyTorch loop (batch ->
-   forward -> loss -> backward -> step) on the same model, data loader and batch size, measured in turns
-   in one process so both see the same machine load. Ratio = ours / bare.
-3. Loader headroom: images/s the training DataLoader delivers on its own, over what the loop consumes.
+   runs them, timed by the wall clock. One capture is shared by every run: the selected experiment once
+   per seed in `training.benchmark.seeds`, once more with float32 forced (`training.benchmark.float32`:
+   the path every CPU without native bfloat16 takes), then each experiment in
+   `training.benchmark.experiments` (the talk's Euler baseline) with the first seed. The table gives
+   min / median / max over the seeds. Each run lives in `3_training/benchmark/<experiment>/seed<S>[-float32]/`.
+2. Training loop, loader and machine use: see loop_benchmark.py.
 
-Timings are wall-clock on whatever else the machine is doing: the load average is recorded beside them.
+The checks use the worst run of the selected experiment (every seed and the float32 row) for accuracy,
+and the worst seed in the precision this machine picks for wall time. Timings are wall-clock on whatever
+else the machine is doing: the load average and the CPU model are recorded beside them.
 """
 
-import itertools
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -30,20 +32,43 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-from tqdm import tqdm
+from omegaconf import ListConfig, OmegaConf, open_dict
 
-from . import tracking, training
-from .files import write_json
+from . import checkpoints, training
+from .files import write_json, write_text
+from .loop_benchmark import precision, throughput
 from .paths import CONFIG_DIR
 
 PACKAGE = __package__
 SRC_DIR = Path(__file__).resolve().parents[1]
+# the headline figures of a run: (key, column title, format)
+COLUMNS = [
+    ("capture_s", "capture s", ".0f"),
+    ("train_s", "train s", ".0f"),
+    ("evaluate_s", "eval s", ".0f"),
+    ("total_s", "total s", ".0f"),
+    ("train_images_per_s", "img/s", ".0f"),
+    ("re_deg_median", "rot. err. median °", ".2f"),
+    ("te_cm_median", "transl. err. median cm", ".3f"),
+    ("add_s_01d", "ADD(-S) < 0.1 d", ".3f"),
+    ("acc_5deg5cm", "5°5cm", ".3f"),
+]
 
 
 def child_cpu_seconds():
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def run_command(module, overrides, log_path):
@@ -67,26 +92,50 @@ def run_command(module, overrides, log_path):
     return seconds, cpu_seconds
 
 
+def planned_runs(cfg, experiment):
+    """[(experiment, seed, float32 forced)] in the order they run."""
+    b = cfg.training.benchmark
+    if b.get("seeds") is not None and not (
+        isinstance(b.seeds, ListConfig) and all(isinstance(s, int) for s in b.seeds)
+    ):
+        raise ValueError(
+            f"training.benchmark.seeds must be a list of integer seeds, e.g. [0,1,2] (got {b.seeds})"
+        )
+    seeds = list(b.get("seeds") or [cfg.seed])
+    runs = [(experiment, seed, False) for seed in seeds]
+    if b.get("float32"):
+        runs.append((experiment, seeds[0], True))
+    return runs + [(e, seeds[0], False) for e in b.experiments if e != experiment]
+
+
 def pipeline(cfg, experiment, passthrough):
-    """Capture once, then train + evaluate each experiment on that data; wall seconds and test metrics."""
+    """Capture once, then train + evaluate every planned run on that data; a list of rows (wall seconds,
+    CPU seconds, precision, test metrics), and the captured data's root."""
     bench_dir = Path(cfg.paths.training) / "benchmark"
-    experiments = [experiment, *(e for e in cfg.training.benchmark.experiments if e != experiment)]
-    results, data_root, capture = {}, None, None
-    for experiment in experiments:
-        root = bench_dir / experiment
-        args = [f"experiment={experiment}", f"paths.root={root}", *passthrough]
+    rows, data_root, capture = [], None, None
+    for name, seed, float32 in planned_runs(cfg, experiment):
+        root = bench_dir / name / f"seed{seed}{'-float32' if float32 else ''}"
+        args = [f"experiment={name}", f"paths.root={root}", *passthrough]
+        if float32:
+            args = [a for a in args if not a.startswith("training.amp=")] + ["training.amp=false"]
+        label = f"{name} seed {seed}{' float32' if float32 else ''}"
         if data_root is None:
-            print(f"[{experiment}] capture ...", flush=True)
+            print(f"[{label}] capture ...", flush=True)
             capture = run_command("data.capture", args, root / "capture.log")
             data_root = root / "2_data" / "dataset"
-        args.append(f"data.root={data_root}")
-        print(f"[{experiment}] train ...", flush=True)
+        args += [f"data.root={data_root}", f"seed={seed}"]
+        print(f"[{label}] train ...", flush=True)
         train = run_command("training", [*args, "training.progress=false"], root / "train.log")
-        print(f"[{experiment}] evaluate ...", flush=True)
+        print(f"[{label}] evaluate ...", flush=True)
         evaluate = run_command("evaluation", args, root / "evaluate.log")
         metrics = json.loads((root / "3_training" / "metrics.json").read_text())
-        history = torch.load(root / "3_training/checkpoints/last.pt", weights_only=True)["history"]
-        results[experiment] = {
+        checkpoint = torch.load(root / "3_training/checkpoints/last.pt", weights_only=True)
+        run_cfg = OmegaConf.create(checkpoint["config"])  # the precision training.use_amp picked for it
+        row = {
+            "experiment": name,
+            "seed": seed,
+            "float32_forced": float32,
+            "precision": precision(run_cfg, checkpoints.pick_device(run_cfg)),
             "capture_s": capture[0],
             "train_s": train[0],
             "evaluate_s": evaluate[0],
@@ -95,148 +144,137 @@ def pipeline(cfg, experiment, passthrough):
             "train_cpu_s": train[1],
             "evaluate_cpu_s": evaluate[1],
             "total_cpu_s": capture[1] + train[1] + evaluate[1],
-            "train_images_per_s": statistics.median(h["train/images_per_s"] for h in history),
+            "train_images_per_s": statistics.median(h["train/images_per_s"] for h in checkpoint["history"]),
             **{
                 k: metrics[k] for k in ("re_deg_median", "te_cm_median", "add_s_01d", "acc_5deg5cm", "n_test")
             },
         }
-        r = results[experiment]
-        print(f"[{experiment}] capture+train+evaluate {r['total_s']:.0f} s wall ({r['total_cpu_s']:.0f} CPU s): "
-              f"re {r['re_deg_median']:.2f} deg, te {r['te_cm_median']:.2f} cm (medians)", flush=True)  # fmt: skip
-    return results, data_root
+        rows.append(row)
+        print(f"[{label}] capture+train+evaluate {row['total_s']:.0f} s wall ({row['total_cpu_s']:.0f} CPU s), "
+              f"{row['precision']}: re {row['re_deg_median']:.2f} deg, te {row['te_cm_median']:.3f} cm (medians)",
+              flush=True)  # fmt: skip
+    return rows, data_root
 
 
-def batches(loader, n):
-    return itertools.islice(iter(loader), n)
+def seed_rows(rows, experiment):
+    return [r for r in rows if r["experiment"] == experiment and not r["float32_forced"]]
 
 
-def bare_loop(c, n):
-    """The minimal loop: what any PyTorch training step has to do, nothing else (in the same precision)."""
-    model, optimizer = c.model, c.optimizer
-    model.train()
-    amp = training.use_amp(c.cfg, c.device)
-    images = 0
-    start = time.perf_counter()
-    for batch in batches(c.train_loader, n):
-        batch = training.to_device(batch, c.device, c.cfg)
-        with torch.autocast(c.device.type, enabled=amp):
-            out = model(batch["image"])
-        loss, _ = c.criterion({k: v.float() for k, v in out.items()}, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        images += len(batch["image"])
-    return images / (time.perf_counter() - start)
-
-
-def our_loop(c, n):
-    """training.train_one_epoch as fit() calls it: progress bar, NaN check, clipping, AMP scaler, schedule."""
-    state = {"step": 0, "batch": 0, "seen": 0, "loss_sum": 0.0, "log": tracking.Run().log}
-    progress = tqdm(batches(c.train_loader, n), total=n, disable=not c.cfg.training.progress, leave=False)
-    start = time.perf_counter()
-    training.train_one_epoch(c, 0, state, training.SigtermFlag(), progress)
-    return state["seen"] / (time.perf_counter() - start)
-
-
-def loader_only(c, n):
-    images = 0
-    start = time.perf_counter()
-    for batch in batches(c.train_loader, n):
-        images += len(training.to_device(batch, c.device, c.cfg)["image"])
-    return images / (time.perf_counter() - start)
-
-
-def throughput(cfg):
-    b = cfg.training.benchmark
-    with open_dict(cfg):  # the LR schedule must outlast every measured step
-        cfg.training.epochs = 1_000_000
-    c = training.build(cfg)
-    steps = min(b.steps, len(c.train_loader))
-    bare_loop(c, b.warmup_steps)  # first steps pay for allocations and kernel selection
-    bare, ours = [], []
-    for _ in range(b.rounds):  # in turns, so a change in machine load hits both
-        bare.append(bare_loop(c, steps))
-        ours.append(our_loop(c, steps))
-    loader = max(loader_only(c, steps) for _ in range(b.rounds))
-    ratios = [o / b_ for o, b_ in zip(ours, bare, strict=True)]
+def spread(rows):
+    """{headline key: {min, median, max}} over `rows` (the seeds of one experiment)."""
     return {
-        "batch_size": cfg.training.batch_size,
-        "steps_per_round": steps,
-        "rounds": b.rounds,
-        "bare_images_per_s": statistics.median(bare),
-        "ours_images_per_s": statistics.median(ours),
-        "loop_ratio": statistics.median(ratios),
-        "loader_images_per_s": loader,
-        "loader_ratio": loader / statistics.median(ours),
+        key: {
+            "min": min(r[key] for r in rows),
+            "median": statistics.median(r[key] for r in rows),
+            "max": max(r[key] for r in rows),
+        }
+        for key, _, _ in COLUMNS
     }
 
 
 def checks(result, targets, experiment):
+    t = result["throughput"]
     out = {
-        "loop_ratio": result["throughput"]["loop_ratio"] >= targets.loop_ratio,
-        "loader_ratio": result["throughput"]["loader_ratio"] >= targets.loader_ratio,
+        "loop_ratio": t["loop_ratio"] >= targets.loop_ratio,
+        "loader_ratio": t["loader_ratio"] >= targets.loader_ratio,
     }
-    run = result.get("pipeline", {}).get(experiment)
-    if run:
-        out["pipeline_wall_s"] = run["total_s"] <= targets.pipeline_wall_s
-        out["re_deg_median"] = run["re_deg_median"] <= targets.re_deg_median
-        out["te_cm_median"] = run["te_cm_median"] <= targets.te_cm_median
+    rows = [r for r in result.get("pipeline", {}).get("runs", []) if r["experiment"] == experiment]
+    # accuracy: the worst run, any seed or precision; wall time: the worst seed as this machine runs it
+    if rows:
+        out["pipeline_wall_s"] = (
+            max(r["total_s"] for r in seed_rows(rows, experiment)) <= targets.pipeline_wall_s
+        )
+        out["re_deg_median"] = max(r["re_deg_median"] for r in rows) <= targets.re_deg_median
+        out["te_cm_median"] = max(r["te_cm_median"] for r in rows) <= targets.te_cm_median
     return out
 
 
-def print_table(result, targets):
-    print("\n== pipeline: capture + train + evaluate (wall clock) ==")
-    runs = result.get("pipeline", {})
-    if runs:
-        print(f"{'experiment':<12}{'capture s':>10}{'train s':>9}{'eval s':>8}{'total s':>9}{'img/s':>7}"
-              f"{'re° med':>9}{'te cm med':>10}{'ADD(-S)':>9}{'5°5cm':>7}")  # fmt: skip
-        for name, r in runs.items():
-            print(f"{name:<12}{r['capture_s']:>10.0f}{r['train_s']:>9.0f}{r['evaluate_s']:>8.0f}{r['total_s']:>9.0f}"
-                  f"{r['train_images_per_s']:>7.0f}{r['re_deg_median']:>9.2f}{r['te_cm_median']:>10.2f}"
-                  f"{r['add_s_01d']:>9.3f}{r['acc_5deg5cm']:>7.3f}")  # fmt: skip
-        for name, r in runs.items():
-            print(f"{name:<12}{r['capture_cpu_s']:>10.0f}{r['train_cpu_s']:>9.0f}{r['evaluate_cpu_s']:>8.0f}"
-                  f"{r['total_cpu_s']:>9.0f}   <- CPU seconds (all cores); / {os.cpu_count()} cores = "
-                  f"{r['total_cpu_s'] / os.cpu_count():.0f} s")  # fmt: skip
-        print("(the capture is shared: every experiment trains on the same images)")
+def run_name(row):
+    return f"{row['experiment']} seed {row['seed']}{' (float32 forced)' if row['float32_forced'] else ''}"
+
+
+def table_row(cells):
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(result, targets):
+    """The whole report as markdown: it is also what the benchmark prints."""
+    m = result["machine"]
+    lines = [
+        f"# Training benchmark: `{result['experiment']}`",
+        "",
+        f"CPU: {m['cpu_model']} ({m['cpus']} cores, torch {m['torch_threads']} threads); "
+        f"load average before/after {m['load_before']} / {m['load_after']}",
+    ]
+    p = result.get("pipeline")
+    if p:
+        header = ["run", "precision", *(title for _, title, _ in COLUMNS)]
+        lines += ["", "## Capture + train + evaluate (wall clock; one capture shared by every run)", ""]
+        lines += [table_row(header), table_row(["---"] * len(header))]
+        for r in p["runs"]:
+            cells = (format(r[k], f) for k, _, f in COLUMNS)
+            lines.append(table_row([run_name(r), r["precision"], *cells]))
+        seeds = p["seeds"]
+        for stat in ("min", "median", "max"):
+            cells = (format(p["spread"][k][stat], f) for k, _, f in COLUMNS)
+            lines.append(table_row([f"**{stat}** over seeds {seeds}", p["precision"], *cells]))
+        cpu = [f"{run_name(r)}: {r['total_cpu_s']:.0f}" for r in p["runs"]]
+        lines += ["", f"CPU seconds (all cores, capture + train + evaluate): {', '.join(cpu)}."]
     t = result["throughput"]
-    print("\n== training loop and loader (images/s, same model, data and batch size) ==")
-    print(f"bare PyTorch loop  {t['bare_images_per_s']:8.0f}")
-    print(
-        f"our training loop  {t['ours_images_per_s']:8.0f}   ratio {t['loop_ratio']:.3f}  (target >= {targets.loop_ratio})"
-    )
-    print(f"DataLoader alone   {t['loader_images_per_s']:8.0f}   ratio {t['loader_ratio']:.1f}x (target >= {targets.loader_ratio}x)")  # fmt: skip
-    print(
-        f"\nload average before/after: {result['machine']['load_before']} / {result['machine']['load_after']}"
-    )
-    for name, ok in result["checks"].items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    lines += [
+        "",
+        "## Training loop, loader and machine use (same model, data, batch size and precision)",
+        "",
+        f"{t['rounds']} rounds of {t['steps_per_round']} batches of {t['batch_size']}, ratios of the totals:",
+        "",
+        f"- bare PyTorch loop: {t['bare_images']} images in {t['bare_seconds']:.2f} s = {t['bare_images_per_s']:.0f} images/s",
+        f"- our training loop: {t['ours_images']} images in {t['ours_seconds']:.2f} s = {t['ours_images_per_s']:.0f} images/s, "
+        f"ratio {t['loop_ratio']:.3f} (target >= {targets.loop_ratio})",
+        f"- DataLoader alone: {t['loader_images']} images in {t['loader_seconds']:.2f} s = {t['loader_images_per_s']:.0f} images/s, "
+        f"{t['loader_ratio']:.1f}x what training consumes (target >= {targets.loader_ratio}x)",
+        f"- training in {t['precision']}: {t['flops_per_image'] / 1e6:.1f} MFLOP per image (forward + backward) x "
+        f"{t['ours_images_per_s']:.0f} images/s = {t['achieved_flop_per_s'] / 1e9:.3g} GFLOP/s",
+        f"- {t['torch_threads']}-thread matmul peak ({t['gemm_size']}^3): bfloat16 "
+        f"{t['gemm_peak_bfloat16_flop_per_s'] / 1e9:.3g} GFLOP/s, float32 {t['gemm_peak_float32_flop_per_s'] / 1e9:.3g} GFLOP/s; "
+        f"training uses {t['fraction_of_bfloat16_peak']:.0%} of the bfloat16 peak, {t['fraction_of_float32_peak']:.0%} of the float32 one",
+        "",
+        "## Checks",
+        "",
+        *(f"- {'PASS' if ok else 'FAIL'} {name}" for name, ok in result["checks"].items()),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def benchmark(cfg, experiment="default", passthrough=()):
     """Run the benchmark for `experiment` (the config `cfg` was composed with); returns what it writes."""
     b = cfg.training.benchmark
-    result = {"machine": {"cpus": os.cpu_count(), "torch_threads": cfg.training.threads or torch.get_num_threads(),
+    result = {"experiment": experiment,
+              "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
+                          "torch_threads": cfg.training.threads or torch.get_num_threads(),
                           "load_before": [round(x, 2) for x in os.getloadavg()]}}  # fmt: skip
     if b.pipeline:
-        result["pipeline"], data_root = pipeline(cfg, experiment, list(passthrough))
+        rows, data_root = pipeline(cfg, experiment, list(passthrough))
+        seeds = seed_rows(rows, experiment)
+        result["pipeline"] = {"runs": rows, "seeds": [r["seed"] for r in seeds], "precision": seeds[0]["precision"],
+                              "spread": spread(seeds)}  # fmt: skip
         with open_dict(cfg):
             cfg.data.root = str(data_root)
-    print("training loop and loader throughput ...", flush=True)
+    print("training loop, loader and machine use ...", flush=True)
     result["throughput"] = throughput(cfg)
     result["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     result["targets"] = dict(b.targets)
-    result["experiment"] = experiment
     result["checks"] = checks(result, b.targets, experiment)
+    report = markdown(result, b.targets)
     write_json(Path(cfg.paths.training) / "benchmark.json", result)
-    print_table(result, b.targets)
+    write_text(Path(cfg.paths.training) / "benchmark.md", report)
+    print("\n" + report)
     return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg):
     # The command line's own overrides go to every pipeline command, except those the benchmark sets itself.
-    own = ("experiment=", "paths.root=", "training.benchmark.", "data.root=")
+    own = ("experiment=", "paths.root=", "training.benchmark.", "data.root=", "seed=")
     passthrough = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
     experiment = HydraConfig.get().runtime.choices.get("experiment") or "default"
     try:
