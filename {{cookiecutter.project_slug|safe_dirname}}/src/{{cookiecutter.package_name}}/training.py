@@ -13,6 +13,7 @@ exactly what training uses; `load_model(path)` gives back a ready `PoseEstimator
 
 import dataclasses
 import functools
+import importlib
 import math
 import os
 import random
@@ -632,4 +633,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    # Call main from the importable module, not from this __main__ copy: Hydra's submitit launchers
+    # (hydra/launcher=slurm, submitit_local) pickle the task function, and only that one pickles by name.
+    importlib.import_module(__spec__.name).main()
