@@ -79,7 +79,8 @@ def test_every_logger_key_reaches_wandb_init_under_make(project, tmp_path):
     (tmp_path / "shim/wandb/__init__.py").write_text(RECORDING_WANDB)
     record = tmp_path / "init.json"
     overrides = f"logger.mode=online logger.project=p1 logger.group=g1 logger.dir={tmp_path / 'runs'}"
-    review(project, overrides, pythonpath=[tmp_path / "shim"], wandb_mode="offline", wandb_init_record=str(record))
+    shim = [tmp_path / "shim"]
+    review(project, overrides, pythonpath=shim, wandb_mode="offline", wandb_init_record=str(record))
     init = json.loads(record.read_text())
     assert init["mode"] == "online", "logger.mode=online did not reach wandb.init under make"
     assert (init["project"], init["group"], init["dir"]) == ("p1", "g1", str(tmp_path / "runs"))

@@ -45,10 +45,11 @@ EXEMPT = {
 @pytest.fixture(scope="module")
 def bakes(tmp_path_factory):
     out = tmp_path_factory.mktemp("references")
-    return {
-        name: Path(cookiecutter(str(TEMPLATE), no_input=True, extra_context=extra, output_dir=str(out / name)))
+    bake = {
+        name: cookiecutter(str(TEMPLATE), no_input=True, extra_context=extra, output_dir=str(out / name))
         for name, extra in MATRIX.items()
     }
+    return {name: Path(project) for name, project in bake.items()}
 
 
 def package(project):
@@ -130,5 +131,6 @@ def test_the_scan_finds_a_planted_reference(bakes, tmp_path):
     shutil.copytree(bakes["bare-dvc"], project, ignore=shutil.ignore_patterns(".git", ".dvc"))
     with (project / "README.md").open("a") as readme:
         readme.write("\nTry `make train EXPERIMENT=smoke` with wandb.\n")
-    found = dangling(bakes["default"], project, {"include_example": "no", "use_wandb": "no", "use_dvc": "yes"})
+    chosen = {"include_example": "no", "use_wandb": "no", "use_dvc": "yes"}
+    found = dangling(bakes["default"], project, chosen)
     assert [f for f in found if f.startswith("README.md:") and "EXPERIMENT=smoke" in f]
