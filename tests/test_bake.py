@@ -230,8 +230,10 @@ def test_every_import_is_a_declared_dependency(baked):
     ]
     declared = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in declared}
     local = {p.name for p in (project / "src").iterdir()} | {"conftest"}
-    # tracking.py imports wandb only when logger=wandb, a config that exists only with use_wandb=yes
+    # tracking.py imports wandb only when logger=wandb, a config that exists only with use_wandb=yes, and
+    # dvclive only when the `dvclive` key of configs/config.yaml (use_dvc=yes) is set
     optional = {"wandb"} if chosen["use_wandb"] == "no" else set()
+    optional |= {"dvclive"} if chosen["use_dvc"] == "no" else set()
     missing = set()
     for path in [*project.glob("src/**/*.py"), *project.glob("tests/**/*.py")]:
         tree = ast.parse(path.read_text())

@@ -76,7 +76,7 @@ def production_summary(path):
     """The service log summary (flat numbers) or None, and a note on what was (not) read."""
     path = Path(path)
     if not path.is_file():
-        return None, f"no production log at {path} yet (start the service: make serve)"
+        return None, f"no production log at {path} yet (the deployed service writes it)"
     try:
         from .deployment.feedback import load_service_log
     except ImportError:

@@ -1,10 +1,15 @@
-"""Experiment tracking: a thin wrapper so stage code calls `run.log(...)` whether or not wandb is on.
+"""Experiment tracking: a thin wrapper so stage code calls `run.log(...)` whatever is switched on.
 
-`logger=wandb` (configs/logger/wandb.yaml) logs offline into `logs/wandb/` by default; set
-`logger.mode=online` (or WANDB_MODE=online with a key) to sync live, or `wandb sync logs/wandb/...`
-later. `logger=none` turns it off; nothing else changes.
+- `logger=wandb` (configs/logger/wandb.yaml): `logger.mode` is handed to wandb.init and decides
+  (offline into `logs/wandb/` by default, `wandb sync logs/wandb/...` uploads later; `online` syncs live
+  with a key; `disabled`). WANDB_MODE in the environment only fills in the default (see that file).
+  `logger=none` turns it off; nothing else changes.
+- `dvclive.dir` (configs/config.yaml, DVC projects): the jobs in `dvclive.jobs` also write every scalar
+  as a TSV curve that `dvc plots show` / `dvc plots diff` draw, with no account.
 """
 
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -12,7 +17,7 @@ from omegaconf import OmegaConf
 
 
 class Run:
-    """No-op tracker used when logging is off; the wandb one below has the same methods."""
+    """No-op tracker used when logging is off; the trackers below have the same methods."""
 
     def log(self, data, step=None):
         pass
@@ -33,12 +38,12 @@ class WandbRun(Run):
 
         self.wandb = wandb
         logger = cfg.logger
-        os.environ.setdefault("WANDB_MODE", logger.mode)
         os.environ.setdefault("WANDB_SILENT", "true")
         Path(logger.dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=logger.project,
             dir=logger.dir,
+            mode=logger.mode,
             job_type=job_type,
             group=logger.get("group"),
             config=OmegaConf.to_container(cfg, resolve=True),
@@ -58,8 +63,56 @@ class WandbRun(Run):
         self.run.finish()
 
 
+class LiveRun(Run):
+    """Scalars as dvclive TSV curves (`<dir>/plots/metrics/<key>.tsv`, x = step) plus `<dir>/metrics.json`."""
+
+    def __init__(self, directory, resume=False):
+        from dvclive import Live
+
+        # dvcyaml=None: dvc.yaml declares these plots itself; save_dvc_exp=False: `dvc exp run` records runs
+        self.live = Live(str(directory), resume=resume, dvcyaml=None, save_dvc_exp=False)
+
+    def log(self, data, step=None):
+        if step is not None:
+            self.live.step = int(step)
+        for key, value in data.items():
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+                self.live.log_metric(key, float(value))
+
+    def finish(self):
+        self.live.end()
+
+
+class Runs(Run):
+    """Every call goes to each tracker that is on."""
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    def log(self, data, step=None):
+        for run in self.runs:
+            run.log(data, step=step)
+
+    def log_image(self, key, image, caption=None):
+        for run in self.runs:
+            run.log_image(key, image, caption)
+
+    def log_table(self, key, rows, columns):
+        for run in self.runs:
+            run.log_table(key, rows, columns)
+
+    def finish(self):
+        for run in self.runs:
+            run.finish()
+
+
 def start_run(cfg, job_type):
     """Start tracking for one stage command (`job_type` is the stage name)."""
-    if cfg.get("logger") is None or cfg.logger.get("name", "none") != "wandb":
-        return Run()
-    return WandbRun(cfg, job_type)
+    runs = []
+    if cfg.get("logger") is not None and cfg.logger.get("name", "none") == "wandb":
+        runs.append(WandbRun(cfg, job_type))
+    live = cfg.get("dvclive")
+    if live is not None and live.get("dir") and job_type in live.get("jobs", []):
+        resume = bool(OmegaConf.select(cfg, "training.resume", default=False))
+        runs.append(LiveRun(live.dir, resume=resume))
+    return runs[0] if len(runs) == 1 else Runs(runs)

@@ -15,6 +15,7 @@ Writes `3_training/checkpoints/last.pt` every epoch (and on SIGTERM, e.g. a SLUR
 
 import dataclasses
 import functools
+import importlib
 import math
 import os
 import random
@@ -538,4 +539,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    # Call main from the importable module, not from this __main__ copy: Hydra's submitit launchers
+    # (hydra/launcher=slurm, submitit_local) pickle the task function, and only that one pickles by name.
+    importlib.import_module(__spec__.name).main()

@@ -256,7 +256,7 @@ def test_evaluates_the_trained_checkpoint(tmp_path):
 def test_cli_writes_metrics_and_fails_with_one_message(tmp_path):
     make_bop(tmp_path / "bop")
     _, checkpoint, _ = save_untrained_checkpoint(tmp_path, "experiment=smoke")
-    env = dict(os.environ, PYTHONPATH=str(PROJECT / "src"), WANDB_MODE="offline")
+    env = dict(os.environ, PYTHONPATH=str(PROJECT / "src"){% if cookiecutter.use_wandb == "yes" %}, WANDB_MODE="offline"{% endif %})
     command = [sys.executable, "-m", "{{ cookiecutter.package_name }}.evaluation", "experiment=smoke",
                f"paths.root={tmp_path}", f"data.root={tmp_path / 'bop'}", f"data.image_size={SIZE}",
                "data.preload=false", "logger=none", "device=cpu"]  # fmt: skip

@@ -37,7 +37,7 @@ def tiny_cfg(tiny_dataset, root, *overrides):
 
 
 def run_cli(*overrides, root, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src"){% if cookiecutter.use_wandb == "yes" %}, "WANDB_MODE": "offline"{% endif %}}
     cmd = [sys.executable, "-m", "{{ cookiecutter.package_name }}.training", *overrides, f"paths.root={root}"]
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs

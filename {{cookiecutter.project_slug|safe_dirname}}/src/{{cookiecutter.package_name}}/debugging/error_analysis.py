@@ -128,7 +128,7 @@ def _number(text):
 def read_errors(path, task=None):
     path = Path(path)
     if not path.is_file():
-        raise ErrorAnalysisError(f"{path}: errors CSV not found (stage 3 writes it: make evaluate)")
+        raise ErrorAnalysisError(f"{path}: errors CSV not found (the evaluation of stage 3 writes it)")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
