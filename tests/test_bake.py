@@ -178,16 +178,42 @@ def test_readme_commands_exist(baked):
     assert not dead, dead
 
 
-def test_ci_runs_the_readme_test_command(baked):
+def test_ci_runs_the_readme_quick_start(baked):
+    """The baked CI runs the README's quick start (setup, test, smoke pipeline, review) as written."""
     project, chosen = baked
     readme = (project / "README.md").read_text()
     assert "make test" in readme
     workflow = project / ".github/workflows/ci.yml"
-    if chosen["ci"] == "github-actions":
-        ci = yaml.safe_load(workflow.read_text())
-        runs = " ".join(step.get("run", "") for step in ci["jobs"]["test"]["steps"])
-        assert "make test" in runs
-        assert "${{ github.workflow }}" in workflow.read_text()
+    if chosen["ci"] != "github-actions":
+        return
+    ci = yaml.safe_load(workflow.read_text())
+    runs = [step.get("run", "").strip() for step in ci["jobs"]["test"]["steps"]]
+    quick_start = re.search(r"## Quick start\n+```bash\n(.*?)```", readme, flags=re.S).group(1)
+    for command in [re.sub(r"\s+#.*", "", line).strip() for line in quick_start.splitlines()]:
+        assert not command or command in runs, f"CI does not run `{command}`: {runs}"
+    assert "${{ github.workflow }}" in workflow.read_text()
+    assert "download.pytorch.org/whl/cpu" in ci["jobs"]["test"]["env"]["PIP_EXTRA_INDEX_URL"]
+    update = yaml.safe_load((project / ".github/workflows/template-update.yml").read_text())
+    assert "cruft update" in " ".join(step.get("run", "") for step in update["jobs"]["update"]["steps"])
+
+
+def test_ci_slow_subset_selects_existing_tests(baked):
+    """The baked CI's `-k` picks each named slow test (SIGKILL resume, one zoo config, the server fuzz)."""
+    project, chosen = baked
+    if chosen["ci"] != "github-actions" or chosen["include_example"] != "yes":
+        return
+    ci = yaml.safe_load((project / ".github/workflows/ci.yml").read_text())
+    command = next(s["run"] for s in ci["jobs"]["test"]["steps"] if "-m slow" in s.get("run", ""))
+    expression = re.search(r'-k "([^"]+)"', command).group(1)
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    result = subprocess.run(
+        [*collect, "-m", "slow", "-k", expression], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    selected = [line for line in result.stdout.splitlines() if "::" in line]
+    for name in ["sigkill", "reduced_zoo_end_to_end[lr_too_high", "real_server"]:
+        assert sum(name in line for line in selected) == 1, (name, selected)
 
 
 def test_hydra_config_composes_for_every_experiment(baked):

@@ -154,7 +154,8 @@ def test_quick_start_runs_as_written(quickstart):
             assert (project / artifact).exists(), artifact
         dvc = [str(project / ".venv/bin/python"), "-m", "dvc"]
         status = subprocess.run([*dvc, "status", "--json"], cwd=project, capture_output=True, text=True)
-        assert json.loads(status.stdout or "{}") == {}, status.stdout + status.stderr
+        # up to date, but for the review stage's outputs, which `make review` (the gate) rewrites by design
+        assert set(json.loads(status.stdout or "{}")) <= {"review"}, status.stdout + status.stderr
     if quickstart.ran("make review"):
         review = json.loads((project / "6_metric_review/review.json").read_text())
         assert "re_deg_median" in json.dumps(review), review
