@@ -28,7 +28,7 @@ demo: venv  ## bake the default project into demo/ and run its whole pipeline
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(VENV)/bin/cookiecutter --no-input -o $(DEMO_DIR) . project_name="Pose Estimation"
 	$(PY) -m pip install --quiet --no-deps -e $(DEMO_DIR)/$(SLUG)
-	cd $(DEMO_DIR)/$(SLUG) && $(MAKE) pipeline PYTHON=$(abspath $(PY))
+	cd $(DEMO_DIR)/$(SLUG) && $(MAKE) repo pipeline PYTHON=$(abspath $(PY))
 	@echo "Demo project: $(DEMO_DIR)/$(SLUG) (see its README; metrics in 3_training/metrics.json)"
 
 clean:

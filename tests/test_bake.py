@@ -2,8 +2,10 @@
 
 import ast
 import json
+import os
 import py_compile
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,6 +19,8 @@ from cookiecutter.main import cookiecutter
 ALWAYS = [
     "README.md",
     "pyproject.toml",
+    "constraints.txt",
+    ".cookiecutter.json",
     "Makefile",
     ".gitignore",
     ".pre-commit-config.yaml",
@@ -66,7 +70,7 @@ EXAMPLE = [
     "tests/example",
 ]
 OPTIONAL = {
-    ("use_dvc", "yes"): ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config"],
+    ("use_dvc", "yes"): ["dvc.yaml", "params.yaml", ".dvcignore"],
     ("use_wandb", "yes"): ["configs/logger/wandb.yaml"],
     ("ci", "github-actions"): [".github/workflows/ci.yml"],
 }
@@ -124,10 +128,13 @@ def test_names_follow_answers(baked):
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())
     assert pyproject["project"]["name"] == project.name
     assert pyproject["project"]["requires-python"] == f">={chosen['python_version']}"
-    deps = " ".join(pyproject["project"]["dependencies"])
-    assert ("wandb" in deps) == (chosen["use_wandb"] == "yes")
-    assert ("dvc" in deps) == (chosen["use_dvc"] == "yes")
-    assert ("roma" in deps) == (chosen["include_example"] == "yes")
+    installed = setup_installs(pyproject["project"])
+    assert ("wandb" in installed) == (chosen["use_wandb"] == "yes")
+    assert ("dvc" in installed) == (chosen["use_dvc"] == "yes")
+    assert ("roma" in installed) == (chosen["include_example"] == "yes")
+    assert ("mitsuba" in installed) == (chosen["include_example"] == "yes")
+    recorded = json.loads((project / ".cookiecutter.json").read_text())
+    assert {key: recorded[key] for key in chosen} == chosen
 
 
 def test_nothing_unrendered(baked):
@@ -139,7 +146,8 @@ def test_nothing_unrendered(baked):
         if (UNRENDERED_PY if path.suffix == ".py" else UNRENDERED).search(line)
     ]
     assert not leftovers, "\n".join(leftovers[:20])
-    assert not [p for p in project.rglob("*") if "{{" in p.name or "cookiecutter" in p.name]
+    named = [p for p in project.rglob("*") if "{{" in p.name or "cookiecutter" in p.name]
+    assert [p.relative_to(project) for p in named] == [Path(".cookiecutter.json")]
 
 
 def test_yaml_and_toml_parse(baked):
@@ -176,16 +184,42 @@ def test_readme_commands_exist(baked):
     assert not dead, dead
 
 
-def test_ci_runs_the_readme_test_command(baked):
+def test_ci_runs_the_readme_quick_start(baked):
+    """The baked CI runs the README's quick start (setup, test, smoke pipeline, review) as written."""
     project, chosen = baked
     readme = (project / "README.md").read_text()
     assert "make test" in readme
     workflow = project / ".github/workflows/ci.yml"
-    if chosen["ci"] == "github-actions":
-        ci = yaml.safe_load(workflow.read_text())
-        runs = " ".join(step.get("run", "") for step in ci["jobs"]["test"]["steps"])
-        assert "make test" in runs
-        assert "${{ github.workflow }}" in workflow.read_text()
+    if chosen["ci"] != "github-actions":
+        return
+    ci = yaml.safe_load(workflow.read_text())
+    runs = [step.get("run", "").strip() for step in ci["jobs"]["test"]["steps"]]
+    quick_start = re.search(r"## Quick start\n+```bash\n(.*?)```", readme, flags=re.S).group(1)
+    for command in [re.sub(r"\s+#.*", "", line).strip() for line in quick_start.splitlines()]:
+        assert not command or command in runs, f"CI does not run `{command}`: {runs}"
+    assert "${{ github.workflow }}" in workflow.read_text()
+    assert "download.pytorch.org/whl/cpu" in ci["jobs"]["test"]["env"]["PIP_EXTRA_INDEX_URL"]
+    update = yaml.safe_load((project / ".github/workflows/template-update.yml").read_text())
+    assert "cruft update" in " ".join(step.get("run", "") for step in update["jobs"]["update"]["steps"])
+
+
+def test_ci_slow_subset_selects_existing_tests(baked):
+    """The baked CI's `-k` picks each named slow test (SIGKILL resume, one zoo config, the server fuzz)."""
+    project, chosen = baked
+    if chosen["ci"] != "github-actions" or chosen["include_example"] != "yes":
+        return
+    ci = yaml.safe_load((project / ".github/workflows/ci.yml").read_text())
+    command = next(s["run"] for s in ci["jobs"]["test"]["steps"] if "-m slow" in s.get("run", ""))
+    expression = re.search(r'-k "([^"]+)"', command).group(1)
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    env = {**os.environ, "PYTHONPATH": str(project / "src")}
+    result = subprocess.run(
+        [*collect, "-m", "slow", "-k", expression], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    selected = [line for line in result.stdout.splitlines() if "::" in line]
+    for name in ["sigkill", "reduced_zoo_end_to_end[lr_too_high", "real_server"]:
+        assert sum(name in line for line in selected) == 1, (name, selected)
 
 
 def test_hydra_config_composes_for_every_experiment(baked):
@@ -207,28 +241,82 @@ def test_hydra_config_composes_for_every_experiment(baked):
             assert cfg.paths.training.endswith("3_training")
 
 
-def test_git_repository_with_initial_commit(baked):
+def test_make_repo_creates_git_and_dvc_once(baked, tmp_path):
+    """The bake has no repository (cruft-safe hook); `make repo` (run by `make setup`) creates git, DVC with
+    its local remote and one initial commit, and a second run changes nothing."""
     project, chosen = baked
-    log = subprocess.run(["git", "log", "--oneline"], cwd=project, capture_output=True, text=True)
-    assert log.returncode == 0 and len(log.stdout.splitlines()) == 1, log.stderr
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
+    copy = tmp_path / project.name
+    shutil.copytree(project, copy)
+    assert not (copy / ".git").exists() and not (copy / ".dvc").exists()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for _ in range(2):
+        result = subprocess.run(
+            ["make", "repo", "PYTHON=python"], cwd=copy, env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    log = subprocess.run(["git", "log", "--oneline"], cwd=copy, capture_output=True, text=True)
+    assert log.returncode == 0 and len(log.stdout.splitlines()) == 1, log.stdout + log.stderr
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=copy, capture_output=True, text=True)
     assert status.stdout == "", status.stdout
+    assert (copy / ".dvc").exists() == (chosen["use_dvc"] == "yes")
     if chosen["use_dvc"] == "yes":
-        config = (project / ".dvc/config").read_text()
-        assert "remote = local" in config and "dvc-storage" in config
+        config = (copy / ".dvc/config").read_text()
+        assert "remote = local" in config and f"{project.name}-dvc-storage" in config
+
+
+def name_of(requirement):
+    return re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def setup_installs(project_table):
+    """Distributions `make setup` installs (`.[dev,all]`): the core, `dev`, and the extras `all` names."""
+    extras = project_table.get("optional-dependencies", {})
+    wanted, names, seen = ["dev", "all"], {name_of(d) for d in project_table["dependencies"]}, set()
+    while wanted:
+        extra = wanted.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in extras[extra]:
+            self_reference = re.fullmatch(rf"{re.escape(project_table['name'])}\[(.+)\]", requirement)
+            if self_reference:
+                wanted.extend(e.strip() for e in self_reference.group(1).split(","))
+            else:
+                names.add(name_of(requirement))
+    return names
+
+
+def test_make_setup_installs_dev_and_all_with_the_pinned_constraints(baked):
+    project, _ = baked
+    makefile = (project / "Makefile").read_text()
+    setup = makefile.split("\nsetup:", 1)[1].split("\n\n", 1)[0]
+    assert "-c constraints.txt -e '.[dev,all]'" in setup, setup
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())["project"]
+    installed = setup_installs(pyproject)
+    pins = {
+        name_of(line): line.split("==")[1].split(";")[0].strip()
+        for line in (project / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert set(pins) <= installed, f"pinned but never installed: {set(pins) - installed}"
+    assert installed - set(pins) <= {"torch", "torchvision", "pydantic"}, installed - set(pins)
+    # the pins are the versions the template's own tests run with
+    dev = {
+        name_of(line): line.split("==")[1].strip()
+        for line in (TEMPLATE / "requirements-dev.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert {name: version for name, version in pins.items() if dev.get(name) != version} == {}
 
 
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "hydra": "hydra-core", "drjit": "mitsuba"}
 
 
 def test_every_import_is_a_declared_dependency(baked):
-    """A fresh `pip install -e '.[dev]'` must bring every module the project's code and tests import."""
+    """`make setup` (`pip install -e '.[dev,all]'`) brings every module the project code and tests import."""
     project, chosen = baked
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())["project"]
-    declared = pyproject["dependencies"] + [
-        d for extra in pyproject["optional-dependencies"].values() for d in extra
-    ]
-    declared = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in declared}
+    declared = setup_installs(pyproject)
     local = {p.name for p in (project / "src").iterdir()} | {"conftest"}
     # tracking.py imports wandb only when logger=wandb, a config that exists only with use_wandb=yes, and
     # dvclive only when the `dvclive` key of configs/config.yaml (use_dvc=yes) is set
