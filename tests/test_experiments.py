@@ -33,7 +33,7 @@ def project(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
     project = Path(cookiecutter(str(TEMPLATE), no_input=True, output_dir=str(out)))
     # The DVC settings the project relies on (Hydra composition); `make setup` / `make pipeline` run it too.
-    ok(run(["make", "dvc-config", "PYTHON=python"], cwd=project))
+    ok(run(["make", "repo", "PYTHON=python"], cwd=project))
     return project
 
 

@@ -39,6 +39,11 @@ EXEMPT = {
     "4_debugging/FAILURE_MODES.md": {"removed"},
     "tests/conftest.py": {"removed"},
     ".github/workflows/ci.yml": {"use_wandb"},
+    # the recorded answers (for cruft): they name every option, opted out or not
+    ".cookiecutter.json": {"use_wandb", "use_dvc", "removed"},
+    # the example's own evaluation and test: present only with the example, they name its optional backends
+    "src/{pkg}/pose/evaluation.py": {"use_wandb", "use_dvc"},
+    "tests/example/test_capture.py": {"use_wandb"},
 }
 
 

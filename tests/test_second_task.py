@@ -163,6 +163,8 @@ def make(project, *args):
 def test_a_second_task_runs_the_whole_lifecycle(bake):
     project = bake(include_example="no", use_wandb="no")
     write_task(project)
+    result, log = make(project, "repo")  # what `make setup` does after installing: git, DVC, first commit
+    assert result.returncode == 0, log
 
     result, log = make(project, "pipeline")
     assert result.returncode == 0, log

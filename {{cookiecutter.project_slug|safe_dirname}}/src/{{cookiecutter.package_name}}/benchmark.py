@@ -34,7 +34,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import ListConfig, OmegaConf, open_dict
 
-from . import checkpoints, training
+from . import checkpoints
 from .files import write_json, write_text
 from .loop_benchmark import precision, throughput
 from .paths import CONFIG_DIR

@@ -1,7 +1,7 @@
 """Stage 3: evaluate the trained model once on the test split.
 
     python -m <package>.evaluation                       # make evaluate
-    python -m <package>.evaluation experiment=baseline   # the experiment's checkpoints and data
+    python -m <package>.evaluation experiment=<name>     # that experiment's checkpoints and data
 
 Loads `<training.checkpoint_dir>/best.pt` (`last.pt` when there is no best), lets the task predict its test
 split (Task.evaluate) and writes, atomically, into 3_training/:

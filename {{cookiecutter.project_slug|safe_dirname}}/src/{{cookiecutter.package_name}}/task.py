@@ -1,6 +1,6 @@
 """The task interface: everything the generic lifecycle (training loop, evaluation, doctor, export) needs to
-know about a problem, and nothing else. The pose example implements it in pose/task.py; your own task
-implements it the same way (docs/your-task.md in the baked project).
+know about a problem, and nothing else. A task implements it in its own module (docs/your-task.md in the
+baked project says how).
 
 The config selects the task: `configs/task/<name>.yaml` holds `_target_: <package>.<module>.<Class>` and
 `configs/config.yaml` lists `- task: <name>` in its defaults. `load_task(cfg)` builds it.
@@ -54,7 +54,7 @@ class Task:
         """A uint8 3xHxW image of predictions on a validation batch for the tracker, or None."""
         return None
 
-    # --- faults injected on purpose (the bug zoo), none by default ---------------------------------------------
+    # --- faults injected on purpose (to test the doctor), none by default ------------------------------------
 
     def fault_datasets(self, cfg, train_set, val_set):
         return train_set, val_set

@@ -222,8 +222,8 @@ def build(cfg):
     device = pick_device(cfg)
     seed_everything(cfg.seed, cfg.training.deterministic)
     task = load_task(cfg)
-    # an injected fault (the example's bug zoo, `debugging.fault`; none by default), so `make train
-    # EXPERIMENT=zoo/<cause>` trains on the broken data the doctor diagnoses
+    # an injected fault (`debugging.fault`; none by default), so `make train` with a fault experiment
+    # trains on the broken data the doctor diagnoses
     train_set, val_set = task.fault_datasets(cfg, *task.build_datasets(cfg))
     train_loader, val_loader = build_loaders(
         cfg, train_set, val_set, task.train_transform(cfg), task.fault_batch(cfg)

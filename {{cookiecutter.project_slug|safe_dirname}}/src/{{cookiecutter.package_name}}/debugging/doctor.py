@@ -1,9 +1,9 @@
 """Stage 4: the failure-mode doctor. Symptom -> cause -> evidence -> fix, for one experiment config.
 
-    python -m <package>.debugging.doctor experiment=zoo/lr_too_high      # make doctor EXPERIMENT=zoo/lr_too_high
+    python -m <package>.debugging.doctor experiment=<name>               # make doctor EXPERIMENT=<name>
     python -m <package>.debugging.doctor training.lr=3                    # make doctor OVERRIDES="training.lr=3"
 
-It builds the experiment exactly as training does (`training.build`, bug-zoo faults included) on a reduced
+It builds the experiment exactly as training does (`training.build`, injected faults included) on a reduced
 budget (configs/debugging/doctor/default.yaml: small images, a few hundred samples, short runs), then
 
 1. screens for the talk's symptoms: a short training run with loss curves, compared with Karpathy's

@@ -28,8 +28,7 @@ manual). A row you edited that drops out of the sample (a new model no longer ge
 in tags_state.json and comes back with your marks if it is sampled again.
 
 Automatic categories: any 0/1 column named `tag_<category>` in the errors CSV, plus the configured task's
-own (`Task.error_tags`, thresholds in `debugging.error_analysis.tags`; the pose example's are in
-pose/errors.py).
+own (`Task.error_tags`, thresholds in `debugging.error_analysis.tags`).
 
 Outputs in `4_debugging/error_analysis/`: report.md, analysis.json, tags.csv, tags_state.json and, when
 the errors CSV names readable images (the task's `image_column`), contact_sheet.png.
