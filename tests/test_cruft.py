@@ -51,13 +51,13 @@ def test_cruft_create_check_update_keeps_local_edits(tmp_path):
     first = scratch_template(template)
     out = tmp_path / "out"
     sh(CRUFT, "create", "--no-input", "--output-dir", str(out), str(template), cwd=tmp_path)
-    project = out / "pose-estimation"
+    project = out / "my-dl-project"
     assert not (project / ".git").exists(), "the hook must leave the repository to `make setup`"
     sh("make", "repo", "PYTHON=python", cwd=project)  # the repository step of `make setup`
     tracked = sh("git", "ls-files", cwd=project).stdout.split()
     assert ".cruft.json" in tracked and ".cookiecutter.json" in tracked
     assert json.loads((project / ".cruft.json").read_text())["commit"] == first
-    assert json.loads((project / ".cookiecutter.json").read_text())["project_slug"] == "pose-estimation"
+    assert json.loads((project / ".cookiecutter.json").read_text())["project_slug"] == "my-dl-project"
     sh(CRUFT, "check", cwd=project)
 
     # the user edits the project; the template moves on (a changed file, a new file)
@@ -75,7 +75,7 @@ def test_cruft_create_check_update_keeps_local_edits(tmp_path):
     update = sh(CRUFT, "update", "-y", cwd=project)
     assert "Good work" in update.stdout or "success" in update.stdout.lower(), update.stdout
     assert "A new item from the template." in (project / "2_data" / "CHECKLIST.md").read_text()
-    assert (project / "NEWS.md").read_text() == "# News for Pose Estimation\n"
+    assert (project / "NEWS.md").read_text() == "# News for My DL Project\n"
     assert readme.read_text().endswith("Our own notes.\n")
     assert json.loads((project / ".cruft.json").read_text())["commit"] == second
     assert not list(project.rglob("*.rej")), list(project.rglob("*.rej"))

@@ -100,8 +100,9 @@ def test_multirun_jobs_write_their_own_folders(project, experiments):
     rates = ["1e-3", "3e-3"]
     ok(
         run(
-            ["python", "-m", "pose_estimation.training", "--multirun", "hydra/launcher=submitit_local"]
-            + ["experiment=smoke", "logger=none", f"training.lr={','.join(rates)}"],
+            ["python", "-m", f"{project.name.replace('-', '_')}.training", "--multirun"]
+            + ["hydra/launcher=submitit_local", "experiment=smoke", "logger=none"]
+            + [f"training.lr={','.join(rates)}"],
             cwd=project,
         )
     )
