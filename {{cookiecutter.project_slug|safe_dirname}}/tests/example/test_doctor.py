@@ -219,7 +219,18 @@ def zoo_dataset(tmp_path_factory):
     [
         ("implementation_bug_input", "implementation_bug"),
         ("test_set_too_small", "test_set_too_small"),
-        ("lr_too_high", "lr_too_high"),
+        pytest.param(
+            "lr_too_high",
+            "lr_too_high",
+            # Diagnosed on CPUs that train in bfloat16 (where this test was written); on a float32-only CPU the
+            # reduced-budget doctor answers `none` (seen on an AMD EPYC without AVX512-BF16/AMX). A known miss
+            # of the doctor's (issue 15), strict so that a fix shows up.
+            marks=pytest.mark.xfail(
+                not training.cpu_has_native_bf16(),
+                reason="float32 CPU: doctor misses lr_too_high",
+                strict=True,
+            ),
+        ),
         ("not_started", "not_started"),
         ("healthy", "none"),
     ],
