@@ -83,3 +83,17 @@ def run(cmd, cwd, env=None, timeout=1800):
         **(env or {}),
     }
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def newcomer_env(home):
+    """This machine's environment minus every trace of the template's dev venv and of the calling make."""
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix)]
+    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "WANDB_MODE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("GIT_")}
+    cache = os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+    return env | {
+        "HOME": str(home),
+        "PATH": os.pathsep.join(path),
+        "PIP_CONSTRAINT": str(TEMPLATE / "constraints.txt"),
+        "PIP_CACHE_DIR": cache,
+    }

@@ -110,7 +110,7 @@ def test_fast_tests_pass_with_the_lowest_allowed_versions(tmp_path):
     assert torch_version.split("+")[0] == metadata.version("torch")
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
     tests = subprocess.run(
-        [python, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider"],
+        [python, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE"],
         cwd=project,
         env=env | {"WANDB_MODE": "offline"},
         capture_output=True,
@@ -118,4 +118,8 @@ def test_fast_tests_pass_with_the_lowest_allowed_versions(tmp_path):
         timeout=1800,
     )
     lowest = install.stderr[-3000:]
-    assert tests.returncode == 0, tests.stdout[-6000:] + tests.stderr[-2000:] + "\ninstalled:\n" + lowest
+    # the failures' short summary first: a long traceback must not push it out of CI's log
+    summary = [line for line in tests.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    assert tests.returncode == 0, (
+        "\n".join(summary) + "\n" + tests.stdout[-8000:] + tests.stderr[-2000:] + "\ninstalled:\n" + lowest
+    )

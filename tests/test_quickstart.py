@@ -11,16 +11,14 @@ PIP_CACHE_DIR (the machine's pip cache, so the second venv reuses the first's do
 """
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import TEMPLATE
+from conftest import TEMPLATE, newcomer_env
 from cookiecutter.main import cookiecutter
 
 PLACEHOLDER = "gh:<org>/cookiecutter-dl-lifecycle"
@@ -42,20 +40,6 @@ def template_quick_start():
     commands = code_block((TEMPLATE / "README.md").read_text(), "## Use it")
     cd = next(i for i, command in enumerate(commands) if command.startswith("cd "))
     return commands[: cd + 1], commands[cd + 1 :]
-
-
-def newcomer_env(home):
-    """This machine's environment minus every trace of the template's dev venv and of the calling make."""
-    path = [p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix)]
-    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "WANDB_MODE"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("GIT_")}
-    cache = os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
-    return env | {
-        "HOME": str(home),
-        "PATH": os.pathsep.join(path),
-        "PIP_CONSTRAINT": str(TEMPLATE / "constraints.txt"),
-        "PIP_CACHE_DIR": cache,
-    }
 
 
 @dataclass
