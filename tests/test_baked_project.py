@@ -39,7 +39,7 @@ def test_option_bake_suite_in_its_own_venv(bake, tmp_path, options, target):
     )
     names = {package["name"].lower() for package in json.loads(installed.stdout)}
     assert not {"dvc", "wandb", "cookiecutter"} & names, names
-    (package,) = (project / "src").iterdir()
+    (package,) = (p.parent for p in (project / "src").glob("*/__init__.py"))  # not the install's egg-info
     assert (package / "pose").exists() == (options["include_example"] == "yes")
     assert (package / "task.py").exists()
 
