@@ -87,7 +87,8 @@ class SlowLoader:
 
 def test_loop_ratio_is_the_ratio_of_the_totals_and_falls_with_a_slower_loop(components, clock):
     fetch = 0.004  # each side pays for fetching its batches, the loader side for nothing else
-    c = dataclasses.replace(components, train_loader=SlowLoader(components.train_loader, clock, per_batch=fetch))
+    loader = SlowLoader(components.train_loader, clock, per_batch=fetch)
+    c = dataclasses.replace(components, train_loader=loader)
     loops = {"bare": sleeper(clock, 0.01), "ours": sleeper(clock, 0.03), "loader": loop_benchmark.loader_only}
     r = loop_benchmark.compare_loops(c, steps=4, warmup_steps=1, rounds=3, log=None, loops=loops)
     assert r["bare_images"] == r["ours_images"] == r["loader_images"] == 3 * 4 * 4
@@ -111,7 +112,8 @@ def test_loop_ratio_of_the_totals_is_not_a_median_of_per_round_ratios(components
     loops = {"bare": sleeper(clock, 0.01), "ours": ours}
     r = loop_benchmark.compare_loops(components, steps=2, warmup_steps=1, rounds=4, log=None, loops=loops)
     assert r["loop_ratio"] == pytest.approx((4 * 2 * 0.01) / (3 * 2 * 0.01 + 2 * 0.10))
-    assert sorted(m["ours"]["images_per_s"] / m["bare"]["images_per_s"] for m in r["per_round"])[1] == pytest.approx(1.0)
+    ratios = sorted(m["ours"]["images_per_s"] / m["bare"]["images_per_s"] for m in r["per_round"])
+    assert ratios[1] == pytest.approx(1.0)  # the median round: the slow round would vanish in it
 
 
 def test_loader_start_up_is_charged_to_every_side(components, clock):
