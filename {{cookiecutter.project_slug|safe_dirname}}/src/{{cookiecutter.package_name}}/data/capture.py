@@ -22,7 +22,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,32 +32,33 @@ import numpy as np
 import roma
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from tqdm import tqdm
 
 from .. import tracking
 from ..files import atomic_dir
 from ..paths import CONFIG_DIR
 from .bop import BopFormatError, load_models_info, read_ply
-
-ASSETS = Path(__file__).resolve().parent / "assets" / "models"
-SPLITS = ("train", "val", "test")
-DEPTH_SCALE = 0.1  # mm per depth-PNG unit: uint16 covers 0-6.5 m at 0.1 mm
-NEAR_CLIP = 1.0  # mm
-OWNER_FILE = ".capture.pid"  # in a capture's temporary folder while it writes: the owning process
-
-
-class CaptureError(ValueError):
-    """The capture configuration is unusable; the message names the key."""
-
-
-def srgb_to_linear(c):
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(c):
-    c = np.clip(c, 0.0, 1.0)
-    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+from .render import (  # shared with data/scenes.py
+    ASSETS,
+    DEPTH_SCALE,
+    NEAR_CLIP,
+    OWNER_FILE,
+    SPLITS,
+    CaptureError,
+    colored_mesh,
+    gt_info,
+    linear_to_srgb,
+    load_mitsuba,
+    ray_to_z,
+    render_depth,
+    sample_background,
+    sample_light,
+    sample_translation,
+    save_png,
+    sensors,
+    srgb_to_linear,
+    sweep_stale_temp_dirs,
+)
 
 
 def intrinsics(camera, image_size):
@@ -82,45 +82,14 @@ class Renderer:
     direct integrator then only samples the point light, so `spp` only antialiases."""
 
     def __init__(self, models_dir, obj_ids, K, size, spp, max_occluders):
-        import drjit as dr
-        import mitsuba as mi
-
-        mi.set_variant("scalar_rgb")
-        mi.set_log_level(mi.LogLevel.Warn)
-        # One thread: a 64 px render is too small to split; parallelism comes from worker processes.
-        dr.set_thread_count(1)
+        mi = load_mitsuba()
         self.mi, self.K, self.size, self.spp = mi, np.asarray(K, float), int(size), int(spp)
         self.max_occluders = int(max_occluders)
-        fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
-        # Mitsuba film coordinates put pixel centres at i + 0.5, OpenCV/BOP at i: shift the principal point.
-        base = {
-            "type": "perspective",
-            "fov": float(np.degrees(2 * np.arctan(size / (2 * fx)))),
-            "fov_axis": "x",
-            "principal_point_offset_x": float((cx + 0.5 - size / 2) / size),
-            "principal_point_offset_y": float((cy + 0.5 - size / 2) / size),
-            "near_clip": NEAR_CLIP,
-            "far_clip": 1e6,
-        }
-        film = {
-            "type": "hdrfilm",
-            "width": size,
-            "height": size,
-            "rfilter": {"type": "box"},
-            "pixel_format": "rgba",
-        }
-        color_sampler = {"type": "independent", "sample_count": self.spp}
-        self.color_sensor = mi.load_dict(base | {"film": film, "sampler": color_sampler})
-        # One sample exactly at each pixel centre: labels that agree with K [R|t] to float precision.
-        label_sampler = {"type": "stratified", "sample_count": 1, "jitter": False}
-        self.label_sensor = mi.load_dict(base | {"film": film, "sampler": label_sampler})
+        self.color_sensor, self.label_sensor = sensors(mi, self.K, self.size, self.spp)
         self.sensor_params = [mi.traverse(self.color_sensor), mi.traverse(self.label_sensor)]
         self.color_integrator = mi.load_dict({"type": "direct", "bsdf_samples": 0, "emitter_samples": 1})
         self.depth_integrator = mi.load_dict({"type": "depth"})
-        # Ray length -> z depth: the ray through pixel (u, v) has direction K^-1 (u, v, 1) normalised.
-        v, u = np.mgrid[0:size, 0:size]
-        x, y = (u - cx) / fx, (v - cy) / fy
-        self.ray_to_z = 1.0 / np.sqrt(x * x + y * y + 1.0)
+        self.ray_to_z = ray_to_z(self.K, self.size)
         self.models = {}
         for obj_id in obj_ids:
             path = models_dir / f"obj_{obj_id:06d}.ply"
@@ -132,22 +101,7 @@ class Renderer:
             self.models[obj_id] = self._build(verts, faces, colors)
 
     def _mesh(self, verts, faces, colors=None):
-        mi = self.mi
-        props = mi.Properties()
-        if colors is not None:
-            vertex_color = {"type": "mesh_attribute", "name": "vertex_color"}
-            props["bsdf"] = mi.load_dict({"type": "diffuse", "reflectance": vertex_color})
-            props["emitter"] = mi.load_dict(
-                {"type": "area", "radiance": vertex_color, "sampling_weight": 0.0}
-            )
-        mesh = mi.Mesh("object", len(verts), len(faces), props=props, has_vertex_normals=False)
-        if colors is not None:
-            mesh.add_attribute("vertex_color", 3, srgb_to_linear(colors / 255.0).astype(np.float32).ravel())
-        params = mi.traverse(mesh)
-        params["vertex_positions"] = verts.astype(np.float32).ravel()
-        params["faces"] = faces.astype(np.uint32).ravel()
-        params.update()
-        return mesh
+        return colored_mesh(self.mi, verts, faces, colors)
 
     def _build(self, verts, faces, colors):
         mi = self.mi
@@ -186,12 +140,7 @@ class Renderer:
         }
 
     def _depth(self, scene, seed):
-        out = np.asarray(
-            self.mi.render(scene, sensor=self.label_sensor, integrator=self.depth_integrator, seed=seed)
-        )
-        hit = out[..., -1] > 0.5
-        # mitsuba starts camera rays on the near plane: the ray length misses NEAR_CLIP of z
-        return np.where(hit, out[..., 0] * self.ray_to_z + NEAR_CLIP, 0.0), hit
+        return render_depth(self.mi, scene, self.label_sensor, self.depth_integrator, self.ray_to_z, seed)
 
     def render(self, obj_id, R, t, occluders, light, ambient, background, seed):
         """Colour image (uint8 HxWx3, sRGB), depth (float mm, 0 = nothing), mask, mask_visib (bool HxW).
@@ -262,33 +211,6 @@ class Renderer:
 # --- random scene parameters --------------------------------------------------------------------------------
 
 
-def sample_translation(rng, rotated, K, size, distance, margin, candidates=32, tries=20):
-    """A translation at a random distance along the ray through a random pixel, such that every model
-    vertex (already rotated) projects at least `margin` px inside the image (vectorised rejection)."""
-    Kinv = np.linalg.inv(K)
-    for _ in range(tries):
-        d = rng.uniform(*distance, size=candidates)
-        uv1 = np.concatenate(
-            [rng.uniform(margin, size - 1 - margin, size=(candidates, 2)), np.ones((candidates, 1))], 1
-        )
-        rays = uv1 @ Kinv.T
-        ts = d[:, None] * rays / np.linalg.norm(rays, axis=1, keepdims=True)
-        cam = rotated[None] + ts[:, None, :]  # candidates x N x 3
-        z = cam[..., 2]
-        proj = (cam @ K.T)[..., :2] / np.maximum(z, 1e-6)[..., None]
-        ok = (
-            (z.min(1) > 1.0)
-            & (proj.min(axis=(1, 2)) >= margin)
-            & (proj.max(axis=(1, 2)) <= size - 1 - margin)
-        )
-        if ok.any():
-            return ts[int(np.argmax(ok))]
-    raise CaptureError(
-        f"data.capture.distance_mm {list(distance)}: the object does not fit in a {size} px image at this "
-        "distance; increase the distance or decrease the focal length"
-    )
-
-
 def sample_occluders(rng, cfg_occ, t, near_z, diameter, box_rotation):
     """0..max_count spheres/boxes between the camera and the object's nearest point (`near_z`, mm), each
     over a random part of the object."""
@@ -310,65 +232,7 @@ def sample_occluders(rng, cfg_occ, t, near_z, diameter, box_rotation):
     return occluders
 
 
-def sample_light(rng, cfg_light, t):
-    """A point light around the object, on the camera's side, with intensity set so that a surface facing
-    it is lit to radiance ~ `intensity` x albedo, and an ambient radiance."""
-    direction = rng.normal(size=3)
-    direction[2] = -abs(direction[2])  # towards the camera (camera looks along +z)
-    direction /= np.linalg.norm(direction)
-    distance = rng.uniform(*cfg_light.distance_mm)
-    tint = rng.uniform(0.85, 1.15, size=3)
-    intensity = rng.uniform(*cfg_light.intensity) * np.pi * distance**2 * tint
-    ambient = float(rng.uniform(*cfg_light.ambient))
-    return (t + distance * direction, intensity), ambient
-
-
-def sample_background(rng, kinds, size):
-    """HxWx3 sRGB in [0,1]: a flat colour, a linear two-colour gradient, or blotchy noise."""
-    kind = kinds[int(rng.integers(len(kinds)))]
-    if kind == "flat":
-        return np.broadcast_to(rng.uniform(0, 1, size=3), (size, size, 3)).copy()
-    if kind == "gradient":
-        a, b = rng.uniform(0, 1, size=(2, 3))
-        angle = rng.uniform(0, 2 * np.pi)
-        v, u = np.mgrid[0:size, 0:size] / (size - 1)
-        s = (np.cos(angle) * (u - 0.5) + np.sin(angle) * (v - 0.5)) / np.sqrt(0.5) + 0.5
-        return a + np.clip(s, 0, 1)[..., None] * (b - a)
-    if kind == "noise":
-        cells = int(rng.integers(2, 9))
-        coarse = (rng.uniform(0, 1, size=(cells, cells, 3)) * 255).astype(np.uint8)
-        smooth = (
-            np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float64) / 255
-        )
-        return np.clip(smooth + rng.normal(0, 0.04, size=(size, size, 3)), 0, 1)
-    raise CaptureError(f"data.capture.background.kinds: unknown kind {kind!r} (flat, gradient, noise)")
-
-
 # --- BOP annotations ----------------------------------------------------------------------------------------
-
-
-def bbox(mask):
-    """BOP [x, y, w, h] of a mask's pixels, [-1, -1, -1, -1] when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [-1, -1, -1, -1]
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
-def gt_info(mask, mask_visib, depth):
-    px_all, px_visib = int(mask.sum()), int(mask_visib.sum())
-    return {
-        "bbox_obj": bbox(mask),
-        "bbox_visib": bbox(mask_visib),
-        "px_count_all": px_all,
-        "px_count_valid": int((mask & (depth > 0)).sum()),
-        "px_count_visib": px_visib,
-        "visib_fract": float(px_visib / px_all) if px_all else 0.0,
-    }
-
-
-def save_png(path, array):
-    Image.fromarray(array).save(path, compress_level=1)
 
 
 _renderers = {}  # per process: a worker builds its renderer on its first job and keeps it
@@ -500,38 +364,6 @@ def worker_count(cfg, total):
 
 def _init_worker():
     torch.set_num_threads(1)
-
-
-def process_alive(pid):
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never call a process dead
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists, under another user
-        return True
-    return True
-
-
-def sweep_stale_temp_dirs(root):
-    """Remove the temporary folders (`.<name>.<random>` beside `root`) of earlier captures of `root` that
-    were killed before they could clean up (SIGKILL, out of memory, power loss): only folders holding an
-    OWNER_FILE whose process no longer runs. Returns the removed folders."""
-    root = Path(root)
-    pattern = re.compile(rf"\.{re.escape(root.name)}\.[a-z0-9_]{{8}}")  # tempfile.mkdtemp's random part
-    swept = []
-    for folder in sorted(root.parent.glob(f".{root.name}.*")) if root.parent.is_dir() else []:
-        if not (pattern.fullmatch(folder.name) and folder.is_dir()):
-            continue
-        try:
-            pid = int((folder / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # not marked by a capture (or being created right now): not ours to remove
-        if not process_alive(pid):
-            shutil.rmtree(folder, ignore_errors=True)
-            swept.append(folder)
-    return swept
 
 
 def capture(cfg):
