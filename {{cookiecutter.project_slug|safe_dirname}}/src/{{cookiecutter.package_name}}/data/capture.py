@@ -4,6 +4,7 @@
     python -m <package>.data.capture data.capture.num_images.train=64 # fewer images
     python -m <package>.data.capture data.obj_id=2                    # the symmetric object
     python -m <package>.data.capture data.capture.workers=8           # 8 render processes (default: 1 per core)
+    python -m <package>.data.capture data=scenes                      # full frames, several objects: data/scenes.py
 
 Mitsuba 3 (variant scalar_rgb: CPU, no GPU, no OpenGL) renders each image twice: the colour image with
 `spp` random samples per pixel, and the labels (depth, masks) with one ray through each pixel centre, so
@@ -46,8 +47,8 @@ from .render import (  # shared with data/scenes.py
     SPLITS,
     CaptureError,
     colored_mesh,
+    composite,
     gt_info,
-    linear_to_srgb,
     load_mitsuba,
     ray_to_z,
     render_depth,
@@ -59,6 +60,7 @@ from .render import (  # shared with data/scenes.py
     srgb_to_linear,
     sweep_stale_temp_dirs,
 )
+from .scenes import capture_scenes
 
 
 def intrinsics(camera, image_size):
@@ -194,10 +196,7 @@ class Renderer:
                 scene, sensor=self.color_sensor, integrator=self.color_integrator, seed=seed, spp=self.spp
             )
         )
-        # Premultiplied colour over the background, in linear light, then sRGB for the PNG.
-        alpha = np.clip(rgba[..., 3:4], 0.0, 1.0)
-        color = rgba[..., :3] + (1.0 - alpha) * srgb_to_linear(background)
-        image = np.round(linear_to_srgb(color) * 255).astype(np.uint8)
+        image = composite(rgba, background)
         depth, hit = self._depth(scene, seed)
         if occluders:
             depth_obj, mask = self._depth(model["alone"], seed)
@@ -325,7 +324,10 @@ def capture_jobs(cfg, tmp, infos, chunk=200):
 def validate(cfg):
     d = cfg.data
     if d.get("capture") is None:
-        raise CaptureError(f"data={d.get('name')}: has no `capture` section; capture renders data=synthetic")
+        raise CaptureError(
+            f"data={d.get('name')}: has no `capture` (nor `scenes`) section; capture renders data=synthetic "
+            "(object-centred images) or data=scenes (full frames, data/scenes.py)"
+        )
     cap = d.capture
     if int(d.image_size) < 8:
         raise CaptureError(f"data.image_size: {d.image_size} is too small (>= 8 px)")
@@ -414,7 +416,8 @@ def capture(cfg):
 def main(cfg: DictConfig):
     try:
         run = tracking.start_run(cfg, "capture")
-        images, seconds = capture(cfg)
+        # a data config with a `scenes` section asks for full frames with several objects (data=scenes)
+        images, seconds = (capture_scenes if cfg.data.get("scenes") else capture)(cfg)
         rate = images / seconds
         print(f"captured {images} images into {cfg.data.root} in {seconds:.1f} s: {rate:.0f} images/s")
         run.log({"capture/images": images, "capture/images_per_s": rate})

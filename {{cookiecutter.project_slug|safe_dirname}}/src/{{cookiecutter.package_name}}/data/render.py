@@ -112,6 +112,14 @@ def colored_mesh(mi, verts, faces, colors=None, name="object"):
     return mesh
 
 
+def composite(rgba, background):
+    """uint8 sRGB image: the render's premultiplied colour over the background (HxWx3 sRGB in [0,1]), in
+    linear light."""
+    alpha = np.clip(rgba[..., 3:4], 0.0, 1.0)
+    color = rgba[..., :3] + (1.0 - alpha) * srgb_to_linear(background)
+    return np.round(linear_to_srgb(color) * 255).astype(np.uint8)
+
+
 def render_depth(mi, scene, sensor, integrator, to_z, seed):
     """z depth (mm, 0 = nothing) and hit mask of a render with the `depth` integrator."""
     out = np.asarray(mi.render(scene, sensor=sensor, integrator=integrator, seed=seed))
@@ -124,16 +132,27 @@ def render_depth(mi, scene, sensor, integrator, to_z, seed):
 
 
 def sample_translation(
-    rng, rotated, K, size, distance, margin, candidates=32, tries=20, key="data.capture.distance_mm"
+    rng,
+    rotated,
+    K,
+    size,
+    distance,
+    margin,
+    candidates=32,
+    tries=20,
+    key="data.capture.distance_mm",
+    window=None,
 ):
-    """A translation at a random distance along the ray through a random pixel, such that every model
-    vertex (already rotated) projects at least `margin` px inside the image (vectorised rejection)."""
+    """A translation at a random distance along the ray through a random pixel (of `window`, (u0, v0, u1,
+    v1), default the whole image), such that every model vertex (already rotated) projects at least
+    `margin` px inside the image (vectorised rejection)."""
     height, width = hw(size)
     high = np.array([width - 1 - margin, height - 1 - margin])
+    low, top = (margin, high) if window is None else (np.asarray(window[:2]), np.asarray(window[2:]))
     Kinv = np.linalg.inv(K)
     for _ in range(tries):
         d = rng.uniform(*distance, size=candidates)
-        uv1 = np.concatenate([rng.uniform(margin, high, size=(candidates, 2)), np.ones((candidates, 1))], 1)
+        uv1 = np.concatenate([rng.uniform(low, top, size=(candidates, 2)), np.ones((candidates, 1))], 1)
         rays = uv1 @ Kinv.T
         ts = d[:, None] * rays / np.linalg.norm(rays, axis=1, keepdims=True)
         cam = rotated[None] + ts[:, None, :]  # candidates x N x 3
