@@ -65,8 +65,9 @@ def sensors(mi, K, size, spp):
         "type": "perspective",
         "fov": float(np.degrees(2 * np.arctan(width / (2 * fx)))),
         "fov_axis": "x",
-        "principal_point_offset_x": float((cx + 0.5 - width / 2) / width),
-        "principal_point_offset_y": float((cy + 0.5 - height / 2) / height),
+        # as a fraction of the film, in mitsuba's camera (turned 180 deg about z from OpenCV's): negated
+        "principal_point_offset_x": -float((cx + 0.5 - width / 2) / width),
+        "principal_point_offset_y": -float((cy + 0.5 - height / 2) / height),
         "near_clip": NEAR_CLIP,
         "far_clip": 1e6,
     }
