@@ -15,6 +15,8 @@ per annotated instance (split, scene, im, gt):
     depth_mismatch    depth/ inside mask_visib/ disagrees with the rendered depth (median |error|)
     duplicate_image   two images with identical pixels (within or across splits)
     duplicate_pose    two instances of the same object with the same pose (within or across splits)
+    info_mismatch, bbox_mismatch, visib_overlap: scene_gt_info.json against the masks and the model, and
+                      the instances of one image against each other (data/qa_scene.py)
 
 Writes 2_data/qa/report.md and report.json (counts per check, offending ids); exits 1 when any check
 fails, so `make qa` stops a pipeline that would train on bad labels.
@@ -33,6 +35,7 @@ from .. import tracking
 from ..files import atomic_path, write_json, write_text
 from ..paths import CONFIG_DIR
 from .bop import BopFormatError, load_models_info, model_path, read_json, read_ply, split_scenes
+from .qa_scene import SCENE_CHECKS, check_info, check_overlap
 
 CHECKLIST_ITEM = "2_data/CHECKLIST.md: Ground-truth annotation and its QA - Label QA passes (`make qa`)"
 CHECKS = (
@@ -44,6 +47,7 @@ CHECKS = (
     "depth_mismatch",
     "duplicate_image",
     "duplicate_pose",
+    *SCENE_CHECKS,
 )
 
 
@@ -195,6 +199,8 @@ def run_qa(root, splits, cfg_qa):
             scene_id = int(scene_dir.name)
             scene_gt = read_json(scene_dir / "scene_gt.json")
             scene_camera = read_json(scene_dir / "scene_camera.json")
+            info_path = scene_dir / "scene_gt_info.json"
+            scene_info = read_json(info_path) if info_path.exists() else {}
             for key in sorted(scene_gt, key=int):
                 im_id = int(key)
                 n_images += 1
@@ -231,6 +237,13 @@ def run_qa(root, splits, cfg_qa):
                         rec, cam["cam_K"], size, models[obj_id], scene_dir, im_id, gt_id,
                         float(cam.get("depth_scale", 1.0)), cfg_qa,
                     )  # fmt: skip
+                    gt_infos = scene_info.get(key) or []
+                    if not problems and gt_id < len(gt_infos):
+                        R = np.asarray(rec["cam_R_m2c"], float).reshape(3, 3)
+                        verts_cam = models[obj_id].verts @ R.T + np.asarray(rec["cam_t_m2c"], float)
+                        problems = check_info(
+                            gt_infos[gt_id], verts_cam, cam["cam_K"], size, scene_dir, im_id, gt_id, cfg_qa
+                        )
                     for check, detail in problems:
                         issues[check].append(where | {"gt_id": gt_id, "obj_id": obj_id, "detail": detail})
                     if not problems:
@@ -249,6 +262,8 @@ def run_qa(root, splits, cfg_qa):
                             )
                         else:
                             pose_keys[pose_key] = f"{split}/{scene_id:06d}/{im_id:06d}/{gt_id}"
+                for gt_id, detail in check_overlap(scene_dir, im_id, range(len(scene_gt[key])), cfg_qa):
+                    issues["visib_overlap"].append(where | {"gt_id": gt_id, "detail": detail})
     return issues, n_images, n_instances
 
 
@@ -356,7 +371,14 @@ def label_sheet(root, split, path, n=16, min_size=128):
         torchvision.io.write_png(grid, str(tmp))
 
 
-QA_DEFAULTS = {"splits": None, "rotation_tol": 1e-4, "mask_iou": 0.9, "depth_tol": 0.05}
+QA_DEFAULTS = {
+    "splits": None,
+    "rotation_tol": 1e-4,
+    "mask_iou": 0.9,
+    "depth_tol": 0.05,
+    "info_tol": 0.02,
+    "bbox_tol": 2,
+}
 
 
 def qa_settings(cfg):
