@@ -50,12 +50,15 @@ def damaged(tiny_dataset, tmp_path):
     depth = np.array(Image.open(scene / "depth/000006.png")).astype(np.int64)
     Image.fromarray(np.where(depth > 0, depth + 1000, 0).astype(np.uint16)).save(scene / "depth/000006.png")
     shutil.copy(scene / "rgb/000007.png", scene / "rgb/000008.png")
-    gt["10"] = gt["9"]  # a copied label, with its masks and depth
+    gt["10"] = gt["9"]  # a copied label, with its masks, depth and gt_info
     for sub, name in (("mask", "{}_000000"), ("mask_visib", "{}_000000"), ("depth", "{}")):
         shutil.copy(
             scene / sub / f"{name.format('000009')}.png", scene / sub / f"{name.format('000010')}.png"
         )
     gt_path.write_text(json.dumps(gt))
+    info = json.loads((scene / "scene_gt_info.json").read_text())
+    info["10"] = info["9"]
+    (scene / "scene_gt_info.json").write_text(json.dumps(info))
     expected = {
         "nonfinite": {0},
         "not_rotation": {1, 2},

@@ -237,8 +237,9 @@ def run_qa(root, splits, cfg_qa):
                         rec, cam["cam_K"], size, models[obj_id], scene_dir, im_id, gt_id,
                         float(cam.get("depth_scale", 1.0)), cfg_qa,
                     )  # fmt: skip
+                    pose_ok = not problems
                     gt_infos = scene_info.get(key) or []
-                    if not problems and gt_id < len(gt_infos):
+                    if pose_ok and gt_id < len(gt_infos):
                         R = np.asarray(rec["cam_R_m2c"], float).reshape(3, 3)
                         verts_cam = models[obj_id].verts @ R.T + np.asarray(rec["cam_t_m2c"], float)
                         problems = check_info(
@@ -246,7 +247,7 @@ def run_qa(root, splits, cfg_qa):
                         )
                     for check, detail in problems:
                         issues[check].append(where | {"gt_id": gt_id, "obj_id": obj_id, "detail": detail})
-                    if not problems:
+                    if pose_ok:
                         # same object, same pose to 0.01 mm / 1e-5: a copied label
                         R = np.round(np.asarray(rec["cam_R_m2c"], float), 5)
                         t = np.round(np.asarray(rec["cam_t_m2c"], float), 2)
