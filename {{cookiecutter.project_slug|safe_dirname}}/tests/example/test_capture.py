@@ -243,6 +243,16 @@ def test_symmetric_object(tmp_path):
     assert len(bop.BopDataset(root, "train", obj_id=2)) == 3
 
 
+def test_off_centre_principal_point(tmp_path):
+    """Masks and depth agree with the pose (label QA) when the principal point is not the image centre."""
+    root = tmp_path / "pp"
+    cfg = compose(f"data.root={root}", "data.camera.cx=26.0", "data.camera.cy=35.0", *FEW, "logger=none")
+    capture.capture(cfg)
+    assert json.loads((root / "camera.json").read_text())["cx"] == 26.0
+    issues, _, n_instances = qa.run_qa(root, ["train", "val", "test"], qa.qa_settings(cfg))
+    assert n_instances == 5 and {check: found for check, found in issues.items() if found} == {}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
