@@ -57,6 +57,7 @@ EXAMPLE = [
     "src/{pkg}/data/qa_scene.py",
     "src/{pkg}/data/render.py",
     "src/{pkg}/data/scenes.py",
+    "src/{pkg}/data/detections.py",
     "src/{pkg}/pose/geometry.py",
     "src/{pkg}/pose/model.py",
     "src/{pkg}/pose/losses.py",

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import compose
-from {{ cookiecutter.package_name }}.data import bop, capture, qa, render, scenes
+from {{ cookiecutter.package_name }}.data import bop, capture, detections, qa, render, scenes
 
 W, H = 160, 120
 TINY = [
@@ -178,9 +178,9 @@ def test_detections_file_format(scene_dataset):
     det = cfg.data.scenes.detections
     gt_count = 0
     for folder in FOLDERS.values():
-        detections = json.loads((root / "detections" / f"{folder}.json").read_text())
+        found = json.loads((root / "detections" / f"{folder}.json").read_text())
         ids = {(int(p.name), im) for p in (root / folder).iterdir() for im in range(3)}
-        for d in detections:
+        for d in found:
             assert set(d) == {"scene_id", "image_id", "category_id", "bbox", "score", "time"}
             assert (d["scene_id"], d["image_id"]) in ids and d["category_id"] in (1, 2)
             x, y, w, h = d["bbox"]
@@ -193,7 +193,7 @@ def test_detections_file_format(scene_dataset):
             for i in infos
             if i["visib_fract"] >= det.min_visib_fract
         )
-        assert len(detections) >= 1
+        assert len(found) >= 1
     assert gt_count >= 20
 
 
@@ -234,7 +234,7 @@ def test_detection_noise_is_what_the_config_says(noise):
     ious, missed, false, total = [], 0, 0, 0
     for im in range(400):
         gts, infos = fake_frame(rng)
-        out = scenes.detections_for(np.random.default_rng(im), det, 0, im, gts, infos, (H, W), [1, 2])
+        out = detections.detections_for(np.random.default_rng(im), det, 0, im, gts, infos, (H, W), [1, 2])
         true_boxes = [i["bbox_visib"] for i in infos]
         best = [max(iou(d["bbox"], b) for b in true_boxes) for d in out]
         # without jitter a true detection is its GT box (rounded to 0.01 px), otherwise all are true ones
