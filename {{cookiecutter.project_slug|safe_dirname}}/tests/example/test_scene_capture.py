@@ -274,6 +274,19 @@ def test_qa_passes_and_flags_corrupted_scene_labels(scene_dataset, tmp_path):
     assert "visib_fract" in issues["info_mismatch"][0]["detail"]
 
 
+@pytest.mark.slow
+def test_worker_processes_give_the_same_dataset(tmp_path):
+    """Each frame has its own random stream: rendering in 2 worker processes writes the same bytes."""
+    few = [*TINY, "data.scenes.images_per_scene=1"]
+    digests = []
+    for workers in (0, 2):
+        root = tmp_path / f"w{workers}"
+        scenes.capture_scenes(compose(*few, f"data.root={root}", f"data.scenes.workers={workers}"))
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        digests.append({p.relative_to(root): p.read_bytes() for p in files})
+    assert digests[0] == digests[1] and len(digests[0]) > 20
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

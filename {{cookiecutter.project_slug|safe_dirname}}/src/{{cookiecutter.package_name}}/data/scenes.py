@@ -350,11 +350,12 @@ def render_scene(job):
 # --- the dataset --------------------------------------------------------------------------------------------
 
 
-def worker_count(sc, jobs):
-    """data.scenes.workers: an int, or auto = one process per CPU core, none for a single scene."""
+def worker_count(sc, jobs, frames):
+    """data.scenes.workers: an int, or auto = one process per CPU core (at most one per scene), none below
+    50 frames (starting a process costs several seconds, a 640x480 frame about one)."""
     workers = sc.get("workers", "auto")
     if workers == "auto":
-        return min(os.cpu_count() or 1, jobs) if jobs > 1 else 0
+        return min(os.cpu_count() or 1, jobs) if frames >= 50 else 0
     return int(workers)
 
 
@@ -392,7 +393,7 @@ def capture_scenes(cfg):
                     (scene_dir / sub).mkdir(parents=True)
                 jobs.append((split, (plain_cfg, scene_id, scene_dir)))
                 scene_id += 1
-        workers = worker_count(sc, len(jobs))
+        workers = worker_count(sc, len(jobs), len(jobs) * int(sc.images_per_scene))
         if workers > 1:
             # spawn: a fresh interpreter per worker (mitsuba and torch keep threads a fork would break)
             pool = stack.enter_context(mp.get_context("spawn").Pool(workers))
