@@ -26,7 +26,9 @@ def test_crop_intrinsics_project_model_points_where_the_frame_does_shifted_and_s
         K_crop = crop.crop_intrinsics(K, window, size)
         uv_crop = geometry.project(torch.tensor(points), R, t, torch.tensor(K_crop))
         # frame pixel u lands at (u - left) * size / side - 0.5 (pixel centres at integers)
-        expected = (uv - torch.tensor([cx - side / 2, cy - side / 2], dtype=torch.float64)) * (size / side) - 0.5
+        expected = (uv - torch.tensor([cx - side / 2, cy - side / 2], dtype=torch.float64)) * (
+            size / side
+        ) - 0.5
         torch.testing.assert_close(uv_crop, expected, atol=1e-9, rtol=0)
         # the torch path (datasets) gives the same K as the numpy path (the service)
         torch.testing.assert_close(crop.crop_intrinsics(torch.tensor(K), window, size), torch.tensor(K_crop))
@@ -36,7 +38,9 @@ def test_crop_image_samples_the_frame_where_the_crop_intrinsics_say():
     """A frame whose pixels hold their own coordinates: every crop pixel must hold the frame coordinates
     that K_crop maps to it (bilinear sampling and averaging reproduce a linear ramp exactly)."""
     h, w = 120, 160
-    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
     frame = torch.stack([u, v, u + v])
     for window, size in (((70.2, 61.7, 48.0), 64), ((81.0, 60.0, 100.0), 32), ((50.5, 40.5, 16.0), 64)):
         K_crop = crop.crop_intrinsics(K, window, size)

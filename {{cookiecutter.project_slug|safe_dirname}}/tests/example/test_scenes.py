@@ -144,7 +144,11 @@ def write_foreign_bop(root, seed=0):
                         detections.append({"scene_id": scene_id, "image_id": im_id, "category_id": obj_id,
                                            "bbox": noisy, "score": float(rng.uniform(0.5, 1)), "time": 0.01})  # fmt: skip
                 scene_info[str(im_id)] = infos
-            for name, data in (("scene_gt", scene_gt), ("scene_camera", scene_camera), ("scene_gt_info", scene_info)):
+            for name, data in (
+                ("scene_gt", scene_gt),
+                ("scene_camera", scene_camera),
+                ("scene_gt_info", scene_info),
+            ):
                 (scene / f"{name}.json").write_text(json.dumps(data))
     # a false positive far from every object
     detections.append({"scene_id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 8, 8], "score": 0.99})
@@ -224,7 +228,9 @@ def test_in_plane_rotation_of_crops_keeps_image_and_pose_consistent(foreign):
 def test_an_object_listed_without_a_mesh_is_an_error_only_when_used(foreign):
     root, _ = foreign
     assert sorted(bop.load_models_info(root)) == [1, 2, 3]
-    with pytest.raises(bop.BopFormatError, match=r"obj_000003\.ply: object 3 is listed in models_info\.json but"):
+    with pytest.raises(
+        bop.BopFormatError, match=r"obj_000003\.ply: object 3 is listed in models_info\.json but"
+    ):
         bop.load_model_points(root, 3)
 
 

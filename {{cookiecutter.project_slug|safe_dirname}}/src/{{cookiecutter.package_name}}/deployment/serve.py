@@ -57,6 +57,7 @@ from pydantic import BaseModel, Field
 from ..paths import CONFIG_DIR
 from .feedback import ServiceLog, feedback_record, has_prediction, utc_now
 from .inputs import (  # noqa: F401 (the input checks, in inputs.py, are serve's API too: serve.fit_to_input)
+    BOX_FIELDS,
     BadInput,
     check_box,
     check_intrinsics,
