@@ -274,3 +274,12 @@ def test_smoke_epoch_in_crop_mode_then_evaluate_in_the_frame_camera(foreign, tmp
     missed = sum(im == MISSED[1] for im, _ in kept)
     assert missed == 1 and on_detections["n_test"] == n_test - missed
     assert on_detections["detection_recall"] == pytest.approx((n_test - missed) / n_test)
+
+    # the exported model says how the service must crop for it
+    from {{ cookiecutter.package_name }}.deployment import export
+
+    fast = ["deployment.parity.n_images=4", "deployment.latency.warmup=1", "deployment.latency.runs=3",
+            "deployment.latency.batch=2", "deployment.intra_op_threads=1"]  # fmt: skip
+    report, _ = export.run_export(compose(*SMOKE, f"data.root={root}", f"paths.root={tmp_path}", *fast))
+    assert report["metadata"]["input_mode"].startswith("crop") and report["metadata"]["crop_pad"] == "1.5"
+    assert report["metadata"]["translation_mode"] == "centre_focal_depth"
