@@ -107,6 +107,15 @@ def test_models_info_is_computed_from_the_meshes_keeping_declared_symmetries(tmp
     assert models.load_models_info(root)[1]["diameter"] == pytest.approx(DIAMETER)  # written, readable
 
 
+def test_a_missing_models_info_names_the_command_that_computes_it(tmp_path):
+    root = dataset_models(tmp_path, {})
+    (root / "models" / "models_info.json").unlink()
+    with pytest.raises(
+        BopFormatError, match=r"models_info\.json: file is missing; compute it .*\.data\.models data=bop"
+    ):
+        models.load_models_info(root)
+
+
 def test_models_info_refuses_a_mesh_in_metres(tmp_path):
     root = dataset_models(tmp_path, {}, scale=0.001)
     (root / "models" / "models_info.json").unlink()

@@ -68,6 +68,11 @@ def model_path(root, obj_id):
 def load_models_info(root):
     """{obj_id: info} from models/models_info.json (diameter and extents in mm, BOP symmetry lists)."""
     path = Path(root) / "models" / "models_info.json"
+    if not path.is_file() and path.parent.is_dir():
+        raise BopFormatError(
+            f"{path}: file is missing; compute it from the meshes with `python -m {__name__} data=bop "
+            f"data.root={root}` (symmetries are then yours to declare in it)"
+        )
     raw = read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise BopFormatError(f"{path}: expected a non-empty object {{obj_id: info}}")

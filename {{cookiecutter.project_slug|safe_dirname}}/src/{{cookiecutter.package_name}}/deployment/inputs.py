@@ -90,7 +90,8 @@ def fit_to_input(img, K, width, height, aspect_tolerance):
         raise BadInput(
             422,
             f"image is {w}x{h} (aspect {w / h:.4f}) but the model takes {width}x{height} "
-            f"(aspect {width / height:.4f}); crop it to that aspect ratio and shift cx, cy by the crop offset",
+            f"(aspect {width / height:.4f}); send the object's box (box_x, box_y, box_w, box_h) to have it "
+            "cropped as in training, or crop the image to that aspect ratio and shift cx, cy by the crop offset",
         )
     sx, sy = width / w, height / h
     K = K.copy()
