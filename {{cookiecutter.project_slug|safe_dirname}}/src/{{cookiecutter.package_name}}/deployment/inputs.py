@@ -8,7 +8,11 @@ import io
 import math
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+
+# the crop training cuts (torchvision's roi_align), imported at startup rather than on the first box
+from ..data import crop as crops
 
 IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/octet-stream", ""}
 IMAGE_FORMATS = {"PNG", "JPEG"}
@@ -126,10 +130,6 @@ def check_box(box, width, height):
 def crop_to_input(img, K, box, size, pad):
     """The square window of pad x the box around it, resized to size x size as training crops it
     (data/crop.py), and the crop's K: float32 [3,size,size] in [0,1], K float64 [3,3]."""
-    import torch  # the crop is torchvision's roi_align, as in training
-
-    from ..data import crop as crops
-
     window = crops.box_window(box, pad)
     frame = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)
     pixels = crops.crop_image(frame, window, size).div_(255.0).numpy()
