@@ -234,14 +234,21 @@ def test_an_object_listed_without_a_mesh_is_an_error_only_when_used(foreign):
         bop.load_model_points(root, 3)
 
 
-@pytest.mark.slow
-def test_smoke_epoch_in_crop_mode_then_evaluate_in_the_frame_camera(foreign, tmp_path):
-    root, detections = foreign
-    cfg = compose(*SMOKE, f"data.root={root}", f"paths.root={tmp_path}")
+@pytest.fixture(scope="module")
+def trained(foreign, tmp_path_factory):
+    """One smoke epoch in crop mode (data=bop's default) on train_pbr: (config, project root)."""
+    root, _ = foreign
+    project = tmp_path_factory.mktemp("project")
+    cfg = compose(*SMOKE, f"data.root={root}", f"paths.root={project}")
     assert cfg.data.input == "crop" and cfg.loss.translation == "centre_focal_depth"
     metrics = training.fit(cfg)
     assert metrics["epoch"] == 1 and math.isfinite(metrics["val/te_cm_median"])
+    return cfg, project
 
+
+def test_smoke_epoch_in_crop_mode_then_evaluate_in_the_frame_camera(foreign, trained):
+    root, detections = foreign
+    cfg, tmp_path = trained
     summary = evaluation.evaluate(cfg)
     # obj 1 is in each of the 6 test frames, twice in frames 0 and 3: those visible enough, with a box
     info = json.loads((root / "test" / "000005" / "scene_gt_info.json").read_text())
@@ -275,9 +282,13 @@ def test_smoke_epoch_in_crop_mode_then_evaluate_in_the_frame_camera(foreign, tmp
     assert missed == 1 and on_detections["n_test"] == n_test - missed
     assert on_detections["detection_recall"] == pytest.approx((n_test - missed) / n_test)
 
-    # the exported model says how the service must crop for it
+
+@pytest.mark.slow
+def test_the_exported_crop_model_says_how_to_crop_for_it(foreign, trained):
     from {{ cookiecutter.package_name }}.deployment import export
 
+    root, _ = foreign
+    _, tmp_path = trained
     fast = ["deployment.parity.n_images=4", "deployment.latency.warmup=1", "deployment.latency.runs=3",
             "deployment.latency.batch=2", "deployment.intra_op_threads=1"]  # fmt: skip
     report, _ = export.run_export(compose(*SMOKE, f"data.root={root}", f"paths.root={tmp_path}", *fast))
