@@ -170,6 +170,29 @@ def test_a_full_frame_with_a_box_is_cropped_as_training_crops_it(client, app, tm
     assert r.status_code == 422 and "aspect" in r.text
 
 
+def test_the_client_sends_the_box(client, tmp_path, monkeypatch):
+    from {{ cookiecutter.package_name }}.deployment import client as client_module
+
+    sent = []
+
+    def post(url, files, data, timeout):
+        sent.append(data)
+        return client.post("/predict", files=files, data=data)
+
+    monkeypatch.setattr(client_module.httpx, "post", post)
+    path = tmp_path / "frame.png"
+    path.write_bytes(encode(np.kron(random_image(60, 80, seed=3), np.ones((2, 2, 1), np.uint8))))
+    fx, fy, cx, cy = FRAME_K[[0, 1, 0, 1], [0, 1, 2, 2]]
+    assert client_module.main([str(path), "--fx", str(fx), "--fy", str(fy), "--cx", str(cx), "--cy", str(cy),
+                               "--box", *map(str, BOX)]) == 0  # fmt: skip
+    assert [float(sent[0][k]) for k in serve.BOX_FIELDS] == BOX
+    # without the box the 4:3 frame is refused, and the client says why
+    assert (
+        client_module.main([str(path), "--fx", str(fx), "--fy", str(fy), "--cx", str(cx), "--cy", str(cy)])
+        == 1
+    )
+
+
 @pytest.mark.parametrize(
     "box, message",
     [
