@@ -53,6 +53,8 @@ ALWAYS = [
 EXAMPLE = [
     "src/{pkg}/data/capture.py",
     "src/{pkg}/data/bop.py",
+    "src/{pkg}/data/crop.py",
+    "src/{pkg}/data/models.py",
     "src/{pkg}/data/qa.py",
     "src/{pkg}/pose/geometry.py",
     "src/{pkg}/pose/model.py",
@@ -62,6 +64,7 @@ EXAMPLE = [
     "configs/task/pose.yaml",
     "src/{pkg}/deployment/export.py",
     "src/{pkg}/deployment/serve.py",
+    "src/{pkg}/deployment/inputs.py",
     "configs/data/synthetic.yaml",
     "configs/experiment/smoke.yaml",
     "configs/experiment/baseline.yaml",
