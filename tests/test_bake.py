@@ -212,7 +212,11 @@ def test_ci_slow_subset_selects_existing_tests(baked):
     if chosen["ci"] != "github-actions" or chosen["include_example"] != "yes":
         return
     ci = yaml.safe_load((project / ".github/workflows/ci.yml").read_text())
-    command = next(s["run"] for s in ci["jobs"]["test"]["steps"] if "-m slow" in s.get("run", ""))
+    steps = [s for s in ci["jobs"]["test"]["steps"] if "-m slow" in s.get("run", "")]
+    assert len(steps) == 1, "the baked CI must run the slow subset in one step (`pytest -m slow -k ...`)"
+    (step,) = steps
+    assert not step.get("continue-on-error") and "if" not in step, f"the slow subset must gate CI: {step}"
+    command = step["run"]
     expression = re.search(r'-k "([^"]+)"', command).group(1)
     collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
     env = {**os.environ, "PYTHONPATH": str(project / "src")}

@@ -156,9 +156,10 @@ def test_workers_resumed_at_an_epoch_boundary_draw_the_same_augmentation(tiny_da
     args = ["training.num_workers=2", "training.schedule=constant", "model.dropout=0.2"]
     training.fit(tiny_cfg(tiny_dataset, tmp_path / "straight", *args, "training.epochs=2"))
     training.fit(tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=1"))
-    training.fit(
-        tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true")
-    )
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true")
+    c = training.build(cfg)
+    assert c.train_loader.num_workers == 2  # the batches come from worker processes, not the main one
+    training.fit(cfg, c)
     assert_same_weights(
         weights(tmp_path / "straight/3_training/checkpoints/last.pt"),
         weights(tmp_path / "resumed/3_training/checkpoints/last.pt"),
