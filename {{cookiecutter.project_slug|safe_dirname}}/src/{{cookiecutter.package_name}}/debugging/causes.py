@@ -12,7 +12,7 @@
 import math
 
 from . import probes, runs
-from .fixes import finding
+from .engine import finding
 
 
 def integrity(lab, screen):

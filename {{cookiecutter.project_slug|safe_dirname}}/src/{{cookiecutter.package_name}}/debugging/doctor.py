@@ -11,7 +11,7 @@ bottom (`diagnose`):
 1. `screen.screen`: a short training run with loss curves, compared with Karpathy's input-independent control
    (same run, inputs zeroed), plus cheap data and model checks that run every time -> the symptoms;
 2. `causes.integrity`: the checks that invalidate every comparison of runs (a leak, a batch-mixing model);
-3. `fixes.run` over the rows of `fixes.TABLE` the symptoms call for: "apply the talk's fix and measure whether
+3. `engine.run` over the rows of `fixes.TABLE` the symptoms call for: "apply the talk's fix and measure whether
    it helps" with a paired permutation test;
 4. `causes.residual`: for a model that learns nothing and no fix that helped, the overfit test, then
    `unsolvable` (only if twice the doctor's budget does not learn either);
@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from .. import tracking
 from ..files import atomic_dir, write_json, write_text
 from ..paths import CONFIG_DIR
-from . import causes, fixes, report, screen
+from . import causes, engine, fixes, report, screen
 from .lab import Lab, TaskAdapter, budget_config
 
 SYMPTOMS = screen.SYMPTOMS  # report.json's symptom ids: the rows of the talk's table
@@ -73,13 +73,13 @@ def diagnose(lab):
     checks = dict(scr.checks)
     found = causes.integrity(lab, scr)
     # the rows measured directly (data order), whatever the training curves look like
-    ctx, _ = fixes.context(lab, scr, training_fixes=False)
-    found |= fixes.run(ctx, fixes.rows(scr, training_fixes=False))
+    ctx, _ = engine.context(lab, scr, training_fixes=False)
+    found |= engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=False))
     if not any(found.get(c, {}).get("present") for c in ("implementation_bug", "answer_in_input")):
-        if scr.present(*fixes.BAD):
-            ctx, more = fixes.context(lab, scr, training_fixes=True)
+        if scr.present(*engine.BAD):
+            ctx, more = engine.context(lab, scr, training_fixes=True)
             checks |= more
-            found |= fixes.run(ctx, fixes.rows(scr, training_fixes=True))
+            found |= engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=True))
         residual, more = causes.residual(lab, scr, ctx, found)
         checks |= more
         found |= residual
