@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import training
 from ..batches import collate, to_device
-from .runs import get_input, loss_value, per_sample_losses, set_input
+from .runs import get_input, grad_scaler, loss_value, per_sample_losses, set_input
 from .stats import bootstrap_ci, runs_test
 
 # --- cause probes: data --------------------------------------------------------------------------------------
@@ -254,10 +254,10 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
     return {"loss_at_init": float(loss.detach()), "layers": rows}
 
 
-def _step(task, model, batch, optimizer):
+def _step(task, model, batch, optimizer, scaler):
     """The project's training step (looked up at call time, so what breaks it breaks the probes)."""
     return training.train_step(
-        model, batch, task.criterion, optimizer, input_key=task.input_key, amp=task.amp
+        model, batch, task.criterion, optimizer, input_key=task.input_key, amp=task.amp, scaler=scaler
     )
 
 
@@ -272,10 +272,10 @@ def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9):
     model = task.model_factory().to(task.device)
     optimizer = task.optimizer_factory(model, task.lr if lr is None else lr)
     batch = to_device(collate(items), task.device, task.memory_format, task.input_key)
-    losses = []
+    losses, scaler = [], grad_scaler(task)
     model.train()
     for _ in range(steps):
-        value, _ = _step(task, model, batch, optimizer)
+        value, _ = _step(task, model, batch, optimizer, scaler)
         losses.append(value)
         if not math.isfinite(value):
             break
@@ -310,7 +310,7 @@ def lr_range_test(
     loader = task.loader(task.train_items, batch_size, True, seed)
     factor = (lr_max / lr_min) ** (1 / (steps - 1))
     lrs, smoothed, avg, best = [], [], 0.0, math.inf
-    it = iter(loader)
+    it, scaler = iter(loader), grad_scaler(task)
     model.train()
     for step in range(steps):
         lr = lr_min * factor**step
@@ -322,7 +322,7 @@ def lr_range_test(
             it = iter(loader)
             batch = next(it)
         batch = to_device(batch, task.device, task.memory_format, task.input_key)
-        value, _ = _step(task, model, batch, optimizer)  # the loss before this step's update
+        value, _ = _step(task, model, batch, optimizer, scaler)  # the loss before this step's update
         if not math.isfinite(value):
             break
         avg = beta * avg + (1 - beta) * value

@@ -156,6 +156,12 @@ class Task:
         return dataclasses.replace(self, **changes)
 
 
+def grad_scaler(task):
+    """The loss scaler the training step needs: float16 autocast (CUDA) only, as in `training.build`;
+    bfloat16 has float32's exponent range."""
+    return torch.amp.GradScaler("cuda") if task.amp == "cuda" else None
+
+
 @torch.no_grad()
 def per_sample_losses(task, model, items, batch_size=64, parts=None):
     """Eval-mode loss of every item (the criterion applied to one-sample slices of a batched forward).
@@ -251,6 +257,7 @@ def train(
     lr = task.lr if lr is None else lr
     optimizer = (optimizer_factory or task.optimizer_factory)(model, lr)
     loader = task.loader(train_items, batch_size, shuffle, seed)
+    scaler = grad_scaler(task)
     epochs = task.epochs if epochs is None else epochs
     if task.max_steps:
         epochs = max(1, min(epochs, task.max_steps // max(1, len(loader))))
@@ -269,6 +276,7 @@ def train(
             input_key=task.input_key,
             grad_clip=task.grad_clip,
             amp=task.amp,
+            scaler=scaler,
         )
         for b, batch, value, _ in epoch:
             if not math.isfinite(value):
