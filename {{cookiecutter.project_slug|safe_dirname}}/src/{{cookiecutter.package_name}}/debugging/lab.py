@@ -175,7 +175,7 @@ class Lab:
 
     def fix_effect(self, ref, run):
         """Paired permutation test that the fixed run's validation loss is lower, and by how much. The loss
-        only: a part (e.g. translation) can improve just because a fix speeds up learning the mean target."""
+        only: one loss term can improve just because a fix speeds up learning its mean target."""
         base = ref.base
         if ref.reseeded is not None and not ref.reseeded.diverged and ref.reseeded.val_loss < base.val_loss:
             base = ref.reseeded  # a fix must beat the better of two seeds: seed-to-seed luck is not a fix
