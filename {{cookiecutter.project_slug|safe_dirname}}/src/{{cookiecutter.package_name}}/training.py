@@ -307,17 +307,79 @@ class StopRequested(Exception):
     pass
 
 
-def train_one_epoch(c, epoch, state, stop, progress):
-    model, cfg = c.model, c.cfg
+def train_step(
+    model,
+    batch,
+    criterion,
+    optimizer,
+    *,
+    input_key="image",
+    scaler=None,
+    scheduler=None,
+    grad_clip=None,
+    amp=None,
+):
+    """One optimizer step of the project's training: forward (autocast to the `amp` device type, None = float32),
+    loss, backward, gradient clipping, optimizer (and scheduler) step. `make train` and every training run of
+    the doctor take this step, so a bug here shows up in both. Returns (loss value, {term: value}); a
+    non-finite loss returns before the optimizer is touched (the caller decides what that means)."""
+    with torch.autocast(amp or "cpu", enabled=amp is not None):
+        out = model(batch[input_key])
+    result = criterion(as_float(out), batch)
+    loss, parts = result if isinstance(result, tuple | list) else (result, {})
+    value = loss.item()
+    if not math.isfinite(value):
+        return value, parts
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return value, parts
+
+
+def run_epoch(model, loader, criterion, optimizer, *, device, memory_format=None, input_key="image", **step):
+    """One pass of training over `loader` with `train_step` (its keyword arguments in `step`): yields
+    (index, batch, loss value, loss terms) after each step. A non-finite loss is yielded before any update;
+    the caller decides (`make train` stops with an error, the doctor records a diverged run)."""
     model.train()
-    t = cfg.training
-    amp = use_amp(cfg, c.device)
-    for batch in progress:
-        batch = to_device(batch, c.device, c.cfg)
-        with torch.autocast(c.device.type, enabled=amp):
-            out = model(batch[c.task.input_key])
-        loss, parts = c.criterion(as_float(out), batch)
-        loss_value = loss.item()
+    for b, batch in enumerate(loader):
+        batch = batches.to_device(batch, device, memory_format, input_key)
+        value, parts = train_step(model, batch, criterion, optimizer, input_key=input_key, **step)
+        yield b, batch, value, parts
+
+
+def step_settings(cfg, device, scaler=None, scheduler=None):
+    """train_step's knobs for a config: what `make train` uses, and what the doctor's runs use."""
+    return dict(
+        scaler=scaler,
+        scheduler=scheduler,
+        grad_clip=cfg.training.get("grad_clip"),
+        amp=device.type if use_amp(cfg, device) else None,
+    )
+
+
+def train_one_epoch(c, epoch, state, stop, progress):
+    cfg, t = c.cfg, c.cfg.training
+    steps = run_epoch(
+        c.model,
+        progress,
+        c.criterion,
+        c.optimizer,
+        device=c.device,
+        memory_format=memory_format(cfg),
+        input_key=c.task.input_key,
+        **step_settings(cfg, c.device, c.scaler, c.scheduler),
+    )
+    for _, batch, loss_value, parts in steps:
         if not math.isfinite(loss_value):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise TrainingDiverged(
@@ -326,14 +388,6 @@ def train_one_epoch(c, epoch, state, stop, progress):
                 f"{checkpoint_dir(cfg) / 'last.pt'}. Lower training.lr, keep training.grad_clip on, "
                 "or run the doctor (make doctor)."
             )
-        c.optimizer.zero_grad(set_to_none=True)
-        c.scaler.scale(loss).backward()
-        if t.grad_clip:
-            c.scaler.unscale_(c.optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        c.scaler.step(c.optimizer)
-        c.scaler.update()
-        c.scheduler.step()
         state["step"] += 1
         state["batch"] += 1
         state["seen"] += len(batch[c.task.input_key])
