@@ -117,7 +117,8 @@ def rotate_in_plane(batch, max_deg):
     The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
     the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
     object's orientation per sample, without rendering more images. Corners outside the old image are black.
-    `batch` holds image [B,3,H,W], K, R, t; the random angles come from torch's global generator.
+    `batch` holds image [B,3,H,W], K, R, t; the random angles come from torch's global generator (the
+    training loader seeds it per batch, loaders.py).
     """
     K = batch["K"]
     if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
