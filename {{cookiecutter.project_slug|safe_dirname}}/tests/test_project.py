@@ -87,7 +87,7 @@ def test_checklists_name_only_existing_commands():
 def test_config_tree_composes(experiment):
     cfg = compose(f"experiment={experiment}")
     OmegaConf.resolve(cfg)
-    # the name the outputs record, also under DVC (params.yaml keeps no other trace of the experiment)
+    # the name the outputs record, however the stage was started (tracking.experiment_name)
     assert cfg.experiment_name == experiment, (
         f"configs/experiment/{experiment}.yaml must set `experiment_name: {experiment}`"
     )
