@@ -98,16 +98,8 @@ def diagnose(lab):
 
 
 def experiment_name(cfg):
-    name = cfg.debugging.doctor.get("name")
-    if name:
-        return str(name)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choice = HydraConfig.get().runtime.choices.get("experiment")
-        return str(choice) if choice else "default"
-    except ValueError:
-        return "default"
+    """The report folder's name: `debugging.doctor.name`, else the experiment's (tracking.experiment_name)."""
+    return str(cfg.debugging.doctor.get("name") or tracking.experiment_name(cfg))
 
 
 def run_doctor(cfg, name=None):

@@ -35,7 +35,6 @@ import hydra
 import numpy as np
 import onnx
 import torch
-from hydra.core.hydra_config import HydraConfig
 
 from .. import tracking
 from ..checkpoints import load_model
@@ -213,14 +212,11 @@ def run_export(cfg):
     estimator = estimator.eval().cpu()
     size = train_cfg.data.image_size
     input_size = (int(size), int(size))
-    experiment = "unknown"
-    if HydraConfig.initialized():
-        experiment = HydraConfig.get().runtime.choices.get("experiment") or "default"
     metadata = build_metadata(
         input_size,
         losses.rotation_of(train_cfg.loss),
         train_cfg.loss.translation,
-        experiment,
+        tracking.experiment_name(cfg),
         train_cfg.data.obj_id,
         checkpoint,
         d.opset,

@@ -126,7 +126,8 @@ def rotate_in_plane(batch, max_deg):
     crop's object) in place; for the synthetic camera that ray is the optical axis and the warp a plain
     rotation about the principal point. A new view of the object's orientation per sample, without
     rendering more images. Corners outside the old image are black. `batch` holds image [B,3,H,W], K, R, t;
-    the random angles come from torch's global generator.
+    the random angles come from torch's global generator (the training loader seeds it per batch,
+    loaders.py).
     """
     K, images = batch["K"], batch["image"]
     B, (H, W) = len(K), images.shape[-2:]
