@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements-dev.txt constraints.txt
 venv: $(VENV)/.installed
 
 test: venv  ## all template tests, slow end-to-end ones included
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 test-fast: venv  ## template tests without the slow end-to-end ones
 	$(PY) -m pytest tests -m "not slow"

@@ -1,13 +1,15 @@
 """Slow: DVC-native experiments and Hydra sweeps in a freshly baked project, run the way a user runs them.
 
 One bake is shared: two `dvc exp run -S ...` experiments on the smoke config (their dataset is then reused
-by the sweep), `dvc plots show`/`diff` on their training curves, and a two-job Hydra multirun through
+by the sweep), `dvc plots show`/`diff` on their training curves, the export stage of a third (what it records
+of the experiment), and a two-job Hydra multirun through
 hydra-submitit's local launcher (the code path of the SLURM launcher config).
 """
 
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from conftest import TEMPLATE, run
@@ -69,6 +71,7 @@ def test_exp_show_lists_both_experiments_with_parameters_and_metrics(project, ex
     for name, lr in RATES.items():
         data = found[name]
         params = data["params"]["params.yaml"]["data"]
+        assert params["experiment_name"] == "smoke"  # what the stages record of `-S experiment=smoke`
         assert params["training"]["lr"] == float(lr)
         assert params["training"]["epochs"] == 1, "the smoke experiment was not composed in"
         assert params["model"]["width"] == 8
@@ -91,6 +94,23 @@ def test_plots_show_and_diff_draw_the_training_curves(project, experiments, tmp_
     ok(run(["python", "-m", "dvc", "plots", "diff", *RATES, "-o", str(tmp_path / "diff")], cwd=project))
     html = (tmp_path / "diff/index.html").read_text()
     assert all(f'"rev": "{name}"' in html for name in RATES), "the diff lacks one experiment's curves"
+
+
+def test_exp_run_stages_record_the_experiment_they_ran(project, experiments):
+    """Under `dvc exp run` the stages read params.yaml, which has no defaults list: the export metadata must
+    name the -S experiment (it said "default" when the stages asked Hydra for its choice of experiment)."""
+    fast = ["deployment.parity.n_images=2", "deployment.latency.warmup=1", "deployment.latency.runs=3"]
+    ok(
+        run(
+            ["python", "-m", "dvc", "exp", "run", "export", "-n", "exported", "-S", "experiment=smoke"]
+            + ["-S", f"training.lr={RATES['lr-low']}", *(arg for o in fast for arg in ("-S", o))],
+            cwd=project,
+        )
+    )
+    model = onnx.load(project / "5_deployment/model.onnx", load_external_data=False)
+    assert {p.key: p.value for p in model.metadata_props}["experiment"] == "smoke"
+    report = json.loads((project / "5_deployment/export.json").read_text())
+    assert report["metadata"]["experiment"] == "smoke"
 
 
 def test_multirun_jobs_write_their_own_folders(project, experiments):

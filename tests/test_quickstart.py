@@ -153,6 +153,7 @@ def test_full_test_suite_in_the_projects_own_venv(quickstart):
     """`make test-all` (slow tests included) in the venv `make setup` built from the baked pyproject alone."""
     quickstart.ok()
     step = quickstart.run("make test-all", quickstart.project)
+    print(f"\nmake test-all ({quickstart.name}, in the project's own venv): {step.seconds:.0f} s")
     assert step.returncode == 0, step.output[-8000:]
     assert " passed" in step.output, step.output[-3000:]
 

@@ -1,12 +1,14 @@
-"""The failure-mode probes on small generic problems (no pose code involved): each probe must flag its
-failure and stay quiet on a healthy case."""
+"""The failure-mode probes, the doctor's training runs and its statistics on small generic problems (no pose
+code involved): each probe must flag its failure and stay quiet on a healthy case."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from {{ cookiecutter.package_name }}.debugging import probes
+from {{ cookiecutter.package_name }} import training
+from {{ cookiecutter.package_name }}.batches import collate
+from {{ cookiecutter.package_name }}.debugging import probes, runs, stats
 
 torch.set_num_threads(1)
 
@@ -50,37 +52,55 @@ class ViewBug(nn.Module):
 
 def make_task(items=None, model_factory=mlp, **kw):
     items = items or regression_items()
-    return probes.Task(model_factory, mse, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0, **kw)
+    return runs.Task(model_factory, mse, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0, **kw)
 
 
 @pytest.fixture(scope="module")
 def healthy_runs():
     task = make_task()
-    return task, probes.train(task), probes.train(task, items=lambda it: probes.zero_inputs(it, 0))
+    return task, runs.train(task), runs.train(task, items=lambda it: runs.zero_inputs(it, 0))
 
 
 def test_healthy_regression_learns(healthy_runs):
     task, run, control = healthy_runs
-    result = probes.learning_vs_control(run, control)
+    result = stats.learning_vs_control(run, control)
     assert result["learned"] and result["gain_vs_control"] > 0.5
     assert run.val_curve[-1] < run.val_curve[0]
-    assert probes.bounce_statistics(run)["train_rises"] == 0
-    assert probes.forgetting_statistics(run)["ratio"] < 1.5
+    assert stats.bounce_statistics(run)["train_rises"] == 0
+    assert stats.forgetting_statistics(run)["ratio"] < 1.5
+
+
+def test_the_doctors_runs_take_the_projects_training_step(monkeypatch):
+    """runs.train and the training probes step through training.train_step (what `make train` runs), looked
+    up at call time: every step they take is one of its calls."""
+    calls = []
+    real = training.train_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", counted)
+    run = runs.train(make_task().replace(epochs=1))
+    assert len(calls) == len(run.step_losses) == 8  # 256 items, batch 32
+    probes.overfit_subset(make_task(), steps=5)
+    lr = probes.lr_range_test(make_task(), steps=7)
+    assert len(calls) == 8 + 5 + len(lr["lrs"])
 
 
 def test_input_independent_model_is_flagged(healthy_runs):
     task, _, control = healthy_runs
     lazy = make_task(model_factory=IgnoresInput)
-    run = probes.train(lazy)
-    assert not probes.learning_vs_control(run, control)["learned"]
-    dep = probes.batch_dependency(IgnoresInput(), probes.collate(lazy.train_items[:8]), input_key=0)
+    run = runs.train(lazy)
+    assert not stats.learning_vs_control(run, control)["learned"]
+    dep = probes.batch_dependency(IgnoresInput(), collate(lazy.train_items[:8]), input_key=0)
     assert dep["own_gradient"] == 0.0
     assert not probes.overfit_subset(lazy)["passed"]
     assert probes.overfit_subset(task)["passed"]
 
 
 def test_backprop_dependency_flags_batch_mixing():
-    batch = probes.collate(regression_items()[:16])
+    batch = collate(regression_items()[:16])
     assert probes.batch_dependency(mlp(), batch, input_key=0)["ratio"] == 0.0
     assert probes.batch_dependency(ViewBug(), batch, input_key=0)["ratio"] > 1e-3
     bn = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
@@ -106,11 +126,11 @@ def test_order_probe_flags_sorted_targets():
 
 
 def test_shuffled_targets_are_not_learnable():
-    items = probes.permute_inputs(regression_items(), seed=1, input_key=0)
+    items = runs.permute_inputs(regression_items(), seed=1, input_key=0)
     task = make_task(items=items)
-    run = probes.train(task)
-    control = probes.train(task, items=lambda it: probes.zero_inputs(it, 0))
-    assert not probes.learning_vs_control(run, control)["learned"]
+    run = runs.train(task)
+    control = runs.train(task, items=lambda it: runs.zero_inputs(it, 0))
+    assert not stats.learning_vs_control(run, control)["learned"]
     assert probes.overfit_subset(task)["passed"]  # memorizing a handful still works: not a code bug
 
 
@@ -132,7 +152,7 @@ def test_shortcut_probe_finds_a_leaked_pixel():
         {"image": torch.cat([images[i].flatten()[:-1], targets[i]]).reshape(1, 8, 8), "target": targets[i]}
         for i in range(300)
     ]
-    task = probes.Task(None, None, clean[:200], clean[200:])
+    task = runs.Task(None, None, clean[:200], clean[200:])
     assert probes.shortcut_probe(task)["best_single_value_r2"] < 0.2
     found = probes.shortcut_probe(task.replace(train_items=leaked[:200], val_items=leaked[200:]))
     assert found["best_single_value_r2"] > 0.99 and found["best_single_value_index"] == 63
@@ -141,11 +161,11 @@ def test_shortcut_probe_finds_a_leaked_pixel():
 def test_statistics_behave():
     rng = np.random.default_rng(0)
     a = rng.normal(1.0, 0.1, 200)
-    assert probes.paired_test(a + 0.2, a)[0] < 0.01
-    assert probes.paired_test(a, a + 0.2)[0] > 0.5
-    assert probes.trend_test(np.arange(10, 0, -1.0))[1] < 0.01
-    assert probes.trend_test(rng.normal(size=10), seed=1)[1] > 0.01
-    assert probes.runs_test(np.sort(rng.normal(size=100)))[1] < 1e-6
+    assert stats.paired_test(a + 0.2, a)[0] < 0.01
+    assert stats.paired_test(a, a + 0.2)[0] > 0.5
+    assert stats.trend_test(np.arange(10, 0, -1.0))[1] < 0.01
+    assert stats.trend_test(rng.normal(size=10), seed=1)[1] > 0.01
+    assert stats.runs_test(np.sort(rng.normal(size=100)))[1] < 1e-6
     small = probes.test_set_precision(a, n_total=12)
     big = probes.test_set_precision(a, n_total=2000)
     assert small["ci95_half_width"] > 10 * big["ci95_half_width"] / 2
@@ -155,7 +175,7 @@ def test_runs_test_on_a_class_indicator():
     """A 0/1 target (one class of a classifier) is mostly ties at its median: shuffled it is not "in blocks",
     sorted it is."""
     shuffled = [(np.random.default_rng(seed).random(400) < 0.3).astype(float) for seed in range(100)]
-    p_values = np.array([probes.runs_test(labels)[1] for labels in shuffled])
+    p_values = np.array([stats.runs_test(labels)[1] for labels in shuffled])
     assert (p_values < 0.01).mean() <= 0.05  # calibrated: about 1 % of shuffled sequences below 0.01
-    z, p = probes.runs_test(np.sort(shuffled[0]))
+    z, p = stats.runs_test(np.sort(shuffled[0]))
     assert z < -10 and p < 1e-6, (z, p)

@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import compose
+from {{ cookiecutter.package_name }} import tracking
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR, PROJECT_ROOT
 
 MAKEFILE = (PROJECT_ROOT / "Makefile").read_text()
@@ -26,6 +27,24 @@ def make_commands():
 def experiments():
     root = Path(CONFIG_DIR) / "experiment"
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def test_without_an_experiment_the_name_is_default():
+    assert tracking.experiment_name(compose()) == "default"
+
+
+{%- if cookiecutter.use_wandb == "yes" %}
+
+
+def test_wandb_runs_are_named_after_the_experiment(monkeypatch, tmp_path):
+    import wandb
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs))
+    cfg = compose("logger=wandb", "experiment_name=mine", f"paths.root={tmp_path}")
+    tracking.start_run(cfg, "evaluation")
+    assert calls[0]["name"] == "mine-evaluation"
+{%- endif %}
 
 
 def test_every_stage_folder_has_a_checklist():
@@ -68,5 +87,9 @@ def test_checklists_name_only_existing_commands():
 def test_config_tree_composes(experiment):
     cfg = compose(f"experiment={experiment}")
     OmegaConf.resolve(cfg)
+    # the name the outputs record, however the stage was started (tracking.experiment_name)
+    assert cfg.experiment_name == experiment, (
+        f"configs/experiment/{experiment}.yaml must set `experiment_name: {experiment}`"
+    )
     for stage in ("planning", "data", "training", "debugging", "deployment", "metric_review"):
         assert cfg.paths[stage].endswith(stage), stage

@@ -34,7 +34,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import ListConfig, OmegaConf, open_dict
 
-from . import checkpoints
+from . import checkpoints, tracking
 from .files import write_json, write_text
 from .loop_benchmark import precision, throughput
 from .paths import CONFIG_DIR
@@ -276,9 +276,8 @@ def main(cfg):
     # The command line's own overrides go to every pipeline command, except those the benchmark sets itself.
     own = ("experiment=", "paths.root=", "training.benchmark.", "data.root=", "seed=")
     passthrough = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
-    experiment = HydraConfig.get().runtime.choices.get("experiment") or "default"
     try:
-        benchmark(cfg, experiment, passthrough)
+        benchmark(cfg, tracking.experiment_name(cfg), passthrough)
     except (RuntimeError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

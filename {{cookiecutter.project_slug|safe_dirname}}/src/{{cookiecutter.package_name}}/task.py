@@ -42,7 +42,9 @@ class Task:
         raise NotImplementedError
 
     def train_transform(self, cfg):
-        """An augmentation applied to each collated training batch (batch -> batch), or None."""
+        """An augmentation applied to each collated training batch (batch -> batch), or None. It draws from
+        torch's, numpy's or Python's global generators, which the loader seeds per batch (loaders.py): a
+        resumed run repeats its random numbers with any number of workers."""
         return None
 
     def val_errors(self, model, out, batch):

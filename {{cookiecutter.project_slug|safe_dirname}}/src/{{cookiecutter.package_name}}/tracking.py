@@ -6,6 +6,8 @@
   `logger=none` turns it off; nothing else changes.
 - `dvclive.dir` (configs/config.yaml, DVC projects): the jobs in `dvclive.jobs` also write every scalar
   as a TSV curve that `dvc plots show` / `dvc plots diff` draw, with no account.
+
+`experiment_name(cfg)` is the experiment a stage records (wandb run names, export metadata, doctor reports).
 """
 
 import math
@@ -14,6 +16,14 @@ import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+
+def experiment_name(cfg):
+    """The experiment `cfg` was composed for: its `experiment_name` key, which configs/config.yaml sets to
+    `default` and each configs/experiment/<name>.yaml to <name> (tests/test_project.py checks that they
+    agree). DVC's composition keeps nothing else of `-S experiment=<name>` in params.yaml, so every stage reads
+    this key, never Hydra's choice of experiment."""
+    return str(cfg.get("experiment_name") or "default")
 
 
 class Run:
@@ -45,6 +55,7 @@ class WandbRun(Run):
             dir=logger.dir,
             mode=logger.mode,
             job_type=job_type,
+            name=f"{experiment_name(cfg)}-{job_type}",
             group=logger.get("group"),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",

@@ -14,7 +14,6 @@ Writes `3_training/checkpoints/last.pt` every epoch (and on SIGTERM, e.g. a SLUR
 """
 
 import dataclasses
-import functools
 import importlib
 import math
 import os
@@ -30,12 +29,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import batches, tracking
 from .checkpoints import checkpoint_dir, load_checkpoint, pick_device
 from .files import atomic_path
+from .loaders import build_loaders, start_epoch
 from .paths import CONFIG_DIR
 from .task import load_task
 
@@ -75,13 +75,6 @@ def seed_everything(seed, deterministic=True):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def seed_worker(worker_id):
-    # DataLoader seeds torch in each worker from the loader's generator; numpy and random follow it.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def rng_state():
     """Every RNG a training step touches, as tensors and plain Python so weights_only loading accepts it."""
     np_state = np.random.get_state()
@@ -102,22 +95,6 @@ def set_rng_state(state):
     random.setstate(state["python"])
 
 
-class EpochSampler(DistributedSampler):
-    """DistributedSampler (also for one process) that can start part-way into an epoch.
-
-    The order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches; `start`
-    skips the samples a preempted run had already trained on in that epoch.
-    """
-
-    start = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start :])
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
 # --- building blocks -----------------------------------------------------------------------------------------
 
 
@@ -135,43 +112,6 @@ class Components:
     val_set: object
     train_loader: DataLoader
     val_loader: DataLoader
-
-
-def collate_and_augment(items, augment=None, transform=None):
-    """The loaders' collate: stack the samples, `augment` the whole batch at once (the task's
-    `train_transform`), then `transform` it (an injected fault in what the network sees, `fault_batch`)."""
-    batch = batches.collate(items)
-    if augment is not None:
-        batch = augment(batch)
-    return transform(batch) if transform else batch
-
-
-def build_loaders(cfg, train_set, val_set, augment=None, batch_transform=None):
-    t = cfg.training
-    rank, world = rank_and_world()
-    if t.batch_size % world:
-        raise ValueError(f"training.batch_size={t.batch_size} must be divisible by the {world} processes")
-    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=t.shuffle, seed=cfg.seed)
-    loader_args = dict(num_workers=t.num_workers, pin_memory=t.get("pin_memory", False))
-    if t.num_workers > 0:
-        loader_args |= dict(worker_init_fn=seed_worker, persistent_workers=False)
-    # The augmentation happens in the loader, so the doctor's probes see the same batches as training.
-    train_collate = functools.partial(collate_and_augment, augment=augment, transform=batch_transform)
-    val_collate = functools.partial(collate_and_augment, transform=batch_transform)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=t.batch_size // world,
-        sampler=sampler,
-        collate_fn=train_collate,
-        drop_last=len(train_set) // world >= t.batch_size // world,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        **loader_args,
-    )
-    val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
-    val_loader = DataLoader(
-        val_set, batch_size=t.batch_size // world, sampler=val_sampler, collate_fn=val_collate, **loader_args
-    )
-    return train_loader, val_loader
 
 
 def build_optimizer(cfg, model):
@@ -307,17 +247,79 @@ class StopRequested(Exception):
     pass
 
 
-def train_one_epoch(c, epoch, state, stop, progress):
-    model, cfg = c.model, c.cfg
+def train_step(
+    model,
+    batch,
+    criterion,
+    optimizer,
+    *,
+    input_key="image",
+    scaler=None,
+    scheduler=None,
+    grad_clip=None,
+    amp=None,
+):
+    """One optimizer step of the project's training: forward (autocast to the `amp` device type, None = float32),
+    loss, backward, gradient clipping, optimizer (and scheduler) step. `make train` and every training run of
+    the doctor take this step, so a bug here shows up in both. Returns (loss value, {term: value}); a
+    non-finite loss returns before the optimizer is touched (the caller decides what that means)."""
+    with torch.autocast(amp or "cpu", enabled=amp is not None):
+        out = model(batch[input_key])
+    result = criterion(as_float(out), batch)
+    loss, parts = result if isinstance(result, tuple | list) else (result, {})
+    value = loss.item()
+    if not math.isfinite(value):
+        return value, parts
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return value, parts
+
+
+def run_epoch(model, loader, criterion, optimizer, *, device, memory_format=None, input_key="image", **step):
+    """One pass of training over `loader` with `train_step` (its keyword arguments in `step`): yields
+    (index, batch, loss value, loss terms) after each step. A non-finite loss is yielded before any update;
+    the caller decides (`make train` stops with an error, the doctor records a diverged run)."""
     model.train()
-    t = cfg.training
-    amp = use_amp(cfg, c.device)
-    for batch in progress:
-        batch = to_device(batch, c.device, c.cfg)
-        with torch.autocast(c.device.type, enabled=amp):
-            out = model(batch[c.task.input_key])
-        loss, parts = c.criterion(as_float(out), batch)
-        loss_value = loss.item()
+    for b, batch in enumerate(loader):
+        batch = batches.to_device(batch, device, memory_format, input_key)
+        value, parts = train_step(model, batch, criterion, optimizer, input_key=input_key, **step)
+        yield b, batch, value, parts
+
+
+def step_settings(cfg, device, scaler=None, scheduler=None):
+    """train_step's knobs for a config: what `make train` uses, and what the doctor's runs use."""
+    return dict(
+        scaler=scaler,
+        scheduler=scheduler,
+        grad_clip=cfg.training.get("grad_clip"),
+        amp=device.type if use_amp(cfg, device) else None,
+    )
+
+
+def train_one_epoch(c, epoch, state, stop, progress):
+    cfg, t = c.cfg, c.cfg.training
+    steps = run_epoch(
+        c.model,
+        progress,
+        c.criterion,
+        c.optimizer,
+        device=c.device,
+        memory_format=memory_format(cfg),
+        input_key=c.task.input_key,
+        **step_settings(cfg, c.device, c.scaler, c.scheduler),
+    )
+    for _, batch, loss_value, parts in steps:
         if not math.isfinite(loss_value):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
             raise TrainingDiverged(
@@ -326,14 +328,6 @@ def train_one_epoch(c, epoch, state, stop, progress):
                 f"{checkpoint_dir(cfg) / 'last.pt'}. Lower training.lr, keep training.grad_clip on, "
                 "or run the doctor (make doctor)."
             )
-        c.optimizer.zero_grad(set_to_none=True)
-        c.scaler.scale(loss).backward()
-        if t.grad_clip:
-            c.scaler.unscale_(c.optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        c.scaler.step(c.optimizer)
-        c.scaler.update()
-        c.scheduler.step()
         state["step"] += 1
         state["batch"] += 1
         state["seen"] += len(batch[c.task.input_key])
@@ -464,10 +458,8 @@ def fit(cfg, c=None):
         try:
             while state["epoch"] < t.epochs:
                 epoch = state["epoch"]
-                c.train_loader.sampler.set_epoch(epoch)
-                c.train_loader.sampler.start = state["batch"] * c.train_loader.batch_size
-                # Worker seeds come from this generator: reseeding per epoch makes a resumed epoch identical.
-                c.train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+                # a resumed epoch skips the batches trained on before the stop (loaders.py: why it is exact)
+                start_epoch(c.train_loader, epoch, state["batch"], cfg.seed)
                 state |= {"seen": 0, "loss_sum": 0.0, "log": run.log}
                 start = time.perf_counter()
                 progress = tqdm(

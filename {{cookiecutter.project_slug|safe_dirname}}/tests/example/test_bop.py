@@ -193,7 +193,7 @@ def test_bad_models_info_and_ply(dataset_copy):
         bop.load_models_info(dataset_copy)
     (dataset_copy / "models" / "obj_000002.ply").write_bytes(b"solid stl\n")
     with pytest.raises(BopFormatError, match=r"obj_000002\.ply: not a PLY file"):
-        bop.load_model_points(dataset_copy, 2)
+        bop.read_ply(dataset_copy / "models" / "obj_000002.ply")
 
 
 def test_ascii_ply(tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 from conftest import compose
 from {{ cookiecutter.package_name }} import training
-from {{ cookiecutter.package_name }}.debugging import doctor, probes, zoo, zoo_benchmark
+from {{ cookiecutter.package_name }}.batches import collate
+from {{ cookiecutter.package_name }}.debugging import doctor, probes, runs, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
@@ -108,15 +109,15 @@ def test_data_faults_do_what_they_say():
     assert sorted(float(tr[i]["t"][2]) for i in range(64)) == sorted(float(t[2]) for t in train.t)
 
     leak = zoo.pixel_fault(fault_cfg("answer_in_input"))
-    leaked = [probes.unbatch(leak(probes.collate([d[i] for i in range(len(d))]))) for d in (train, val)]
-    task = probes.Task(None, None, *leaked, target_fn=PoseTask(None).target)
+    leaked = [runs.unbatch(leak(collate([d[i] for i in range(len(d))]))) for d in (train, val)]
+    task = runs.Task(None, None, *leaked, target_fn=PoseTask(None).target)
     assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
 
     tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
     depth = [float(tr[i]["t"][2]) for i in range(64)]
     assert depth == sorted(depth)
     loader = torch.utils.data.DataLoader(tr, batch_size=16, shuffle=False)
-    order = probes.order_test(probes.Task(None, None, [], [], target_fn=PoseTask(None).target), loader)
+    order = probes.order_test(runs.Task(None, None, [], [], target_fn=PoseTask(None).target), loader)
     assert order["p_value"] < 1e-3
 
     _, va = zoo.fault_datasets(fault_cfg("tiny_val", size=5), train, val)
@@ -125,7 +126,7 @@ def test_data_faults_do_what_they_say():
     dup = probes.duplicates({"train": [train[i] for i in range(64)], "val": [va[i] for i in range(len(va))]})
     assert dup["train/val"]["shared"] == 40
     offset = zoo.pixel_fault(fault_cfg("black_level"))
-    assert float(offset(probes.collate([train[0]]))["image"].min()) >= 1000.0
+    assert float(offset(collate([train[0]]))["image"].min()) >= 1000.0
     assert zoo.pixel_fault(fault_cfg("tiny_val")) is None
 
 
@@ -148,7 +149,7 @@ def test_pixel_faults_act_after_the_augmentation(tiny_dataset):
 
 
 def test_model_faults_are_caught_by_the_backprop_checks():
-    batch = probes.collate([PoseLike(8)[i] for i in range(8)])
+    batch = collate([PoseLike(8)[i] for i in range(8)])
 
     def net():
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(6))
@@ -189,6 +190,32 @@ def test_doctor_report_contract_and_integrity_faults(tiny_dataset, tmp_path):
 
     result, _ = run_doctor(tiny_dataset, tmp_path, "debugging.fault=answer_in_input")
     assert result["top_cause"] == "answer_in_input"
+
+
+def skips_the_update(real_step):
+    """A training step with a classic loop bug: the update is computed and never applied (a forgotten
+    `optimizer.step()`); the loss it returns is the real one."""
+
+    def step(model, batch, criterion, optimizer, **kwargs):
+        before = [p.detach().clone() for p in model.parameters()]
+        result = real_step(model, batch, criterion, optimizer, **kwargs)
+        with torch.no_grad():
+            for p, old in zip(model.parameters(), before, strict=True):
+                p.copy_(old)
+        return result
+
+    return step
+
+
+def test_a_broken_training_step_reaches_the_doctor(tiny_dataset, tmp_path, monkeypatch):
+    """The doctor trains through the project's training step (`training.train_step`, what `make train` runs),
+    so a bug in that step, not in the model or the data, shows in its verdict: nothing learns, the overfit
+    test fails, `implementation_bug`. (A doctor with a loop of its own would find the model fine.)"""
+    monkeypatch.setattr(training, "train_step", skips_the_update(training.train_step))
+    result, _ = run_doctor(tiny_dataset, tmp_path, "debugging.doctor.thresholds.min_test_size=1")
+    assert result["symptoms"]["no_learning"]["present"]
+    assert result["top_cause"] == "implementation_bug", result["top_cause"]
+    assert not result["checks"]["overfit"]["passed"]
 
 
 def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):

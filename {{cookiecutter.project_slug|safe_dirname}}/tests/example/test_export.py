@@ -155,6 +155,7 @@ def test_run_export_writes_model_report_and_latency(tiny_dataset, tmp_path):
     assert {"latency_ms_p50", "latency_ms_p95", "model_size_mb", "throughput_ips"} <= written.keys()
     meta = serve.model_metadata(serve.open_session(out / "model.onnx", 1))
     assert meta["input_height"] == "32" and meta["checkpoint_sha256"] == serve.sha256_file(checkpoint)
+    assert meta["experiment"] == "smoke"
     assert json.loads((out / "export.json").read_text())["opset"] == 18
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "latency.json", "model.onnx"]
 

@@ -123,6 +123,91 @@ def test_jpeg_and_other_sizes_are_resized_with_scaled_intrinsics(client):
     assert K[0, 2] == pytest.approx(15.5) and K[1, 2] == pytest.approx(19.75)
 
 
+FRAME_K = np.array([[150.0, 0.0, 81.3], [0.0, 151.5, 58.6], [0.0, 0.0, 1.0]])
+BOX = [50, 30, 40, 24]
+
+
+def one_frame_bop(root, frame):
+    """A BOP dataset of one frame whose only instance has bbox_visib BOX: what training crops from."""
+    scene = root / "test" / "000000"
+    (scene / "rgb").mkdir(parents=True)
+    (root / "models").mkdir()
+    (root / "models" / "models_info.json").write_text(json.dumps({"1": {"diameter": 100.0}}))
+    Image.fromarray(frame).save(scene / "rgb" / "000000.png")
+    pose = {"cam_R_m2c": np.eye(3).reshape(-1).tolist(), "cam_t_m2c": [0.0, 0.0, 400.0], "obj_id": 1}
+    files = {
+        "scene_gt": {"0": [pose]},
+        "scene_camera": {"0": {"cam_K": FRAME_K.reshape(-1).tolist(), "depth_scale": 1.0}},
+        "scene_gt_info": {"0": [{"bbox_visib": BOX, "bbox_obj": BOX, "visib_fract": 1.0}]},
+    }
+    for name, content in files.items():
+        (scene / f"{name}.json").write_text(json.dumps(content))
+    return root
+
+
+def test_a_full_frame_with_a_box_is_cropped_as_training_crops_it(client, app, tmp_path):
+    from {{ cookiecutter.package_name }}.data import bop
+
+    # 4:3, not the model's 1:1; blocks of 2x2 pixels keep the PNG under the upload limit
+    frame = np.kron(random_image(60, 80, seed=3), np.ones((2, 2, 1), np.uint8))
+    fields = intrinsics(*FRAME_K[[0, 1, 0, 1], [0, 1, 2, 2]]) | dict(
+        zip(serve.BOX_FIELDS, map(str, BOX), strict=True)
+    )
+    r = predict(client, encode(frame), fields)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # the crop and its K are those the training loader makes from the same frame and box
+    item = bop.BopDataset(
+        one_frame_bop(tmp_path / "bop", frame), "test", 1, image_size=SIZE, crop={"pad": 1.5}
+    )[0]
+    np.testing.assert_allclose(body["model_input"]["K"], item["K"].numpy(), atol=1e-4)
+    session = app.state.predictor.session
+    R, t = session.run(None, {"image": item["image"][None].numpy(), "K": item["K"][None].numpy()})
+    np.testing.assert_allclose(body["R"], R[0], atol=1e-5)
+    np.testing.assert_allclose(body["t_mm"], t[0], atol=1e-3)
+    # without a box the same frame is refused: its aspect is not the model's
+    r = predict(client, encode(frame), intrinsics(*FRAME_K[[0, 1, 0, 1], [0, 1, 2, 2]]))
+    assert r.status_code == 422 and "aspect" in r.text
+
+
+def test_the_client_sends_the_box(client, tmp_path, monkeypatch):
+    from {{ cookiecutter.package_name }}.deployment import client as client_module
+
+    sent = []
+
+    def post(url, files, data, timeout):
+        sent.append(data)
+        return client.post("/predict", files=files, data=data)
+
+    monkeypatch.setattr(client_module.httpx, "post", post)
+    path = tmp_path / "frame.png"
+    path.write_bytes(encode(np.kron(random_image(60, 80, seed=3), np.ones((2, 2, 1), np.uint8))))
+    fx, fy, cx, cy = FRAME_K[[0, 1, 0, 1], [0, 1, 2, 2]]
+    assert client_module.main([str(path), "--fx", str(fx), "--fy", str(fy), "--cx", str(cx), "--cy", str(cy),
+                               "--box", *map(str, BOX)]) == 0  # fmt: skip
+    assert [float(sent[0][k]) for k in serve.BOX_FIELDS] == BOX
+    # without the box the 4:3 frame is refused, and the client says why
+    assert (
+        client_module.main([str(path), "--fx", str(fx), "--fy", str(fy), "--cx", str(cx), "--cy", str(cy)])
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ({"box_x": "1", "box_y": "2", "box_w": "10"}, "missing box_h"),
+        ({"box_x": "1", "box_y": "2", "box_w": "0", "box_h": "5"}, "positive width and height"),
+        ({"box_x": "40", "box_y": "2", "box_w": "10", "box_h": "5"}, "outside the 32x32 image"),
+        ({"box_x": "nan", "box_y": "2", "box_w": "10", "box_h": "5"}, "box_x=nan is not a finite number"),
+        ({"box_x": "a", "box_y": "2", "box_w": "10", "box_h": "5"}, "box_x"),
+    ],
+)
+def test_bad_boxes_are_422_naming_the_problem(client, box, message):
+    r = predict(client, encode(random_image()), intrinsics() | box)
+    assert r.status_code == 422 and message in r.text, r.text
+
+
 def test_fit_to_input_rejects_another_aspect_ratio():
     img = Image.fromarray(random_image(32, 48))
     with pytest.raises(serve.BadInput, match="aspect"):

@@ -96,21 +96,15 @@ def record_output_dtypes(model):
     return dtypes
 
 
-# float32 and bf16 autocast both run here on every machine; workers > 0 take the worker-seeding path
-# (the augmentation's random angles are drawn in the workers), channels-last the other memory layout.
+# float32 and bf16 autocast both run here on every machine; with workers > 0 the augmentation's random
+# angles are drawn in the workers (seeded per batch, loaders.py), channels-last the other memory layout.
 @pytest.mark.parametrize(
     "variant, overrides, dtype",
     [
         ("float32", [], torch.float32),
         ("bf16", [], torch.bfloat16),
-        pytest.param(
-            "workers",
-            ["training.num_workers=2"],
-            torch.float32,
-            # Worker w draws the angles of batches w, w + 2, ... from one RNG stream; a run resumed at
-            # batch 2 hands batch 2 to worker 0 with a fresh stream, so its angles differ (issue 14).
-            marks=pytest.mark.xfail(strict=True, reason="augmentation RNG of workers is not resumed"),
-        ),
+        # two workers draw the angles; the resumed run's workers start fresh at batch 2 of the epoch
+        ("workers", ["training.num_workers=2"], torch.float32),
         ("channels_last", ["training.channels_last=true"], torch.float32),
     ],
     ids=["float32", "bf16", "workers", "channels_last"],
@@ -151,14 +145,15 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(
 
 
 def test_workers_resumed_at_an_epoch_boundary_draw_the_same_augmentation(tiny_dataset, tmp_path):
-    # Two loader workers draw the augmentation's angles; their seeds come from the loader's generator,
-    # reseeded per epoch, so epoch 2 of a resumed run sees the angles of an uninterrupted one.
+    # Two loader workers draw the augmentation's angles, seeded per batch from (seed, epoch, batch number),
+    # so epoch 2 of a resumed run sees the angles of an uninterrupted one.
     args = ["training.num_workers=2", "training.schedule=constant", "model.dropout=0.2"]
     training.fit(tiny_cfg(tiny_dataset, tmp_path / "straight", *args, "training.epochs=2"))
     training.fit(tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=1"))
-    training.fit(
-        tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true")
-    )
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "resumed", *args, "training.epochs=2", "training.resume=true")
+    c = training.build(cfg)
+    assert c.train_loader.num_workers == 2  # the batches come from worker processes, not the main one
+    training.fit(cfg, c)
     assert_same_weights(
         weights(tmp_path / "straight/3_training/checkpoints/last.pt"),
         weights(tmp_path / "resumed/3_training/checkpoints/last.pt"),

@@ -10,13 +10,14 @@ no code change. Layout read here:
     root/<split>/<scene>/scene_camera.json   {im_id: {cam_K: 9 row-major, depth_scale}}
     root/<split>/<scene>/scene_gt_info.json  {im_id: [{visib_fract, bbox_visib, ...}]}  (optional)
 
-One item = one annotated instance of `obj_id` (an image showing it twice gives two items). Images are
-resized whole to `image_size` x `image_size` without cropping (the aspect ratio of a 640x480 real image
-changes; K is scaled per axis, so projection stays exact). Anything malformed raises `BopFormatError`
-naming the file and the problem.
+One item = one annotated instance of `obj_id` (an image showing it twice gives two items), as a square
+`image_size` x `image_size` input with the K of that input. Two ways to get there (`data.input`):
+`crop` cuts a zoomed-in square around the instance's box out of the frame (data/crop.py: real frames
+with several small objects; poses stay in the frame's camera), `frame` resizes the whole frame (the
+object-centred synthetic images; a 640x480 frame is squashed, K scaled per axis so projection stays
+exact). Object models: data/models.py. Anything malformed raises `BopFormatError` naming the file.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,235 +25,23 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from . import crop as crops
+from .models import (  # noqa: F401 (the models API is also bop's: bop.read_ply, bop.load_models_info, ...)
+    BopFormatError,
+    is_symmetric,
+    load_model,
+    load_model_points,
+    load_models_info,
+    model_path,
+    read_json,
+    read_ply,
+    sample_surface,
+)
+from .models import key as _key
+from .models import numbers as _numbers
 
-class BopFormatError(ValueError):
-    """A BOP dataset file is missing, unreadable or inconsistent; the message names the file."""
-
-
-def read_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise BopFormatError(f"{path}: file is missing")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BopFormatError(f"{path}: malformed JSON ({e})") from e
-
-
-def _numbers(value, n, path, where):
-    """`value` as a float64 array of `n` finite numbers, else a BopFormatError naming path and key."""
-    try:
-        arr = np.asarray(value, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as e:
-        raise BopFormatError(f"{path}: {where} is not a list of numbers") from e
-    if arr.size != n:
-        raise BopFormatError(f"{path}: {where} has {arr.size} numbers, expected {n}")
-    if not np.all(np.isfinite(arr)):
-        raise BopFormatError(f"{path}: {where} contains NaN or inf")
-    return arr
-
-
-def _key(record, key, path, where):
-    if not isinstance(record, dict) or key not in record:
-        raise BopFormatError(f"{path}: {where} has no '{key}'")
-    return record[key]
-
-
-# --- object models ----------------------------------------------------------------------------------------
-
-
-def model_path(root, obj_id):
-    return Path(root) / "models" / f"obj_{int(obj_id):06d}.ply"
-
-
-def load_models_info(root):
-    """{obj_id: info} from models/models_info.json (diameter and extents in mm, BOP symmetry lists)."""
-    path = Path(root) / "models" / "models_info.json"
-    raw = read_json(path)
-    if not isinstance(raw, dict) or not raw:
-        raise BopFormatError(f"{path}: expected a non-empty object {{obj_id: info}}")
-    infos = {}
-    for key, info in raw.items():
-        try:
-            obj_id = int(key)
-        except ValueError as e:
-            raise BopFormatError(f"{path}: key '{key}' is not an integer object id") from e
-        diameter = float(
-            _numbers(_key(info, "diameter", path, f"object {key}"), 1, path, f"{key}.diameter")[0]
-        )
-        if diameter <= 0:
-            raise BopFormatError(f"{path}: object {key} has diameter {diameter}, expected > 0 (mm)")
-        info = dict(info, diameter=diameter)
-        info.setdefault("symmetries_discrete", [])
-        info.setdefault("symmetries_continuous", [])
-        for i, sym in enumerate(info["symmetries_discrete"]):
-            _numbers(sym, 16, path, f"{key}.symmetries_discrete[{i}]")
-        for i, sym in enumerate(info["symmetries_continuous"]):
-            _numbers(_key(sym, "axis", path, f"{key}.symmetries_continuous[{i}]"), 3, path, "axis")
-            _numbers(_key(sym, "offset", path, f"{key}.symmetries_continuous[{i}]"), 3, path, "offset")
-        infos[obj_id] = info
-    return infos
-
-
-def is_symmetric(info):
-    """True when the model declares any discrete or continuous symmetry (use ADD-S, not ADD)."""
-    return bool(info.get("symmetries_discrete")) or bool(info.get("symmetries_continuous"))
-
-
-_PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
-}  # fmt: skip
-
-
-def _binary_lists(data, pos, count, props, order):
-    """Rows of a binary PLY element that has list properties: ({property: array or list of lists}, end)."""
-    if len(props) == 1 and count:
-        # The usual face element, one list: read it as one array when every polygon has the same size.
-        p, (_, len_t, item_t) = props[0]
-        k = int(np.frombuffer(data, dtype=order + len_t, count=1, offset=pos)[0])
-        record = np.dtype([("n", order + len_t), ("v", order + item_t, (k,))])
-        if len(data) >= pos + record.itemsize * count:
-            table = np.frombuffer(data, dtype=record, count=count, offset=pos)
-            if np.all(table["n"] == k):
-                return {p: table["v"]}, pos + record.itemsize * count
-    columns = {p: [] for p, _ in props}
-    for _ in range(count):
-        for p, t in props:
-            if isinstance(t, tuple):
-                _, len_t, item_t = t
-                n = int(np.frombuffer(data, dtype=order + len_t, count=1, offset=pos)[0])
-                pos += np.dtype(len_t).itemsize
-                columns[p].append(np.frombuffer(data, dtype=order + item_t, count=n, offset=pos).tolist())
-                pos += np.dtype(item_t).itemsize * n
-            else:
-                columns[p].append(np.frombuffer(data, dtype=order + t, count=1, offset=pos)[0])
-                pos += np.dtype(t).itemsize
-    return columns, pos
-
-
-def read_ply(path):
-    """Vertices (N,3) float64, faces (F,3) int64 (triangles only) and vertex colours (N,3) uint8 or None.
-
-    Written by hand because no project dependency reads PLY as arrays (mitsuba's loader builds a render
-    mesh). Handles ascii and binary PLY as written by BOP models, meshlab and the capture assets.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BopFormatError(f"{path}: model file is missing")
-    data = path.read_bytes()
-    end = data.find(b"end_header")
-    if not data.startswith(b"ply") or end < 0:
-        raise BopFormatError(f"{path}: not a PLY file (no 'ply' magic / 'end_header')")
-    body_start = data.index(b"\n", end) + 1
-    elements, fmt = [], None
-    for line in data[:end].decode("ascii", "replace").splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0] == "format":
-            fmt = parts[1]
-        elif parts[0] == "element":
-            elements.append((parts[1], int(parts[2]), []))
-        elif parts[0] == "property" and elements:
-            if parts[1] == "list":
-                elements[-1][2].append((parts[4], ("list", _PLY_TYPES[parts[2]], _PLY_TYPES[parts[3]])))
-            else:
-                elements[-1][2].append((parts[2], _PLY_TYPES[parts[1]]))
-    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
-        raise BopFormatError(f"{path}: unsupported PLY format {fmt!r}")
-    parsed = {}
-    try:
-        if fmt == "ascii":
-            tokens = data[body_start:].split()
-            pos = 0
-            for name, count, props in elements:
-                if all(not isinstance(t, tuple) for _, t in props):
-                    n = len(props)
-                    table = np.array(tokens[pos : pos + n * count], dtype=np.float64).reshape(count, n)
-                    parsed[name] = {p: table[:, i] for i, (p, _) in enumerate(props)}
-                    pos += n * count
-                else:
-                    rows = []
-                    for _ in range(count):
-                        row = {}
-                        for p, t in props:
-                            if isinstance(t, tuple):
-                                k = int(tokens[pos])
-                                row[p] = [float(v) for v in tokens[pos + 1 : pos + 1 + k]]
-                                pos += 1 + k
-                            else:
-                                row[p] = float(tokens[pos])
-                                pos += 1
-                        rows.append(row)
-                    parsed[name] = {p: [r[p] for r in rows] for p, _ in props}
-        else:
-            order = "<" if fmt == "binary_little_endian" else ">"
-            pos = body_start
-            for name, count, props in elements:
-                if all(not isinstance(t, tuple) for _, t in props):
-                    dtype = np.dtype([(p, order + t) for p, t in props])
-                    table = np.frombuffer(data, dtype=dtype, count=count, offset=pos)
-                    pos += dtype.itemsize * count
-                    parsed[name] = {p: table[p] for p, _ in props}
-                else:
-                    parsed[name], pos = _binary_lists(data, pos, count, props, order)
-    except (ValueError, IndexError) as e:
-        raise BopFormatError(f"{path}: truncated or corrupt PLY body ({e})") from e
-    vertex = parsed.get("vertex")
-    if vertex is None or not all(k in vertex for k in "xyz"):
-        raise BopFormatError(f"{path}: PLY has no vertex x/y/z")
-    vertices = np.stack([np.asarray(vertex[k], dtype=np.float64) for k in "xyz"], axis=1)
-    if not np.all(np.isfinite(vertices)):
-        raise BopFormatError(f"{path}: vertices contain NaN or inf")
-    colors = None
-    if all(k in vertex for k in ("red", "green", "blue")):
-        colors = np.stack([np.asarray(vertex[k]) for k in ("red", "green", "blue")], axis=1).astype(np.uint8)
-    faces = np.zeros((0, 3), dtype=np.int64)
-    face = parsed.get("face") or {}
-    polygons = face.get("vertex_indices", face.get("vertex_index"))
-    if polygons is not None and len(polygons):
-        if isinstance(polygons, np.ndarray):  # all of one size
-            polygons = polygons.astype(np.int64)
-            fans = [polygons[:, [0, i, i + 1]] for i in range(1, polygons.shape[1] - 1)]
-        else:  # mixed sizes: triangulate each polygon as a fan
-            fans = [
-                np.array(
-                    [[poly[0], poly[i], poly[i + 1]] for poly in polygons for i in range(1, len(poly) - 1)]
-                )
-            ]
-        faces = np.concatenate(fans).astype(np.int64).reshape(-1, 3)
-        if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
-            raise BopFormatError(f"{path}: face indices out of range")
-    return vertices, faces, colors
-
-
-def sample_surface(vertices, faces, n, seed=0):
-    """`n` points uniformly on the triangle surface (area-weighted), deterministic for `seed`."""
-    rng = np.random.default_rng(seed)
-    tri = vertices[faces]
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    idx = rng.choice(len(faces), size=n, p=area / area.sum())
-    u, v = rng.random((2, n))
-    flip = u + v > 1
-    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-    t = tri[idx]
-    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
-
-
-def load_model_points(root, obj_id, n=None):
-    """Model points in mm, (N,3) float64: the PLY vertices; with `n`, exactly n of them, deterministically
-    (a fixed-seed subset when the model has more vertices, vertices plus surface samples when fewer)."""
-    vertices, faces, _ = read_ply(model_path(root, obj_id))
-    if n is None or n == len(vertices):
-        return vertices
-    rng = np.random.default_rng(0)
-    if n < len(vertices):
-        return vertices[np.sort(rng.choice(len(vertices), size=n, replace=False))]
-    if len(faces):
-        return np.concatenate([vertices, sample_surface(vertices, faces, n - len(vertices))])
-    return vertices[rng.choice(len(vertices), size=n, replace=True)]
+INPUT_MODES = ("crop", "frame")
+BOX_KINDS = ("visib", "obj")
 
 
 # --- scenes -----------------------------------------------------------------------------------------------
@@ -358,44 +147,85 @@ def _check_depth(scene_dir, depth_path, mask_path, rec, depth_scale):
 class BopDataset(torch.utils.data.Dataset):
     """Instances of one object in one split of a BOP dataset; see the module docstring.
 
-    Item: image float32 3xHxW in [0,1], K float32 3x3 (scaled with the resize), R float32 3x3 (model to
-    camera), t float32 (3,) mm, obj_id, scene_id, im_id, gt_id (ints), visib_fract (float, 1.0 when the
-    dataset has no scene_gt_info.json), rgb_path (str).
+    Item: image float32 3xSxS in [0,1] (S = image_size), K float32 3x3 of that image, R float32 3x3 (model
+    to camera), t float32 (3,) mm, K_frame float32 3x3 of the file's frame (R and t are in its camera),
+    window float32 (3,) the crop (cx, cy, side) in frame pixels (the whole frame in frame mode), obj_id,
+    scene_id, im_id, gt_id (ints), visib_fract (float, 1.0 without scene_gt_info.json), rgb_path (str).
 
-    preload=True decodes (and resizes) every image once into one uint8 tensor, so a DataLoader serves
-    items at memory speed; use it when the split fits in RAM (the synthetic one does: 10k x 3 x 64 x 64 =
-    123 MB). min_visib_fract drops heavily occluded instances.
+    `crop=None` resizes whole frames to image_size (K scaled per axis: exact, but a 640x480 frame is
+    squashed). `crop=dict(pad, box, shift, scale, detections, min_score, match_iou)` cuts a square window
+    of pad x the object's box (`box`: scene_gt_info's bbox_visib or bbox_obj, else the projected model)
+    out of the frame (data/crop.py), jittered by shift/scale (CDPN's dynamic zoom-in; 0 = none); with a
+    `detections` file the box is the detection of the object overlapping the true box most (IoU >=
+    match_iou), instances without one are left out and listed in `missed`.
+
+    preload=True decodes every image once into one uint8 tensor (resized frames, or whole frames in crop
+    mode), so a DataLoader serves items at memory speed. min_visib_fract drops heavily occluded instances.
     """
 
     def __init__(
-        self, root, split, obj_id, image_size=None, preload=False, min_visib_fract=0.0, check_depth=True
-    ):
+        self, root, split, obj_id, image_size=None, preload=False, min_visib_fract=0.0, check_depth=True,
+        crop=None,
+    ):  # fmt: skip
         self.root, self.split, self.obj_id = Path(root), split, int(obj_id)
         self.image_size = int(image_size) if image_size else None
+        self.crop = self._check_crop(crop)
         infos = load_models_info(self.root)
         if self.obj_id not in infos:
             raise BopFormatError(
                 f"{self.root / 'models' / 'models_info.json'}: no object {self.obj_id} (has {sorted(infos)})"
             )
         self.diameter = infos[self.obj_id]["diameter"]
-        self.items = []  # (scene_id, im_id, gt_id, path, K, R, t, visib_fract)
+        self._points = None  # model vertices, loaded when a box must be computed from the pose
+        self.detections = None
+        if self.crop and self.crop.get("detections"):
+            self.detections = crops.load_detections(self.crop["detections"], self.crop.get("min_score", 0.0))
+        self.missed = []  # (scene_id, im_id, gt_id) without a matching detection
+        self.items = []  # (scene_id, im_id, gt_id, path, K, R, t, visib_fract, bbox)
         for scene_dir in split_scenes(self.root, split):
             self._add_scene(scene_dir, min_visib_fract, check_depth)
         if not self.items:
             raise BopFormatError(f"{self.root / split}: no instances of obj_id {self.obj_id}")
         self.images = None
+        self.K_frame = torch.as_tensor(np.stack([item[4] for item in self.items]), dtype=torch.float32)
+        self.K = self.K_frame.clone()
         if preload:
             decoded = [self._decode(i) for i in range(len(self.items))]
             if len({tuple(image.shape) for image, _ in decoded}) > 1:
                 raise BopFormatError(f"{self.root / split}: images differ in size; set image_size to preload")
             self.images = torch.stack([image for image, _ in decoded])
-            self.items = [
-                item[:4] + (K,) + item[5:] for item, (_, K) in zip(self.items, decoded, strict=True)
-            ]
+            self.K = torch.as_tensor(np.stack([K for _, K in decoded]), dtype=torch.float32)
         # labels as float32 tensors once, so an item is a few indexing operations
         self.R = torch.as_tensor(np.stack([item[5] for item in self.items]), dtype=torch.float32)
         self.t = torch.as_tensor(np.stack([item[6] for item in self.items]), dtype=torch.float32)
-        self.K = torch.as_tensor(np.stack([item[4] for item in self.items]), dtype=torch.float32)
+
+    def _check_crop(self, crop):
+        if not crop:
+            return None
+        crop = dict(crop)
+        if not self.image_size:
+            raise ValueError("BopDataset: crop mode needs image_size (the side of the square crops)")
+        if crop.get("box", "visib") not in BOX_KINDS:
+            raise ValueError(f"data.crop.box={crop.get('box')!r}: expected one of {BOX_KINDS}")
+        if not float(crop.get("pad", 1.5)) > 0:
+            raise ValueError(f"data.crop.pad={crop.get('pad')!r}: expected a number > 0 (window / box side)")
+        for name in ("shift", "scale"):
+            if not 0 <= float(crop.get(name) or 0) < 1:
+                raise ValueError(f"data.crop.jitter.{name}={crop.get(name)!r}: expected 0 <= value < 1")
+        return crop
+
+    def _box(self, info, rec, K):
+        """The instance's box [x, y, w, h] for cropping: scene_gt_info's, else the projected model's."""
+        name = f"bbox_{self.crop.get('box', 'visib')}"
+        if info is not None and name in info:
+            return np.asarray(info[name], dtype=np.float64)
+        if self._points is None:
+            self._points = load_model_points(self.root, self.obj_id)
+        cam = self._points @ rec["R"].T + rec["t"]
+        uv = cam @ K.T
+        uv = uv[:, :2] / uv[:, 2:3]
+        low, high = np.floor(uv.min(0) + 0.5), np.floor(uv.max(0) + 0.5)
+        return np.array([low[0], low[1], high[0] - low[0] + 1, high[1] - low[1] + 1])
 
     def _add_scene(self, scene_dir, min_visib_fract, check_depth):
         scene_id = int(scene_dir.name)
@@ -424,19 +254,35 @@ class BopDataset(torch.utils.data.Dataset):
             if depth_path.exists() and mask_path.exists():
                 _check_depth(scene_dir, depth_path, mask_path, rec, scene_camera[im_id]["depth_scale"])
         for im_id, gt_id, rec in ours:
-            visib = float(scene_info[im_id][gt_id].get("visib_fract", 1.0)) if scene_info is not None else 1.0
+            info = scene_info[im_id][gt_id] if scene_info is not None else None
+            visib = float(info.get("visib_fract", 1.0)) if info is not None else 1.0
             K = scene_camera[im_id]["K"]
-            self.items.append((scene_id, im_id, gt_id, str(files[im_id]), K, rec["R"], rec["t"], visib))
+            bbox = None
+            if self.crop:
+                bbox = self._box(info, rec, K)
+                if bbox[2] <= 0 or bbox[3] <= 0:  # not in view (BOP writes [-1, -1, 0, 0])
+                    continue
+                if self.detections is not None:
+                    candidates = self.detections.get((scene_id, im_id, self.obj_id), [])
+                    bbox = crops.match_detection(candidates, bbox, float(self.crop.get("match_iou", 0.0)))
+                    if bbox is None:
+                        self.missed.append((scene_id, im_id, gt_id))
+                        continue
+            item = (scene_id, im_id, gt_id, str(files[im_id]), K, rec["R"], rec["t"], visib, bbox)
+            self.items.append(item)
 
-    def _decode(self, index):
-        """(uint8 3xHxW image, K) for item `index`, resized when image_size is set."""
-        path, K = self.items[index][3], self.items[index][4]
+    def _read(self, index):
+        path = self.items[index][3]
         try:
             with Image.open(path) as im:
-                image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
         except OSError as e:
             raise BopFormatError(f"{path}: unreadable image ({e})") from e
-        return self._resize(image, K)
+
+    def _decode(self, index):
+        """(uint8 3xHxW image, its K): the frame resized to image_size, or the whole frame in crop mode."""
+        image, K = self._read(index), self.items[index][4]
+        return (image, K.copy()) if self.crop else self._resize(image, K)
 
     def _resize(self, image, K):
         K = K.copy()
@@ -450,21 +296,41 @@ class BopDataset(torch.utils.data.Dataset):
             K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
         return image, K
 
+    def window(self, index):
+        """The crop window (cx, cy, side) of item `index`: jittered anew on every call when jitter is on."""
+        bbox, c = self.items[index][8], self.crop
+        if c.get("shift") or c.get("scale"):
+            return crops.jitter_window(bbox, float(c.get("pad", 1.5)), float(c.get("shift") or 0),
+                                       float(c.get("scale") or 0))  # fmt: skip
+        return crops.box_window(bbox, float(c.get("pad", 1.5)))
+
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, index):
-        scene_id, im_id, gt_id, path, _, _, _, visib = self.items[index]
+        scene_id, im_id, gt_id, path, _, _, _, visib, _ = self.items[index]
         if self.images is not None:
             image, K = self.images[index], self.K[index]  # K was scaled when preloading
         else:
             image, K = self._decode(index)
             K = torch.as_tensor(K, dtype=torch.float32)
+        K_frame = self.K_frame[index]
+        if self.crop:
+            window = self.window(index)
+            image = crops.crop_image(image, window, self.image_size).div_(255.0)
+            K = crops.crop_intrinsics(K_frame.double(), window, self.image_size).float()
+            window = torch.tensor(window, dtype=torch.float32)
+        else:
+            h, w = self.images.shape[-2:] if self.images is not None else image.shape[-2:]
+            image = image.float().div_(255.0)
+            window = torch.tensor([(w - 1) / 2, (h - 1) / 2, max(w, h)], dtype=torch.float32)
         return {
-            "image": image.float().div_(255.0),
+            "image": image,
             "K": K.clone(),
             "R": self.R[index].clone(),
             "t": self.t[index].clone(),
+            "K_frame": K_frame.clone(),
+            "window": window,
             "obj_id": self.obj_id,
             "scene_id": scene_id,
             "im_id": im_id,
@@ -472,3 +338,30 @@ class BopDataset(torch.utils.data.Dataset):
             "visib_fract": visib,
             "rgb_path": path,
         }
+
+
+def dataset_from_config(data, split, role="train", trained=None):
+    """The BopDataset of `split` as `data` (cfg.data) configures it, for `role` train (jittered crops),
+    val (plain crops) or test (plain crops, or the boxes of data.crop.detections). `trained` (the data
+    config a checkpoint was trained with) fixes the input: image_size, data.input and the crop's pad."""
+    net = trained if trained is not None else data
+    mode = net.get("input", "frame")
+    if mode not in INPUT_MODES:
+        raise ValueError(f"data.input={mode!r}: expected one of {INPUT_MODES}")
+    crop = None
+    if mode == "crop":
+        c, c_net = data.get("crop") or {}, net.get("crop") or {}
+        jitter = (c.get("jitter") or {}) if role == "train" else {}
+        crop = {
+            "pad": float(c_net.get("pad", 1.5)),
+            "box": c.get("box", "visib"),
+            "shift": float(jitter.get("shift", 0.0)),
+            "scale": float(jitter.get("scale", 0.0)),
+            "detections": c.get("detections") if role == "test" else None,
+            "min_score": float(c.get("min_score", 0.0)),
+            "match_iou": float(c.get("match_iou", 0.0)),
+        }
+    return BopDataset(
+        data.root, split, data.obj_id, image_size=net.get("image_size"), preload=data.get("preload", False),
+        min_visib_fract=data.get("min_visib_fract", 0.0), crop=crop,
+    )  # fmt: skip

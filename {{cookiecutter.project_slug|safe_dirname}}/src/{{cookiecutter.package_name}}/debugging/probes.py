@@ -1,504 +1,29 @@
-"""Failure-mode probes: one function per diagnostic of the talk's "Failure Modes in Deep Learning" table.
+"""Failure-mode probes: the data and model checks of the talk's "Failure Modes in Deep Learning" table,
+one function per diagnostic, usable on any PyTorch model and data (a `runs.Task`):
 
-Every probe works on any PyTorch model and data:
-
-    task = Task(model_factory=lambda: MyNet(), criterion=lambda out, batch: F.mse_loss(out, batch[1]),
-                train_items=take_items(train_loader, 256), val_items=take_items(val_loader, 128))
-    run = train(task)                                   # short training: loss curves, per-sample val losses
-    control = train(task, items=zero_inputs)            # Karpathy's input-independent baseline
-    compare(run.val_losses, control.val_losses)         # did the model learn anything from its input?
-    lr_range_test(task)                                 # LR range test (Smith 2017) with a suggestion
+    order_test(task, loader)                            # are targets presented in blocks?
+    duplicates({"train": items, "val": items})          # validation inputs copied from training
+    shortcut_probe(task)                                # does one input value predict a target?
     batch_dependency(task.model_factory(), batch)       # does output i depend on input j != i (eval mode)?
+    overfit_subset(task)                                # can it memorize 8 samples (Karpathy)?
+    lr_range_test(task)                                 # LR range test (Smith 2017) with a suggestion
 
-Conventions: an *item* is one sample as a dataset returns it: a tuple/list `(input, target, ...)` or a
-dict (`input_key` names the input, default "image"). `criterion(out, batch)` returns a scalar loss or
-`(loss, parts)`. `optimizer_factory(model, lr)` returns an optimizer. Items are kept in memory: probes train
-on a few hundred samples, which is the point of a cheap diagnosis.
-
-Statistics are written with numpy on purpose (no scipy dependency): paired sign-flip permutation tests,
-permutation tests for trends, percentile bootstrap CIs and the Wald-Wolfowitz runs test (normal approx.).
+The training probes (overfit test, LR range test) step through the project's training step
+(`training.train_step`), like every run of the doctor (`runs.train`).
 """
 
 import copy
-import dataclasses
 import hashlib
 import math
-import time
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
+from .. import training
 from ..batches import collate, to_device
-
-# --- items and batches ---------------------------------------------------------------------------------------
-
-
-def batch_size_of(batch, input_key="image"):
-    return len(get_input(batch, input_key))
-
-
-def get_input(batch, input_key="image"):
-    if isinstance(batch, dict):
-        if input_key not in batch:
-            raise KeyError(f"probes: batch has no input key '{input_key}' (keys: {sorted(batch)})")
-        return batch[input_key]
-    return batch[0]
-
-
-def set_input(batch, x, input_key="image"):
-    """A copy of `batch` (or item) with its input replaced by `x`."""
-    if isinstance(batch, dict):
-        return {**batch, input_key: x}
-    return type(batch)([x, *batch[1:]]) if isinstance(batch, list) else (x, *batch[1:])
-
-
-def default_target(batch):
-    """Target of a (input, target) batch, or of a dict batch with a "target" key, as [B, k] floats."""
-    if isinstance(batch, dict):
-        if "target" not in batch:
-            raise KeyError("probes: dict batches need a target_fn (no 'target' key)")
-        y = batch["target"]
-    else:
-        y = batch[1]
-    y = torch.as_tensor(y).float()
-    return y.reshape(len(y), -1)
-
-
-def _slice(obj, i, n):
-    if torch.is_tensor(obj) and obj.ndim > 0 and len(obj) == n:
-        return obj[i]
-    if isinstance(obj, np.ndarray) and obj.ndim > 0 and len(obj) == n:
-        return obj[i]
-    if isinstance(obj, dict):
-        return {k: _slice(v, i, n) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        if len(obj) == n and not isinstance(obj, tuple):  # a collated list of strings / numbers
-            return obj[i]
-        return type(obj)(_slice(v, i, n) for v in obj)
-    return obj
-
-
-def unbatch(batch, input_key="image"):
-    n = batch_size_of(batch, input_key)
-    return [_slice(batch, i, n) for i in range(n)]
-
-
-def take_items(source, n=None, input_key="image"):
-    """The first `n` samples of a DataLoader (in the order it yields them) or of a Dataset, as items."""
-    items = []
-    if isinstance(source, DataLoader):
-        for batch in source:
-            items.extend(unbatch(batch, input_key))
-            if n is not None and len(items) >= n:
-                break
-    else:
-        count = len(source) if n is None else min(n, len(source))
-        items = [source[i] for i in range(count)]
-    return items[:n] if n is not None else items
-
-
-def zero_inputs(items, input_key="image"):
-    """Karpathy's input-independent baseline: every input set to zero, targets untouched."""
-    return [set_input(it, torch.zeros_like(get_input(it, input_key)), input_key) for it in items]
-
-
-def permute_inputs(items, seed=0, input_key="image"):
-    """The shuffled-target control: item i keeps its target but gets the input of item perm[i], so targets
-    are independent of inputs while both marginals are unchanged."""
-    perm = np.random.default_rng(seed).permutation(len(items))
-    return [
-        set_input(it, get_input(items[j], input_key), input_key) for it, j in zip(items, perm, strict=True)
-    ]
-
-
-def loss_value(result):
-    return result[0] if isinstance(result, tuple | list) else result
-
-
-def adam_factory(model, lr):
-    return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-@dataclasses.dataclass
-class Task:
-    """What the probes need to train and evaluate a model; nothing here is specific to a domain."""
-
-    model_factory: object  # () -> nn.Module, a fresh model each call
-    criterion: object  # (out, batch) -> loss | (loss, parts), mean over the batch
-    train_items: list
-    val_items: list
-    optimizer_factory: object = adam_factory  # (model, lr) -> torch.optim.Optimizer
-    lr: float = 1e-3
-    batch_size: int = 32
-    shuffle: bool = True
-    epochs: int = 5
-    max_steps: int | None = None  # whole epochs are cut so that a run takes at most this many steps
-    grad_clip: float | None = None
-    input_key: str = "image"
-    target_fn: object = default_target  # batch -> [B, k] float targets (order and shortcut probes)
-    device: str = "cpu"
-    seed: int = 0
-
-    def forward(self, model, batch):
-        return model(get_input(batch, self.input_key))
-
-    def loader(self, items, batch_size=None, shuffle=None, seed=None):
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
-        return DataLoader(
-            items,
-            batch_size=batch_size or self.batch_size,
-            shuffle=self.shuffle if shuffle is None else shuffle,
-            collate_fn=collate,
-            generator=generator,
-            drop_last=False,
-        )
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-
-@torch.no_grad()
-def per_sample_losses(task, model, items, batch_size=64, parts=None):
-    """Eval-mode loss of every item (the criterion applied to one-sample slices of a batched forward).
-
-    With a dict `parts`, the criterion's scalar parts (when it returns `(loss, parts)`) are appended to
-    parts[name], one value per item: the probes treat every part as lower-is-better (errors, loss terms).
-    """
-    model.eval()
-    losses = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = to_device(collate(chunk), task.device)
-        out = task.forward(model, batch)
-        n = len(chunk)
-        for i in range(n):
-            one = _slice(out, slice(i, i + 1), n)
-            result = task.criterion(one, _slice(batch, slice(i, i + 1), n))
-            losses.append(float(loss_value(result)))
-            if parts is not None and isinstance(result, tuple | list) and len(result) > 1:
-                for name, value in dict(result[1]).items():
-                    if name != "loss" and (not torch.is_tensor(value) or value.numel() == 1):
-                        parts.setdefault(name, []).append(float(value))
-    return np.asarray(losses, dtype=np.float64)
-
-
-# --- statistics ----------------------------------------------------------------------------------------------
-
-
-def paired_test(a, b, n_perm=10000, seed=0):
-    """One-sided paired sign-flip permutation test of mean(a - b) > 0 (a worse than b, for losses).
-
-    Returns (p_value, relative difference mean(a - b) / mean(a)). Exact under the null that each pair's
-    difference is symmetric around 0; no normality assumption, which per-sample losses never satisfy.
-    """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    d = a - b
-    if not np.all(np.isfinite(d)):
-        finite = np.isfinite(d)
-        if not finite.any():
-            return (
-                0.0 if np.nan_to_num(a.mean(), nan=np.inf) > np.nan_to_num(b.mean(), nan=np.inf) else 1.0
-            ), 1.0
-        d = d[finite]
-        a = a[finite]
-    observed = d.mean()
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(d)))
-    null = (signs * np.abs(d)).mean(axis=1)
-    p = (1 + np.sum(null >= observed - 1e-12)) / (n_perm + 1)
-    scale = abs(a.mean()) if a.mean() != 0 else 1.0
-    return float(p), float(observed / scale)
-
-
-def trend_test(values, n_perm=10000, seed=0):
-    """One-sided permutation test for a downward trend: (slope per step, p-value that it is < 0 by chance)."""
-    y = np.asarray(values, np.float64)
-    y = y[np.isfinite(y)]
-    if len(y) < 3:
-        return 0.0, 1.0
-    x = np.arange(len(y), dtype=np.float64)
-    x -= x.mean()
-    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
-    rng = np.random.default_rng(seed)
-    null = np.array([(x * rng.permutation(y)).sum() for _ in range(n_perm)]) / (x * x).sum()
-    p = (1 + np.sum(null <= slope)) / (n_perm + 1)
-    return slope, float(p)
-
-
-def bootstrap_ci(values, n_boot=2000, level=0.95, seed=0):
-    """Percentile bootstrap CI of the mean: (mean, low, high)."""
-    v = np.asarray(values, np.float64)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(v.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-def runs_test(sequence):
-    """Wald-Wolfowitz runs test above/below the median: (z, two-sided p). Too few runs (z << 0) means the
-    sequence comes in blocks, e.g. sorted data."""
-    s = np.asarray(sequence, np.float64)
-    m = np.median(s)
-    above = s[s != m] > m  # continuous values: the ties at the median carry no side
-    if above.all() or not above.any():
-        # a discrete target (a class indicator) is mostly ties: split at the median instead of dropping them
-        above = s > m if (s > m).any() else s >= m
-    s = above
-    n1, n2 = int(s.sum()), int((~s).sum())
-    if n1 == 0 or n2 == 0:
-        return -math.inf, 0.0
-    runs = 1 + int(np.sum(s[1:] != s[:-1]))
-    mu = 2 * n1 * n2 / (n1 + n2) + 1
-    var = 2 * n1 * n2 * (2 * n1 * n2 - n1 - n2) / ((n1 + n2) ** 2 * (n1 + n2 - 1))
-    z = (runs - mu) / math.sqrt(var) if var > 0 else 0.0
-    return float(z), float(math.erfc(abs(z) / math.sqrt(2)))
-
-
-# --- training ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Run:
-    """A probe's training run: curves and the final per-sample validation losses."""
-
-    step_losses: list
-    epoch_step_losses: list  # one list of step losses per epoch
-    val_curve: list  # mean val loss after each epoch (eval mode)
-    val_losses: np.ndarray  # per-sample val losses at the end
-    val_losses_per_epoch: list
-    val_parts: dict  # criterion part name -> per-sample values at the end
-    forgetting: list  # per epoch: (losses on the epoch's first quarter right after it, the same at epoch end)
-    diverged: bool
-    seconds: float
-    model: nn.Module = None
-
-    @property
-    def val_loss(self):
-        return float(np.mean(self.val_losses)) if len(self.val_losses) else math.inf
-
-    def summary(self):
-        return {
-            "val_loss": self.val_loss,
-            "val_curve": [float(v) for v in self.val_curve],
-            "train_loss_first_epoch": float(np.mean(self.epoch_step_losses[0]))
-            if self.epoch_step_losses
-            else None,
-            "train_loss_last_epoch": float(np.mean(self.epoch_step_losses[-1]))
-            if self.epoch_step_losses
-            else None,
-            "diverged": self.diverged,
-            "seconds": round(self.seconds, 2),
-        }
-
-
-def train(
-    task,
-    *,
-    items=None,
-    val_items=None,
-    epochs=None,
-    lr=None,
-    batch_size=None,
-    shuffle=None,
-    model_factory=None,
-    optimizer_factory=None,
-    seed=None,
-    track_forgetting=True,
-):
-    """Train a fresh model from `task` with a constant learning rate; every knob can be overridden.
-
-    `items` (a list, or a function items -> items such as `zero_inputs`) replaces the training items;
-    the same function is applied to the validation items, so a control is evaluated like it was trained.
-    """
-    start = time.perf_counter()
-    seed = task.seed if seed is None else seed
-    train_items = task.train_items
-    val_items = task.val_items if val_items is None else val_items
-    if callable(items):
-        train_items, val_items = items(train_items), items(val_items)
-    elif items is not None:
-        train_items = items
-    torch.manual_seed(seed)
-    model = (model_factory or task.model_factory)().to(task.device)
-    lr = task.lr if lr is None else lr
-    optimizer = (optimizer_factory or task.optimizer_factory)(model, lr)
-    loader = task.loader(train_items, batch_size, shuffle, seed)
-    epochs = task.epochs if epochs is None else epochs
-    if task.max_steps:
-        epochs = max(1, min(epochs, task.max_steps // max(1, len(loader))))
-    steps, per_epoch, val_curve, val_per_epoch, forgetting = [], [], [], [], []
-    diverged = False
-    for _epoch in range(epochs):
-        model.train()
-        epoch_losses, seen, quarter = [], [], None
-        n_batches = len(loader)
-        for b, batch in enumerate(loader):
-            batch = to_device(batch, task.device)
-            loss = loss_value(task.criterion(task.forward(model, batch), batch))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                diverged = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if task.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
-            optimizer.step()
-            epoch_losses.append(value)
-            if track_forgetting and n_batches >= 4:
-                if b < n_batches // 4:
-                    seen.extend(unbatch(to_device(batch, "cpu"), task.input_key))
-                if b == n_batches // 4 - 1:
-                    quarter = per_sample_losses(task, model, seen)
-                    model.train()
-        steps.extend(epoch_losses)
-        per_epoch.append(epoch_losses)
-        if diverged:
-            break
-        if quarter is not None:
-            forgetting.append((quarter, per_sample_losses(task, model, seen)))
-        val_parts = {}
-        losses = per_sample_losses(task, model, val_items, parts=val_parts)
-        val_per_epoch.append(losses)
-        val_curve.append(float(np.mean(losses)))
-        if not np.all(np.isfinite(losses)):
-            diverged = True
-            break
-    if val_per_epoch and not diverged:
-        final, parts = val_per_epoch[-1], {k: np.asarray(v) for k, v in val_parts.items()}
-    else:
-        final, parts = np.full(len(val_items), np.inf), {}
-    return Run(
-        steps,
-        per_epoch,
-        val_curve,
-        final,
-        val_per_epoch,
-        parts,
-        forgetting,
-        diverged,
-        time.perf_counter() - start,
-        model,
-    )
-
-
-# --- symptom measures ----------------------------------------------------------------------------------------
-
-
-def compare_runs(worse, better, alpha=0.01, min_gain=0.05, parts=True):
-    """Is `better` better than `worse` on held-out data, by the total loss or by any criterion part?
-
-    Each metric (the loss, then each part the criterion reports, e.g. the loss's named terms) gets
-    a paired one-sided permutation test; Bonferroni over the metrics keeps the family-wise error at `alpha`.
-    A metric counts when significant AND at least `min_gain` relative better (significant but tiny gains are
-    not "better"). Returns the best metric's name, p-value and gain, and `better`: True/False.
-    A total loss that got significantly worse vetoes a part's gain. `parts=False` compares the loss only.
-    """
-    if better.diverged:
-        return {"better": False, "metric": "loss", "p_value": 1.0, "gain": -1.0, "metrics": {}}
-    if worse.diverged:
-        return {"better": True, "metric": "loss", "p_value": 0.0, "gain": 1.0, "metrics": {}}
-    metrics = {"loss": (worse.val_losses, better.val_losses)}
-    for name, values in better.val_parts.items() if parts else ():
-        if name in worse.val_parts and len(values) == len(worse.val_parts[name]):
-            metrics[name] = (worse.val_parts[name], values)
-    level = alpha / len(metrics)
-    results = {name: paired_test(a, b) for name, (a, b) in metrics.items()}
-    total_worse = paired_test(better.val_losses, worse.val_losses)
-    veto = total_worse[0] < alpha and total_worse[1] > min_gain
-    hits = {k: v for k, v in results.items() if v[0] < level and v[1] >= min_gain}
-    name = max(hits, key=lambda k: hits[k][1]) if hits and not veto else "loss"
-    p, gain = results[name]
-    return {
-        "better": bool(hits) and not veto,
-        "metric": name,
-        "p_value": p,
-        "gain": gain,
-        "metrics": {k: {"p_value": v[0], "gain": v[1]} for k, v in results.items()},
-    }
-
-
-def learning_vs_control(run, control, alpha=0.01, min_gain=0.05):
-    """Does the model beat a control (input-independent or shuffled-target) on held-out data?
-
-    learned = compare_runs finds the model better than the control at `alpha` by at least `min_gain`
-    relative, on the loss or on one of the criterion's parts.
-    """
-    r = compare_runs(control, run, alpha, min_gain)
-    return {
-        "learned": r["better"],
-        "metric": r["metric"],
-        "p_value": r["p_value"],
-        "gain_vs_control": r["gain"],
-        "val_loss": run.val_loss,
-        "control_val_loss": control.val_loss,
-        "metrics": r["metrics"],
-    }
-
-
-def bounce_statistics(run, alpha=0.01):
-    """Loss bounces: epochs whose mean training loss is significantly ABOVE the best earlier epoch.
-
-    Welch's z on the per-step losses of the two epochs; with a sane learning rate the epoch-mean training
-    loss never rises significantly (overfitting raises the validation loss, not the training loss).
-    Divergence (non-finite loss) counts as a bounce.
-    """
-    z_crit = _z_quantile(1 - alpha)
-    rises, worst = 0, 0.0
-    best_mean, best = math.inf, None
-    for losses in run.epoch_step_losses:
-        x = np.asarray(losses, np.float64)
-        if len(x) < 2:
-            continue
-        if best is not None:
-            se = math.sqrt(x.var(ddof=1) / len(x) + best.var(ddof=1) / len(best))
-            z = (x.mean() - best.mean()) / se if se > 0 else 0.0
-            worst = max(worst, z)
-            rises += z > z_crit
-        if x.mean() < best_mean:
-            best_mean, best = x.mean(), x
-    val_rises = 0
-    for i in range(1, len(run.val_losses_per_epoch)):
-        prev = min(range(i), key=lambda j: run.val_curve[j])
-        p, rel = paired_test(run.val_losses_per_epoch[i], run.val_losses_per_epoch[prev])
-        # a rise of the val loss that is later undone: bouncing, not overfitting
-        undone = i + 1 < len(run.val_curve) and min(run.val_curve[i + 1 :]) < run.val_curve[prev]
-        val_rises += p < alpha and rel > 0 and undone
-    return {
-        "train_rises": int(rises),
-        "max_rise_z": float(worst),
-        "val_rises_undone": int(val_rises),
-        "diverged": run.diverged,
-    }
-
-
-def forgetting_statistics(run):
-    """Catastrophic forgetting within an epoch: loss on the epoch's first quarter at the end of the epoch
-    divided by the same loss right after training on it (median over epochs 2+; epoch 1 is still learning
-    everything). Shuffled data: ~1 or below; data presented in blocks: the model tracks the current block
-    and the ratio climbs well above 1."""
-    ratios, ps = [], []
-    for after, end in run.forgetting[1:]:
-        if np.mean(after) > 0:
-            ratios.append(float(np.mean(end) / np.mean(after)))
-            ps.append(paired_test(end, after)[0])
-    if not ratios:
-        return {"ratio": None, "p_value": None}
-    return {"ratio": float(np.median(ratios)), "p_value": float(np.median(ps))}
-
-
-def _z_quantile(q):
-    # inverse normal CDF by bisection on erfc (no scipy)
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 0.5 * math.erfc(-mid / math.sqrt(2)) < q:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
+from .runs import get_input, grad_scaler, loss_value, per_sample_losses, set_input
+from .stats import bootstrap_ci, runs_test
 
 # --- cause probes: data --------------------------------------------------------------------------------------
 
@@ -729,6 +254,13 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
     return {"loss_at_init": float(loss.detach()), "layers": rows}
 
 
+def _step(task, model, batch, optimizer, scaler):
+    """The project's training step (looked up at call time, so what breaks it breaks the probes)."""
+    return training.train_step(
+        model, batch, task.criterion, optimizer, input_key=task.input_key, amp=task.amp, scaler=scaler
+    )
+
+
 def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9):
     """Karpathy's "overfit one batch": train on `n` fixed samples for `steps` steps (no shuffling).
 
@@ -739,18 +271,14 @@ def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9):
     torch.manual_seed(task.seed)
     model = task.model_factory().to(task.device)
     optimizer = task.optimizer_factory(model, task.lr if lr is None else lr)
-    batch = to_device(collate(items), task.device)
-    losses = []
+    batch = to_device(collate(items), task.device, task.memory_format, task.input_key)
+    losses, scaler = [], grad_scaler(task)
     model.train()
     for _ in range(steps):
-        loss = loss_value(task.criterion(task.forward(model, batch), batch))
-        value = float(loss.detach())
+        value, _ = _step(task, model, batch, optimizer, scaler)
         losses.append(value)
         if not math.isfinite(value):
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
     final = float(np.mean(per_sample_losses(task, model, items)))
     initial = losses[0]
     drop = 1 - final / initial if initial > 0 and math.isfinite(final) else 0.0
@@ -782,7 +310,7 @@ def lr_range_test(
     loader = task.loader(task.train_items, batch_size, True, seed)
     factor = (lr_max / lr_min) ** (1 / (steps - 1))
     lrs, smoothed, avg, best = [], [], 0.0, math.inf
-    it = iter(loader)
+    it, scaler = iter(loader), grad_scaler(task)
     model.train()
     for step in range(steps):
         lr = lr_min * factor**step
@@ -793,9 +321,8 @@ def lr_range_test(
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        batch = to_device(batch, task.device)
-        loss = loss_value(task.criterion(task.forward(model, batch), batch))
-        value = float(loss.detach())
+        batch = to_device(batch, task.device, task.memory_format, task.input_key)
+        value, _ = _step(task, model, batch, optimizer, scaler)  # the loss before this step's update
         if not math.isfinite(value):
             break
         avg = beta * avg + (1 - beta) * value
@@ -805,9 +332,6 @@ def lr_range_test(
         best = min(best, s)
         if s > diverge_factor * best and step > 5:
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
     if not smoothed:
         return {"lr_valley": lr_min, "suggestion": lr_min, "lrs": [], "losses": [], "diverged_at": lr_min}
     i = int(np.argmin(smoothed))
@@ -826,7 +350,7 @@ def gradient_noise_scale(task, model=None, small=None, big=None, repeats=8, seed
     batch sizes: E|g_B|^2 = |G|^2 + tr(Sigma)/B. Training at B << B_simple is noise-dominated: each step's
     gradient is mostly noise. Returns B_simple and the signal-to-noise ratio at the configured batch size.
     """
-    small = small or task.batch_size
+    small = min(small or task.batch_size, len(task.train_items))  # fewer items than a batch: one batch
     big = big or min(len(task.train_items), max(4 * small, 64))
     model = model or task.model_factory().to(task.device)
     model.train()

@@ -184,7 +184,7 @@ def run_benchmark(cfg, overrides=()):
     if not checkpoint.is_file():
         raise FileNotFoundError(f"deployment.checkpoint {checkpoint} does not exist (run: make train)")
     estimator, train_cfg = load_model(checkpoint)
-    images, K = test_batch(cfg, train_cfg.data.image_size, max(int(b.batch), 1))
+    images, K = test_batch(cfg, train_cfg, max(int(b.batch), 1))
     threads = int(d.intra_op_threads)
     session_options = {"graph_optimization": d.graph_optimization, "allow_spinning": d.allow_spinning}
     runtimes = compare_runtimes(

@@ -35,7 +35,6 @@ import hydra
 import numpy as np
 import onnx
 import torch
-from hydra.core.hydra_config import HydraConfig
 
 from .. import tracking
 from ..checkpoints import load_model
@@ -55,6 +54,8 @@ METADATA_KEYS = (
     "value_range",
     "normalization",
     "intrinsics",
+    "input_mode",
+    "crop_pad",
     "rotation_representation",
     "rotation_output",
     "translation_mode",
@@ -153,6 +154,8 @@ def build_metadata(
     checkpoint,
     opset,
     normalization=NORMALIZED_IN_GRAPH,
+    input_mode="frame",
+    crop_pad=1.5,
 ):
     height, width = input_size
     checkpoint = Path(checkpoint)
@@ -168,6 +171,13 @@ def build_metadata(
             "pixel centres at integer coordinates; resizing an image by (sx, sy) maps fx -> fx*sx, "
             "cx -> (cx+0.5)*sx-0.5 (likewise fy, cy with sy)"
         ),
+        "input_mode": (
+            "crop: the model sees a square window of crop_pad x the object's box [x, y, w, h], centred on it, "
+            "resized to the input (data/crop.py; the service crops when sent a box)"
+            if input_mode == "crop"
+            else "frame: the model sees the whole image resized to the input"
+        ),
+        "crop_pad": crop_pad,
         "rotation_representation": rotation,
         "rotation_output": "R [batch,3,3] rotation matrix, model frame -> OpenCV camera frame (BOP cam_R_m2c)",
         "translation_mode": translation,
@@ -183,11 +193,12 @@ def build_metadata(
     }
 
 
-def test_batch(cfg, image_size, n):
-    """The first n test images of the configured BOP dataset, resized to the model input, with their K."""
-    from ..data.bop import BopDataset
+def test_batch(cfg, train_cfg, n):
+    """The first n test inputs of the configured BOP dataset as the model was trained on them (crops or
+    resized frames, train_cfg.data), with their K."""
+    from ..data.bop import dataset_from_config
 
-    dataset = BopDataset(cfg.data.root, cfg.data.splits.test, cfg.data.obj_id, image_size=image_size)
+    dataset = dataset_from_config(cfg.data, cfg.data.splits.test, "test", trained=train_cfg.data)
     items = [dataset[i] for i in range(min(int(n), len(dataset)))]
     return torch.stack([it["image"] for it in items]), torch.stack([it["K"] for it in items])
 
@@ -201,20 +212,19 @@ def run_export(cfg):
     estimator = estimator.eval().cpu()
     size = train_cfg.data.image_size
     input_size = (int(size), int(size))
-    experiment = "unknown"
-    if HydraConfig.initialized():
-        experiment = HydraConfig.get().runtime.choices.get("experiment") or "default"
     metadata = build_metadata(
         input_size,
         losses.rotation_of(train_cfg.loss),
         train_cfg.loss.translation,
-        experiment,
+        tracking.experiment_name(cfg),
         train_cfg.data.obj_id,
         checkpoint,
         d.opset,
         NORMALIZED_IN_GRAPH if getattr(estimator.net, "normalize_input", True) else NOT_NORMALIZED,
+        input_mode=train_cfg.data.get("input", "frame"),
+        crop_pad=float((train_cfg.data.get("crop") or {}).get("pad", 1.5)),
     )
-    images, K = test_batch(cfg, size, max(int(d.parity.n_images), 1))
+    images, K = test_batch(cfg, train_cfg, max(int(d.parity.n_images), 1))
     torch.set_num_threads(int(d.intra_op_threads))
     onnx_path = Path(d.onnx)
     out_dir = Path(cfg.paths.deployment)

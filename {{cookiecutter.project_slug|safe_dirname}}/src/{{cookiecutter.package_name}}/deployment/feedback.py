@@ -3,7 +3,8 @@
 The service appends one JSON line per prediction to `5_deployment/service_log.jsonl`:
 
     {"type": "prediction", "id": "<32 hex>", "timestamp": "<ISO 8601 UTC>", "image_sha256": "...",
-     "image_size": [w, h], "K": {"fx":..,"fy":..,"cx":..,"cy":..}, "R": [[3x3]], "t_mm": [3],
+     "image_size": [w, h], "K": {"fx":..,"fy":..,"cx":..,"cy":..}, "box": [x, y, w, h] or null,
+     "R": [[3x3]], "t_mm": [3],
      "score": float, "latency_ms": float, "model_sha256": "..."}
 
 A wrong prediction is flagged by appending a feedback record to the same file (append-only, the

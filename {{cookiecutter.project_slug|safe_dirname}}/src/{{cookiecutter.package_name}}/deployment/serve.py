@@ -2,15 +2,20 @@
 
     python -m <package>.deployment.serve                      # 127.0.0.1:8000 (deployment.host/port)
     curl -F image=@rgb.png -F fx=572.4 -F fy=573.6 -F cx=325.3 -F cy=242.0 http://127.0.0.1:8000/predict
+    curl ... -F box_x=300 -F box_y=200 -F box_w=80 -F box_h=64 http://127.0.0.1:8000/predict   # a full frame
 
 Endpoints:
 - `POST /predict` (multipart/form-data): `image` (PNG or JPEG file) and `fx`, `fy`, `cx`, `cy`, the
   OpenCV pinhole intrinsics of the image *as sent*, in its pixels. Answers `id`, `R` (3x3, model to
   camera), `t_mm` (3), `score`, `latency_ms`, `model_input` (the size and K the model saw).
+  With a box (`box_x`, `box_y`, `box_w`, `box_h`: the object's box [x, y, w, h] in pixels of the sent
+  image, e.g. from a detector), the image is a full frame of any size and aspect: the service cuts the
+  zoomed-in square crop around the box that training cut (data/crop.py, `crop_pad` from the model's
+  metadata) and the pose is in the sent frame's camera.
 - `GET /health`: status and the model's metadata (everything inference needs travels in model.onnx).
 - `POST /feedback/{id}` (JSON `{"reason": "..."}`, optional): flag a prediction as wrong.
 
-Images of another size are resized to the model input size (PIL bilinear, antialiased like the
+Without a box, images of another size are resized to the model input size (PIL bilinear, antialiased like the
 training loader's torchvision resize) and K is scaled with them the way BopDataset does (pixel
 centres at integer coordinates): fx *= sx, cx = (cx + 0.5) * sx - 0.5, likewise fy, cy with sy. The aspect ratio must match the model's within
 `deployment.aspect_tolerance` (relative); otherwise the request is rejected with 422 rather than
@@ -27,13 +32,13 @@ with source "service", `flagged: true` in the answer), so the caller can re-capt
 Bad input is a 4xx naming what is wrong, and the server stays up: the body size is capped before
 anything is parsed (413), non-image/truncated/oversized-in-pixels images are 400/413, other part
 content types 415, missing or invalid intrinsics 422 (a focal length outside `FOCAL_FACTOR` times the
-image side either way, a principal point outside the image), several `image` parts 422. Every answered prediction is appended to the
+image side either way, a principal point outside the image), several `image` parts 422, a box given in
+part, not finite, empty or outside the image 422. Every answered prediction is appended to the
 service log (`deployment.service_log`, see feedback.py).
 """
 
 import collections
 import hashlib
-import io
 import json
 import math
 import sys
@@ -47,116 +52,22 @@ import hydra
 import numpy as np
 import uvicorn
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ..paths import CONFIG_DIR
 from .feedback import ServiceLog, feedback_record, has_prediction, utc_now
+from .inputs import (  # noqa: F401 (the input checks, in inputs.py, are serve's API too: serve.fit_to_input)
+    BOX_FIELDS,
+    BadInput,
+    check_box,
+    check_intrinsics,
+    crop_to_input,
+    decode_image,
+    fit_to_input,
+    rotation_difference_deg,
+    shifted,
+)
 from .runtime import model_metadata, open_session, sha256_file
-
-IMAGE_CONTENT_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/octet-stream", ""}
-IMAGE_FORMATS = {"PNG", "JPEG"}
-# 8-bit colour or grey; 16-bit/float modes (e.g. a depth PNG sent by mistake) would be clipped into nonsense
-IMAGE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"}
-# focal lengths (pixels) outside [side / FOCAL_FACTOR, side * FOCAL_FACTOR] are rejected as implausible
-FOCAL_FACTOR = 100
-
-
-class BadInput(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-# --- input checks and preprocessing ---------------------------------------------------------------
-
-
-def decode_image(data, content_type=None, max_pixels=4096 * 4096):
-    """PNG/JPEG bytes -> RGB PIL image; BadInput for anything else, truncated or too many pixels."""
-    content_type = (content_type or "").split(";")[0].strip().lower()
-    if content_type not in IMAGE_CONTENT_TYPES:
-        raise BadInput(415, f"image part has content type {content_type!r}; send image/png or image/jpeg")
-    if not data:
-        raise BadInput(400, "image is empty")
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:  # PIL's own guard, for headers claiming billions of pixels
-        raise BadInput(413, f"image is too large ({e})") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadInput(400, f"image is not a readable PNG or JPEG ({e})") from e
-    if img.format not in IMAGE_FORMATS:
-        raise BadInput(415, f"image format is {img.format}; send PNG or JPEG")
-    if img.mode not in IMAGE_MODES:
-        raise BadInput(415, f"image mode is {img.mode}; send an 8-bit RGB (or grey) image, not 16-bit/float")
-    w, h = img.size
-    if w < 1 or h < 1 or w * h > max_pixels:
-        raise BadInput(413, f"image is {w}x{h} pixels; at most {max_pixels} pixels are accepted")
-    try:
-        img.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES is off)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadInput(400, f"image could not be decoded, it may be truncated ({e})") from e
-    try:
-        return img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise BadInput(415, f"image mode {img.mode} cannot be converted to RGB ({e})") from e
-
-
-def check_intrinsics(fx, fy, cx, cy, width, height):
-    for name, value in (("fx", fx), ("fy", fy), ("cx", cx), ("cy", cy)):
-        if not math.isfinite(value):
-            raise BadInput(422, f"{name}={value} is not a finite number")
-    for name, value, side in (("fx", fx, width), ("fy", fy, height)):
-        if value <= 0:
-            raise BadInput(422, f"{name}={value}: focal lengths must be positive (pixels)")
-        # a focal length of side / FOCAL_FACTOR is a ~179 degree field of view, side * FOCAL_FACTOR ~0.6 degrees
-        low, high = side / FOCAL_FACTOR, side * FOCAL_FACTOR
-        if not low <= value <= high:
-            raise BadInput(
-                422,
-                f"{name}={value} is not a focal length a camera has for a {width}x{height} image "
-                f"(expected {low:g}..{high:g} pixels of the sent image)",
-            )
-    # pixel centres at integer coordinates: the image spans [-0.5, width - 0.5]
-    if not -0.5 <= cx <= width - 0.5:
-        raise BadInput(422, f"cx={cx} is outside the image [-0.5, {width - 0.5}] (pixels of the sent image)")
-    if not -0.5 <= cy <= height - 0.5:
-        raise BadInput(422, f"cy={cy} is outside the image [-0.5, {height - 0.5}] (pixels of the sent image)")
-
-
-def fit_to_input(img, K, width, height, aspect_tolerance):
-    """Resize to the model input size and scale K with it; BadInput on an aspect-ratio mismatch."""
-    w, h = img.size
-    if (w, h) == (width, height):
-        return img, K
-    mismatch = abs((w / h) / (width / height) - 1)
-    if mismatch > aspect_tolerance:
-        raise BadInput(
-            422,
-            f"image is {w}x{h} (aspect {w / h:.4f}) but the model takes {width}x{height} "
-            f"(aspect {width / height:.4f}); crop it to that aspect ratio and shift cx, cy by the crop offset",
-        )
-    sx, sy = width / w, height / h
-    K = K.copy()
-    # as BopDataset: pixel centres sit at integer coordinates, so the scaling pivots on -0.5
-    K[0, 0], K[0, 2] = K[0, 0] * sx, (K[0, 2] + 0.5) * sx - 0.5
-    K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
-    return img.resize((width, height), Image.BILINEAR), K
-
-
-def shifted(image, K, px):
-    """The image moved by px pixels right and down (edges replicated) with the principal point moved too."""
-    moved = np.pad(image, ((0, 0), (px, 0), (px, 0)), mode="edge")[:, : image.shape[1], : image.shape[2]]
-    K = K.copy()
-    K[0, 2] += px
-    K[1, 2] += px
-    return moved, K
-
-
-def rotation_difference_deg(R1, R2):
-    cos = (np.trace(R1.T @ R2) - 1) / 2
-    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
-
 
 # --- the service ---------------------------------------------------------------------------------
 
@@ -170,6 +81,7 @@ class Predictor:
         self.metadata = model_metadata(session)
         self.width = int(self.metadata["input_width"])
         self.height = int(self.metadata["input_height"])
+        self.crop_pad = float(self.metadata.get("crop_pad", 1.5))
         self.score_shift_px = int(score_shift_px)
         self.score_rot_deg = float(score_rot_deg)
         self.score_rel_t = float(score_rel_t)
@@ -344,6 +256,10 @@ def create_app(
         fy: Annotated[float, Form(description="focal length y of the sent image, pixels")],
         cx: Annotated[float, Form(description="principal point x of the sent image, pixels")],
         cy: Annotated[float, Form(description="principal point y of the sent image, pixels")],
+        box_x: Annotated[float | None, Form(description="object box left (pixel index), optional")] = None,
+        box_y: Annotated[float | None, Form(description="object box top (pixel index), optional")] = None,
+        box_w: Annotated[float | None, Form(description="object box width, pixels, optional")] = None,
+        box_h: Annotated[float | None, Form(description="object box height, pixels, optional")] = None,
     ):
         start = time.perf_counter()
         data = image.file.read()
@@ -351,12 +267,18 @@ def create_app(
             img = decode_image(data, image.content_type, max_image_pixels)
             sent_size = img.size
             check_intrinsics(fx, fy, cx, cy, *sent_size)
+            box = check_box((box_x, box_y, box_w, box_h), *sent_size)
             K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], np.float64)
-            img, K = fit_to_input(img, K, predictor.width, predictor.height, aspect_tolerance)
+            if box is None:
+                img, K = fit_to_input(img, K, predictor.width, predictor.height, aspect_tolerance)
+                pixels = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
+            else:
+                if predictor.width != predictor.height:
+                    raise BadInput(422, "the model's input is not square: it takes no box crops")
+                pixels, K = crop_to_input(img, K, box, predictor.width, predictor.crop_pad)
         except BadInput as e:
             count("rejected")
             raise HTTPException(e.status, e.message) from e
-        pixels = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
         R, t, score = predictor.run(np.ascontiguousarray(pixels), K.astype(np.float32))
         if not (np.isfinite(R).all() and np.isfinite(t).all()):
             count("rejected")
@@ -369,6 +291,7 @@ def create_app(
             "image_sha256": hashlib.sha256(data).hexdigest(),
             "image_size": list(sent_size),
             "K": {"fx": fx, "fy": fy, "cx": cx, "cy": cy},
+            "box": box,
             "R": R.astype(float).tolist(),
             "t_mm": t.astype(float).tolist(),
             "score": score,

@@ -12,9 +12,12 @@ test instance of `data.obj_id` in `data.splits.test`; evaluation.py writes metri
                         add_s_auc    the same for ADD(-S)
                         acc_5deg5cm  fraction with rotation error < 5 deg and translation error < 5 cm
                         n_test       number of test instances
+                        detection_recall  with data.crop.detections only: the share of test instances a
+                                     detection was matched to (the others are not in n_test)
     errors.csv        one row per test instance: scene_id,im_id,obj_id,gt_id,rgb_path,re_deg,te_cm,add_mm,
-                      adds_mm,diameter_mm,symmetric,visib_fract,R_gt,t_gt,R_pred,t_pred,K (matrices as
-                      space-separated row-major floats, mm; symmetric 0/1); `make analyze` reads it
+                      adds_mm,diameter_mm,symmetric,visib_fract,R_gt,t_gt,R_pred,t_pred,K (K of the frame at
+                      rgb_path, whose camera the poses are in; matrices as space-separated row-major floats,
+                      mm; symmetric 0/1); `make analyze` reads it
     predictions.csv   BOP results format (bop_toolkit scores it): scene_id,im_id,obj_id,score,R,t,time with
                       R 9 row-major floats, t in mm, time = seconds per image (batch time / batch size);
                       score is 1 for every estimate (one estimate per annotated instance, no confidence)
@@ -53,8 +56,9 @@ def predict(estimator, loader, device):
     """Run `estimator(image, K) -> (R, t_mm)` over `loader` (BopDataset batches).
 
     Returns one dict per instance: the batch's metadata (scene_id, im_id, obj_id, gt_id, rgb_path,
-    visib_fract), K, R_gt, t_gt, R_pred, t_pred as float64 numpy arrays, and time_s, the batch's forward
-    time divided by its size.
+    visib_fract), K (of the frame at rgb_path: the poses are in its camera), K_input (of the network's
+    input, the crop in crop mode), R_gt, t_gt, R_pred, t_pred as
+    float64 numpy arrays, and time_s, the batch's forward time divided by its size.
     """
     estimator.eval()
     records = []
@@ -77,7 +81,8 @@ def predict(estimator, loader, device):
                     "gt_id": int(batch["gt_id"][i]),
                     "rgb_path": str(batch["rgb_path"][i]),
                     "visib_fract": float(batch["visib_fract"][i]),
-                    "K": batch["K"][i].double().numpy(),
+                    "K": batch["K_frame"][i].double().numpy(),
+                    "K_input": batch["K"][i].double().numpy(),
                     "R_gt": batch["R"][i].double().numpy(),
                     "t_gt": batch["t"][i].double().numpy(),
                     "R_pred": R[i],
@@ -224,7 +229,7 @@ def prediction_grid(dataset, records, n=16, min_size=128):
     chosen = [records[i] for i in picks]
     return draw.pose_grid(
         [dataset[int(i)]["image"] for i in picks],
-        [r["K"] for r in chosen],
+        [r["K_input"] for r in chosen],
         [(r["R_gt"], r["t_gt"]) for r in chosen],
         [(r["R_pred"], r["t_pred"]) for r in chosen],
         0.5 * chosen[0]["diameter_mm"],
@@ -241,11 +246,8 @@ def evaluate_pose(cfg, trained_cfg, estimator, device, out_dir):
         raise ValueError(
             f"the checkpoint was trained on obj_id {trained_cfg.data.obj_id}, but data.obj_id={d.obj_id}"
         )
-    image_size = (trained_cfg or cfg).data.get("image_size")  # the network's input size
-    dataset = bop.BopDataset(
-        d.root, d.splits.test, d.obj_id, image_size=image_size, preload=d.get("preload", False),
-        min_visib_fract=d.get("min_visib_fract", 0.0),
-    )  # fmt: skip
+    # the network's input (size, crop or whole frame) as trained; the boxes (GT or detections) as configured
+    dataset = bop.dataset_from_config(d, d.splits.test, "test", trained=(trained_cfg or cfg).data)
     info = bop.load_models_info(d.root)[int(d.obj_id)]
     symmetric = bop.is_symmetric(info)
     points = bop.load_model_points(d.root, d.obj_id)
@@ -254,6 +256,8 @@ def evaluate_pose(cfg, trained_cfg, estimator, device, out_dir):
     records = predict(estimator, loader, device)
     add_errors(records, points, info["diameter"], symmetric)
     summary = metrics.summarize(records)
+    if dataset.detections is not None:  # instances the detections file found no box for are not in n_test
+        summary["detection_recall"] = len(records) / (len(records) + len(dataset.missed))
     grid = prediction_grid(dataset, records)
     write_predictions_csv(out_dir / "predictions.csv", records)
     with atomic_dir(out_dir / "plots") as tmp:

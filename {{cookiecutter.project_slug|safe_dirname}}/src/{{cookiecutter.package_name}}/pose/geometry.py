@@ -22,11 +22,15 @@ Translation encodings (``mode``), the network's raw translation output:
 - ``"centre_depth"`` (PoseCNN-style): (u_n, v_n, log z) with (u, v) the projection of the object origin,
   u_n = 2 u / W - 1, v_n = 2 v / H - 1 (so [-1, 1] across the image) and z the depth in metres; decoding
   back-projects (u, v) with K at depth z. Needs the image size the network sees (K must match it).
+- ``"centre_focal_depth"`` (CDPN's scale-invariant translation): (u_n, v_n, log(z / f)) with z in mm and
+  f = sqrt(fx fy) in pixels: the depth in focal lengths. A zoomed-in crop (data.input=crop) scales f with
+  the zoom and hides the object's distance (every crop shows the object at about the same size), so the
+  network can only see z / f, not z; decoding multiplies by the crop's own f.
 
 Public API (signatures are stable; training, model, export and evaluation use them):
 
     ROTATION_REPRESENTATIONS = ("euler", "quaternion", "sixd")
-    TRANSLATION_MODES = ("direct", "centre_depth")
+    TRANSLATION_MODES = ("direct", "centre_depth", "centre_focal_depth")
     EULER_CONVENTION = "xyz"
     rotation_dim(representation) -> int
     raw_to_rotmat(raw[..., D], representation) -> R[..., 3, 3]
@@ -48,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 ROTATION_REPRESENTATIONS = ("euler", "quaternion", "sixd")
-TRANSLATION_MODES = ("direct", "centre_depth")
+TRANSLATION_MODES = ("direct", "centre_depth", "centre_focal_depth")
 EULER_CONVENTION = "xyz"
 DIRECT_SCALE_MM = 100.0
 _ROTATION_DIMS = {"euler": 3, "quaternion": 4, "sixd": 6}
@@ -111,7 +115,7 @@ def rotmat_to_target(R, representation):
 def _image_hw(image_size):
     if image_size is None:
         raise ValueError(
-            "translation mode 'centre_depth' needs image_size=(height, width) of the network input"
+            "translation modes 'centre_depth' and 'centre_focal_depth' need image_size=(height, width) of the network input"
         )
     if isinstance(image_size, int | float):
         return float(image_size), float(image_size)
@@ -138,6 +142,11 @@ def backproject(uv, z, K):
     return torch.stack((x_n * z, y_n * z, z), dim=-1)
 
 
+def _focal(K):
+    """sqrt(fx fy): one focal length in pixels (fx = fy for square pixels)."""
+    return torch.sqrt(K[..., 0, 0] * K[..., 1, 1])
+
+
 def encode_translation(t_mm, K, mode, image_size=None):
     """Translation t (mm) [..., 3] -> the network's raw translation target [..., 3] in `mode`."""
     _check_mode(mode)
@@ -146,9 +155,12 @@ def encode_translation(t_mm, K, mode, image_size=None):
     height, width = _image_hw(image_size)
     uvw = (K @ t_mm.unsqueeze(-1)).squeeze(-1)  # projection of the model origin
     uv = uvw[..., :2] / uvw[..., 2:3]
-    depth_m = (t_mm[..., 2] / 1000.0).clamp_min(_EPS)
+    if mode == "centre_focal_depth":
+        depth = t_mm[..., 2].clamp_min(_EPS) / _focal(K)
+    else:
+        depth = (t_mm[..., 2] / 1000.0).clamp_min(_EPS)  # metres
     return torch.stack(
-        (2.0 * uv[..., 0] / width - 1.0, 2.0 * uv[..., 1] / height - 1.0, torch.log(depth_m)), -1
+        (2.0 * uv[..., 0] / width - 1.0, 2.0 * uv[..., 1] / height - 1.0, torch.log(depth)), -1
     )
 
 
@@ -161,7 +173,8 @@ def decode_translation(raw, K, mode, image_size=None):
         return raw * DIRECT_SCALE_MM
     height, width = _image_hw(image_size)
     uv = torch.stack(((raw[..., 0] + 1.0) * width / 2.0, (raw[..., 1] + 1.0) * height / 2.0), dim=-1)
-    z_mm = torch.exp(raw[..., 2]) * 1000.0
+    scale = _focal(K) if mode == "centre_focal_depth" else 1000.0
+    z_mm = torch.exp(raw[..., 2]) * scale
     return backproject(uv, z_mm, K)
 
 

@@ -5,14 +5,14 @@
 
 `out` is the network's raw output {"rot": [B, D], "trans": [B, 3]} (D = geometry.rotation_dim(rotation_of(loss_cfg)));
 `batch` is a BopDataset batch with "R" [B, 3, 3], "t" [B, 3] (mm), "K" [B, 3, 3] and "image" [B, 3, H, W]
-(the image only supplies (H, W) for translation mode "centre_depth", or pass image_size).
+(the image only supplies (H, W) for the translation modes "centre_depth" and "centre_focal_depth", or pass image_size).
 `loss` is a scalar tensor to backpropagate; `parts` maps names to detached 0-dim tensors (use float(v)):
 "loss", "rot" and "trans" (the unweighted terms), "rot_err_deg" and "trans_err_mm" (batch means of the
 decoded pose's errors, for monitoring). The criterion also exposes `.rotation` (representation the network
 must output) and `.translation` (translation mode) so the model can be built to match.
 
 Config keys: name, rotation (point_matching only: euler | quaternion | sixd; the other losses fix it, see
-`rotation_of`), translation (direct | centre_depth),
+`rotation_of`), translation (direct | centre_depth | centre_focal_depth),
 rotation_weight, translation_weight, and for point_matching n_points (model points used, default 500).
 
 Losses (each term: squared error summed over components, averaged over the batch):

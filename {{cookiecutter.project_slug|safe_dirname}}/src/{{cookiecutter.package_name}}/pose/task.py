@@ -5,13 +5,14 @@ faults, the pose errors that evaluation writes. The generic stages know the exam
 import functools
 import math
 
+import roma
 import torch
 from torch import nn
 
 from .. import task
 from ..data import bop
 from ..debugging import zoo
-from . import draw, errors, losses
+from . import draw, errors, geometry, losses
 from . import metrics as pose_metrics
 from .model import PoseEstimator, build_model
 
@@ -25,9 +26,13 @@ class PoseTask(task.Task):
 
     def build_datasets(self, cfg):
         d = cfg.data
-        args = dict(image_size=d.image_size, preload=d.preload, min_visib_fract=d.min_visib_fract)
-        train_set = bop.BopDataset(d.root, d.splits.train, d.obj_id, **args)
-        val_set = bop.BopDataset(d.root, d.splits.val, d.obj_id, **args)
+        if d.get("input", "frame") == "crop" and cfg.loss.translation != "centre_focal_depth":
+            raise ValueError(
+                f"data.input=crop needs loss.translation=centre_focal_depth (got {cfg.loss.translation}): a "
+                "zoomed-in crop shows every object at about the same size, so only depth / focal length can be learnt"
+            )
+        train_set = bop.dataset_from_config(d, d.splits.train, "train")
+        val_set = bop.dataset_from_config(d, d.splits.val, "val")
         return train_set, val_set
 
     def build_loss(self, cfg, train_set):
@@ -112,36 +117,37 @@ class PoseTask(task.Task):
 
 
 def rotate_in_plane(batch, max_deg):
-    """Augmentation: turn the camera about its optical axis by a random angle in [-max_deg, max_deg].
+    """Augmentation: turn the camera about the ray through the image centre by a random angle in
+    [-max_deg, max_deg].
 
-    The image turns about the principal point and the labels turn with it, R' = Rz R and t' = Rz t, so
-    the pose stays exact (for square pixels, fx = fy, which the synthetic camera has). A new view of the
-    object's orientation per sample, without rendering more images. Corners outside the old image are black.
-    `batch` holds image [B,3,H,W], K, R, t; the random angles come from torch's global generator.
+    A camera turned by Q sees X' = Q X: R' = Q R, t' = Q t, K unchanged, and its image is the old one
+    warped by the homography K Q K^-1 (exact for any pinhole K: fx != fy, a principal point anywhere, as in
+    a crop of a real frame). Turning about the ray through the image centre keeps the centre pixel (a
+    crop's object) in place; for the synthetic camera that ray is the optical axis and the warp a plain
+    rotation about the principal point. A new view of the object's orientation per sample, without
+    rendering more images. Corners outside the old image are black. `batch` holds image [B,3,H,W], K, R, t;
+    the random angles come from torch's global generator (the training loader seeds it per batch,
+    loaders.py).
     """
-    K = batch["K"]
-    if not torch.allclose(K[:, 0, 0], K[:, 1, 1], rtol=1e-4) or K[:, 0, 1].abs().max() > 1e-6:
-        raise ValueError("training.augment.rotate_deg needs square pixels (fx = fy, no skew); set it to 0")
-    images = batch["image"]
-    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
-    cos, sin, zero, one = angles.cos(), angles.sin(), torch.zeros_like(angles), torch.ones_like(angles)
-    Rz = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
-    # With fx = fy, R' = Rz R moves a pixel p (x right, y down) to c + Rz2 (p - c) about the principal point c.
-    # Each output pixel samples the input at c + Rz2^T (p' - c): one grid_sample for the whole batch
-    # (torchvision's rotate turns a whole batch by one angle). Pixel centres are at integers (BOP/OpenCV).
-    H, W = images.shape[-2:]
+    K, images = batch["K"], batch["image"]
+    B, (H, W) = len(K), images.shape[-2:]
+    angles = (torch.rand(B, device=K.device) * 2 - 1) * math.radians(max_deg)
+    centre = torch.tensor([(W - 1) / 2, (H - 1) / 2], dtype=K.dtype, device=K.device).expand(B, 2)
+    ray = geometry.backproject(centre, torch.ones(B, dtype=K.dtype, device=K.device), K)
+    Q = roma.rotvec_to_rotmat(ray / ray.norm(dim=-1, keepdim=True) * angles[:, None].to(K.dtype))
+    # Each output pixel p' samples the input at p ~ K Q^T K^-1 p' (pixel centres at integers, BOP/OpenCV):
+    # one grid_sample for the whole batch.
     v, u = torch.meshgrid(
         torch.arange(H, dtype=K.dtype, device=K.device),
         torch.arange(W, dtype=K.dtype, device=K.device),
         indexing="ij",
     )
-    du, dv = u - K[:, 0, 2, None, None], v - K[:, 1, 2, None, None]  # [B,H,W]
-    c, s = cos[:, None, None], sin[:, None, None]
-    src_u = K[:, 0, 2, None, None] + c * du + s * dv
-    src_v = K[:, 1, 2, None, None] - s * du + c * dv
+    pixels = torch.stack([u, v, torch.ones_like(u)], -1).reshape(1, -1, 3)  # [1,HW,3]
+    source = pixels @ (K @ Q.transpose(1, 2) @ torch.linalg.inv(K)).transpose(1, 2)  # [B,HW,3]
+    src_u, src_v = (source[..., :2] / source[..., 2:]).unbind(-1)
     # grid_sample's align_corners=False puts pixel i's centre at (2i + 1) / size - 1
-    grid = torch.stack([(2 * src_u + 1) / W - 1, (2 * src_v + 1) / H - 1], -1).to(images.dtype)
+    grid = torch.stack([(2 * src_u + 1) / W - 1, (2 * src_v + 1) / H - 1], -1).view(B, H, W, 2)
     turned = nn.functional.grid_sample(
-        images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
     )
-    return batch | {"image": turned, "R": Rz @ batch["R"], "t": (Rz @ batch["t"].unsqueeze(-1)).squeeze(-1)}
+    return batch | {"image": turned, "R": Q @ batch["R"], "t": (Q @ batch["t"].unsqueeze(-1)).squeeze(-1)}

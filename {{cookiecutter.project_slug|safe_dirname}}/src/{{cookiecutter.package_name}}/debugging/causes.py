@@ -1,0 +1,135 @@
+"""The causes the doctor decides by a measurement rather than by a fix that helps.
+
+- `integrity(lab, screen)`: the screen's checks that invalidate every comparison of training runs: the model
+  mixes the batch or ignores its input (`implementation_bug`), the answer is in the input
+  (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
+- `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
+  helped: Karpathy's overfit test (`implementation_bug` when it fails), then `unsolvable`, but only after the
+  configured setup, trained on twice the doctor's budget, still does not beat its controls (a budget too
+  small to show learning is not evidence against the task).
+"""
+
+import math
+
+from . import probes, runs
+from .engine import finding
+
+
+def integrity(lab, screen):
+    th, c, fault_fix = lab.th, screen.checks, lab.adapter.fault_fix
+    found = {}
+    dep = c["batch_dependency_eval"]
+    mixing = dep["ratio"] > th.batch_dependency_ratio
+    ignores = dep["own_gradient"] == 0.0 and c.get("batch_dependency_he_init", dep)["own_gradient"] == 0.0
+    if mixing or ignores:
+        what = (
+            "the output of sample 0 has a gradient w.r.t. other samples' inputs in eval mode "
+            f"(ratio {dep['ratio']:.3g}): the model mixes the batch (a reshape/view bug?)"
+            if mixing
+            else "the output has zero gradient w.r.t. the input, also after He-normal re-initialization: "
+            "the model ignores its input"
+        )
+        found["implementation_bug"] = finding(
+            "implementation_bug", True, 1.0, {"batch_dependency_eval": dep}, fault_fix(),
+            f"Backprop-dependency check failed: {what}.",
+        )  # fmt: skip
+    sc, dup = c["shortcut"], c["duplicates"]
+    frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)
+    leak = sc["best_single_value_r2"] >= th.shortcut_r2
+    if leak or frac >= th.duplicate_fraction:
+        why = []
+        if leak:
+            why.append(
+                f"one input value (flat index {sc['best_single_value_index']}) predicts target component "
+                f"{sc['best_single_value_target']} with R^2 = {sc['best_single_value_r2']:.3f} on validation data"
+            )
+        if frac >= th.duplicate_fraction:
+            why.append(f"{frac:.0%} of the validation inputs are exact copies of training inputs")
+        found["answer_in_input"] = finding(
+            "answer_in_input", True, max(sc["best_single_value_r2"], frac), {"shortcut": sc, "duplicates": dup},
+            fault_fix(), "Shortcut found: " + "; ".join(why) + ".",
+        )  # fmt: skip
+    ts = c["test_set"]
+    if ts["n_test"] < th.min_test_size:
+        found["test_set_too_small"] = finding(
+            "test_set_too_small", True, 1 - ts["n_test"] / th.min_test_size, {"test_set": ts}, fault_fix(),
+            f"The validation set has {ts['n_test']} samples: the 95% CI of the mean loss is "
+            f"+-{ts['relative_half_width']:.0%} (bootstrap), and a success rate would be known only to "
+            f"+-{1.96 * math.sqrt(0.25 / max(1, ts['n_test'])):.0%}; {th.min_test_size} samples give +-5 points.",
+        )  # fmt: skip
+    return found
+
+
+def overfit_test(lab):
+    """Karpathy's overfit test on the doctor's budget; at the LR range test's suggestion when the configured
+    LR is above its valley (a too-high LR must not pass for a code bug)."""
+    t, d = lab.task, lab.d
+    lr = lab.lr_range_test()
+    over = probes.overfit_subset(
+        t,
+        n=d.overfit_samples,
+        steps=d.overfit_steps,
+        lr=min(t.lr, lr["suggestion"]) if t.lr > lr["lr_valley"] else None,
+        required_drop=lab.th.overfit_drop,
+    )
+    lab.overfit_curve = over.pop("curve")
+    return over
+
+
+def residual(lab, screen, ctx, findings):
+    """`implementation_bug` (failed overfit test) or `unsolvable` for a model that learns nothing that no fix
+    explains; returns ({cause: finding}, checks)."""
+    if not screen.present("no_learning") or any(f["present"] for f in findings.values()):
+        return {}, {}
+    over = overfit_test(lab)
+    # unsolvable: does the model beat a shuffled-target control (a permutation test)?
+    shuffled = lab.train("shuffled_targets", lab.task, items=lambda items: runs.permute_inputs(items, seed=1))
+    vs_shuffled = lab.learned(screen.base, shuffled)
+    checks = {"overfit": over, "vs_shuffled_targets": vs_shuffled}
+    if not over["passed"]:
+        return {
+            "implementation_bug": finding(
+                "implementation_bug",
+                True,
+                over["drop"],
+                {"overfit": over},
+                lab.adapter.fault_fix(),
+                f"Cannot overfit {over['n']} samples: the loss fell by {over['drop']:.0%} in {over['steps']} "
+                f"steps (pass: >= {over['required_drop']:.0%}). A working model memorizes a handful of samples.",
+                "overfit.png",
+            )  # fmt: skip
+        }, checks
+    longer = findings.get("not_started")
+    if longer and longer["evidence"]["longer_learns"]:
+        return {}, checks  # it beats the control when trained longer: slow within the doctor's budget
+    # Before blaming the task: the configured setup on twice the doctor's steps and epochs.
+    t = lab.task
+    grown = lab.train(
+        "configured_2x_budget",
+        t.replace(epochs=2 * t.epochs, max_steps=2 * t.max_steps if t.max_steps else None),
+    )
+    grown_learning = lab.learned(grown, ctx.ref.chance or screen.control)
+    checks["grown_budget"] = {"epochs": 2 * t.epochs, "max_steps": 2 * t.max_steps if t.max_steps else None,
+                              **grown_learning}  # fmt: skip
+    if grown_learning["learned"]:
+        return {}, checks  # the doctor's budget was too small to show learning: no evidence against the task
+    return {
+        "unsolvable": finding(
+            "unsolvable",
+            True,
+            1.0 - max(0.0, vs_shuffled.get("gain_vs_control", 0.0)),
+            {
+                "vs_shuffled_targets": vs_shuffled,
+                "vs_input_independent": screen.checks["learning"],
+                "grown_budget": checks["grown_budget"],
+                "overfit": over,
+                "tried": sorted(k for k in lab.runs if k != "configured"),
+            },
+            lab.adapter.fault_fix("check that the targets belong to their inputs (would a human solve it?)"),
+            f"No variant beat the controls: the configured model is {vs_shuffled.get('gain_vs_control', 0):+.0%} "
+            f"vs a model trained on shuffled targets (p = {vs_shuffled.get('p_value', 1):.3g}), and on twice the "
+            f"doctor's budget {grown_learning['gain_vs_control']:+.0%} vs the input-independent control; yet it "
+            f"can overfit {over['n']} samples; wider nets, other inits, LRs and longer training did not help.",
+            "curves.png",
+        )
+    }, checks

@@ -1,0 +1,132 @@
+"""The doctor's fix engine: one procedure for every row of the fix table (`fixes.TABLE`): when the row
+applies, train its fixed variant on the doctor's budget through the project's training step, measure the
+effect against the `lab.Reference` (paired permutation test on per-sample validation losses), and record
+the evidence as a finding (report.json's `causes`).
+"""
+
+import dataclasses
+
+from omegaconf import OmegaConf
+
+from . import probes, stats
+from .lab import Reference
+
+ALWAYS = ()  # tried_on for a row whose cause is measured directly (tried whenever it applies)
+BAD = ("no_learning", "loss_bounces", "plateau")  # a training run that is not right
+NO_LEARNING = ("no_learning", "plateau")
+
+
+@dataclasses.dataclass
+class Context:
+    """What the rows read: the lab, the screen, the reference, and the measurements shared by rows."""
+
+    lab: object  # lab.Lab
+    screen: object  # screen.Screen
+    ref: Reference
+    lr: dict | None = None  # the LR range test (lab.lr_range_test), when a training symptom called for it
+    noise: dict | None = None  # the gradient noise scale (probes.gradient_noise_scale), idem
+
+    @property
+    def task(self):  # the configured setup on the doctor's budget
+        return self.lab.task
+
+    @property
+    def cfg(self):  # the config on the doctor's budget: variants are built on it
+        return self.lab.adapter.cfg
+
+    @property
+    def user(self):  # the user's config: fixes are expressed on it
+        return self.lab.cfg
+
+    @property
+    def model(self):
+        return self.cfg.get("model") or OmegaConf.create({})
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str  # the run's name in the report
+    task: object  # the runs.Task to train
+    info: dict = dataclasses.field(default_factory=dict)  # what the fix and the summary quote
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix:
+    cause: str  # the cause id (report.json's vocabulary)
+    row: str  # the talk's symptom row (screen.SYMPTOMS)
+    tried_on: tuple  # screen symptoms that call for it (ALWAYS: whenever it applies)
+    applies: object  # ctx -> bool
+    variant: object  # ctx -> Variant
+    fix: object  # (ctx, variant) -> the override to print
+    explain: object  # (ctx, variant, effect) -> (summary, evidence)
+    confirm: object = None  # (ctx, variant, effect, run) -> present; default: the fix helped
+    strength: object = None  # effect -> float; default: the fix's relative gain
+
+
+def context(lab, screen, training_fixes):
+    """The rows' context. For the training fixes (a symptom of the training run is present) the reference
+    gets the configured run with another seed and the chance level, and the LR range test and the gradient
+    noise scale are measured; returns (context, the checks measured for it)."""
+    if not training_fixes:
+        return Context(lab, screen, Reference(screen.base, chance=screen.chance)), {}
+    task = lab.task
+    reseeded = lab.train("configured_seed+1", task.replace(seed=task.seed + 1))
+    p_seed, diff_seed = stats.paired_test(screen.base.val_losses, reseeded.val_losses)
+    # the converged chance level, unless the run both learns nothing and bounces (then the bounce decides)
+    chance = None if screen.present("no_learning") and screen.present("loss_bounces") else lab.chance_level()
+    lr = lab.lr_range_test()
+    noise = probes.gradient_noise_scale(task, model=screen.base.model if not screen.base.diverged else None)
+    checks = {
+        "seed_spread": {
+            "val_loss": [screen.base.val_loss, reseeded.val_loss],
+            "relative_difference": diff_seed,
+            "p_value": p_seed,
+        },
+        "lr_range": lr,
+        "gradient_noise": noise,
+    }
+    return Context(lab, screen, Reference(screen.base, reseeded, chance), lr, noise), checks
+
+
+def rows(table, screen, training_fixes):
+    """The rows of `table` to try: the ALWAYS rows, or (training_fixes) the rows one of whose symptoms is
+    present."""
+    if not training_fixes:
+        return [r for r in table if r.tried_on == ALWAYS]
+    return [r for r in table if r.tried_on != ALWAYS and screen.present(*r.tried_on)]
+
+
+def run(ctx, rows):
+    """The engine: for every row that applies, train its variant, measure the effect, record the evidence.
+    Returns {cause: finding}, a finding as in report.json's `causes`."""
+    findings = {}
+    for row in rows:
+        if not row.applies(ctx):
+            continue
+        v = row.variant(ctx)
+        fixed = ctx.lab.train(v.name, v.task)
+        effect = ctx.lab.fix_effect(ctx.ref, fixed)
+        summary, evidence = row.explain(ctx, v, effect)
+        present = row.confirm(ctx, v, effect, fixed) if row.confirm else effect["helped"]
+        findings[row.cause] = finding(
+            row.cause,
+            present,
+            row.strength(effect) if row.strength else effect["gain"],
+            evidence,
+            row.fix(ctx, v),
+            summary,
+            "lr_range_test.png" if row.cause.startswith("lr_") else "curves.png",
+        )
+    return findings
+
+
+def finding(cause, present, strength, evidence, fix, summary, plot=None):
+    return {
+        "id": cause,
+        "present": bool(present),
+        "strength": float(strength),
+        "evidence": evidence,
+        "fix": fix,
+        "summary": summary,
+        "plot": plot,
+    }

@@ -1,0 +1,320 @@
+"""The fix table: the causes whose diagnostic is the talk's "apply the fix and see".
+
+Each row of `TABLE` declares, in one place, a cause of the talk's table: its symptom row, the screen symptoms
+that call for trying it, when it applies to this config, the fixed variant to train (a config override or a
+wrapped model), the fix to print (a Hydra override on the user's config) and the sentence with the numbers.
+`engine.run` does the rest, the same for every row. Thresholds and their reasons: 4_debugging/FAILURE_MODES.md.
+"""
+
+from . import probes, stats
+from .engine import ALWAYS, BAD, NO_LEARNING, Fix, Variant
+from .lab import with_overrides
+from .screen import input_mean_std
+
+
+def _effect(effect):
+    """'lowers val loss by 23% (p = 0.0001)' for a fix_effect result."""
+    verb = "lowers" if effect["gain"] >= 0 else "raises"
+    return f"{verb} val {effect['metric']} by {abs(effect['gain']):.0%} (p = {effect['p_value']:.2g})"
+
+
+def _short(lr):
+    return {k: v for k, v in lr.items() if k not in ("lrs", "losses")}
+
+
+def _fmt(values):
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+# --- loss bounces: learning rate, batch size ------------------------------------------------------------------
+
+
+def _lr_variant(ctx):
+    return Variant("lr_suggested", ctx.task.replace(lr=ctx.lr["suggestion"]))
+
+
+def _lr_explain(ctx, v, effect):
+    t, lr = ctx.task, ctx.lr
+    side = "above" if t.lr > lr["lr_valley"] else "far below"
+    return (
+        f"training.lr={t.lr:g} is {side} the LR range test's valley ({lr['lr_valley']:.2g}; suggestion "
+        f"{lr['suggestion']:.2g}); training at the suggestion {_effect(effect)}.",
+        {"lr_range": _short(lr), "lr_fix": effect},
+    )
+
+
+def _batch_variant(ctx):
+    t = ctx.task
+    big = min(len(t.train_items) // 2, max(t.batch_size * 8, ctx.lab.d.reference_batch_size))
+    return Variant("larger_batch", t.replace(batch_size=big), {"batch_size": big})
+
+
+def _batch_explain(ctx, v, effect):
+    return (
+        f"At batch size {ctx.task.batch_size} the gradient is noise-dominated (noise scale B_simple = "
+        f"{ctx.noise['b_simple']:.0f}, McCandlish et al. 2018); batch size {v.info['batch_size']} {_effect(effect)}.",
+        {"gradient_noise": ctx.noise, "batch_fix": effect},
+    )
+
+
+def _noisy_batch(ctx):
+    b = ctx.noise.get("b_simple")
+    th = ctx.lab.th
+    return (
+        b is not None
+        and ctx.task.batch_size * th.noise_batch_factor <= b
+        and ctx.task.lr <= ctx.lr["lr_valley"]
+    )
+
+
+# --- won't go above random: architecture, initialization, input features, not started -----------------------
+
+
+def _wider_variant(ctx):
+    m, u = ctx.model, ctx.user.model
+    changes = {"model.width": m.width * 4, "model.hidden": m.get("hidden", 64) * 4}
+    fix = {"model.width": u.width * 4, "model.hidden": u.get("hidden", 64) * 4}
+    if m.get("depth", 1) > 1:
+        changes["model.depth"] = fix["model.depth"] = max(1, m.depth // 2)
+    task = ctx.lab.adapter.task(with_overrides(ctx.cfg, changes))
+    return Variant("wider", task, {"changes": changes, "fix": fix})
+
+
+def _wider_explain(ctx, v, effect):
+    shallower = " and shallower" if "model.depth" in v.info["changes"] else ""
+    return (
+        f"A 4x wider{shallower} network {_effect(effect)}.",
+        {"wider_fix": effect, "model": dict(v.info["changes"])},
+    )
+
+
+def _init_variant(ctx):
+    new = "he_normal" if ctx.model.init != "he_normal" else "default"
+    return Variant(
+        "he_init", ctx.lab.adapter.task(with_overrides(ctx.cfg, {"model.init": new})), {"init": new}
+    )
+
+
+def _init_explain(ctx, v, effect):
+    init, control = ctx.screen.checks["init"], ctx.screen.control
+    he = [r["weight_std_over_he"] for r in init["layers"]]
+    return (
+        f"model.init={ctx.model.init}: loss at init {init['loss_at_init']:.3g} vs {control.val_loss:.3g} for "
+        f"the input-independent control; weight std / He-normal std ranges {min(he):.2g}..{max(he):.2g}; "
+        f"{v.info['init']} init {_effect(effect)}.",
+        {
+            "init_fix": effect,
+            "loss_at_init": init["loss_at_init"],
+            "control_val_loss": control.val_loss,
+            "weight_std_over_he_min": min(he),
+            "weight_std_over_he_max": max(he),
+            "layers": init["layers"],
+        },
+    )
+
+
+def _inputs_off(ctx):
+    st, th = ctx.screen.checks["input_statistics"], ctx.lab.th
+    spread = 1 / th.input_std_factor <= st["min_std"] and st["max_std"] <= th.input_std_factor
+    return st["max_abs_mean"] > th.input_mean_max or not spread
+
+
+def _standardized_variant(ctx):
+    cfg = ctx.cfg
+    variant = with_overrides(cfg, {"model.normalize_input": False}) if "normalize_input" in ctx.model else cfg
+    base_task = ctx.lab.adapter.task(variant)
+    mean, std = input_mean_std(ctx.task)
+
+    def factory(base_factory=base_task.model_factory):
+        return probes.Standardize(base_factory(), mean, std)
+
+    return Variant("standardized_input", base_task.replace(model_factory=factory))
+
+
+def _standardized_explain(ctx, v, effect):
+    st = ctx.screen.checks["input_statistics"]
+    return (
+        f"Inputs have channel means {_fmt(st['channel_mean'])} and stds {_fmt(st['channel_std'])}; "
+        f"standardizing them {_effect(effect)}.",
+        {"input_statistics": st, "standardize_fix": effect},
+    )
+
+
+def _longer_variant(ctx):
+    t, d = ctx.task, ctx.lab.d
+    epochs = min(d.longer_epochs, max(3 * t.epochs, d.epochs))
+    return Variant("longer", t.replace(epochs=epochs), {"epochs": epochs})
+
+
+def _longer_learns(ctx, run):
+    return ctx.lab.learned(run, ctx.ref.chance or ctx.screen.control)["learned"]
+
+
+def _longer_confirm(ctx, v, effect, run):
+    # Training longer helps any run the doctor cut short. It implicates the configured schedule only when
+    # the screen ran all of it; otherwise the short schedule was the doctor's own budget.
+    whole = ctx.screen.symptoms["plateau"]["screen_ran_whole_schedule"]
+    return whole and effect["helped"] and _longer_learns(ctx, run)
+
+
+def _longer_explain(ctx, v, effect):
+    t, base = ctx.task, ctx.screen.base
+    slope, p_trend = stats.trend_test(base.val_curve)
+    whole = ctx.screen.symptoms["plateau"]["screen_ran_whole_schedule"]
+    learns = _longer_learns(ctx, ctx.lab.runs[v.name])
+    tail = (
+        "."
+        if whole
+        else f" (the screen ran {len(base.val_curve)} of the configured {ctx.user.training.epochs} "
+        "epochs, so this does not implicate the schedule)."
+    )
+    return (
+        f"Over the configured {t.epochs} epoch(s) the val loss trend is {slope:+.3g}/epoch (p = {p_trend:.3g}); "
+        f"{v.info['epochs']} epochs: {_effect(effect)}, and {'do' if learns else 'do not'} beat the "
+        "input-independent control" + tail,
+        {
+            "trend": {"slope_per_epoch": slope, "p_value": p_trend},
+            "longer_fix": effect,
+            "longer_learns": learns,
+            "epochs": [t.epochs, v.info["epochs"]],
+            "screen_ran_whole_schedule": whole,
+        },
+    )
+
+
+# --- plateau: optimizer, regularization ---------------------------------------------------------------------
+
+
+def _adam_variant(ctx):
+    # Adam when SGD is configured, at its own LR range test's suggestion kept inside [1e-4, 1e-2], the band
+    # Adam is used in (Kingma & Ba's default is 1e-3)
+    task = ctx.lab.adapter.task(
+        with_overrides(ctx.cfg, {"training.optimizer": "adam", "training.momentum": 0.0})
+    )
+    batch = max(ctx.task.batch_size, ctx.lab.d.reference_batch_size)
+    lr = probes.lr_range_test(task, steps=ctx.lab.d.lr_range_steps, batch_size=batch)
+    adam_lr = float(min(1e-2, max(1e-4, lr["suggestion"])))
+    return Variant("adam", task.replace(lr=adam_lr), {"lr_range": _short(lr), "lr": adam_lr})
+
+
+def _adam_explain(ctx, v, effect):
+    return (
+        f"SGD (momentum {ctx.cfg.training.momentum}) -> Adam (lr {v.info['lr']:.2g} from its LR range test) "
+        f"{_effect(effect)}.",
+        {"adam_fix": effect, "adam_lr_range": v.info["lr_range"], "adam_lr": v.info["lr"]},
+    )
+
+
+def _regularization(ctx):
+    dropout = float(ctx.model.get("dropout") or 0.0)
+    return dropout, float(ctx.cfg.training.get("weight_decay") or 0.0)
+
+
+def _unregularized_variant(ctx):
+    cfg = with_overrides(ctx.cfg, {"model.dropout": 0.0, "training.weight_decay": 0.0})
+    return Variant("no_regularization", ctx.lab.adapter.task(cfg))
+
+
+def _unregularized_explain(ctx, v, effect):
+    dropout, wd = _regularization(ctx)
+    return (
+        f"dropout {dropout:g}, weight decay {wd:g}; without both training {_effect(effect)}.",
+        {"dropout": dropout, "weight_decay": wd, "no_regularization_fix": effect},
+    )
+
+
+# --- forgetting: data order -----------------------------------------------------------------------------------
+
+
+def _shuffled_explain(ctx, v, effect):
+    order = ctx.screen.checks["order"]
+    return (
+        f"The training loader yields targets in blocks (runs test z = {order['runs_z']:.1f}, p = "
+        f"{order['p_value']:.1e}, lag-1 autocorrelation {order['lag1_autocorrelation']:.2f}); shuffling "
+        f"{_effect(effect)}.",
+        {
+            "order": order,
+            "shuffle_fix": effect,
+            "forgetting_before": ctx.screen.checks["forgetting"],
+            "forgetting_after": stats.forgetting_statistics(ctx.lab.runs[v.name]),
+        },
+    )
+
+
+TABLE = (
+    # The order statistic measures the cause itself (data presented sequentially), so it decides; the shuffled
+    # run shows how much it costs on the doctor's budget (often more on a full run).
+    Fix(
+        "data_not_shuffled", "forgetting", ALWAYS,
+        applies=lambda ctx: ctx.screen.checks["order"]["p_value"] < ctx.lab.th.order_alpha,
+        variant=lambda ctx: Variant("shuffled", ctx.task.replace(shuffle=True)),
+        fix=lambda ctx, v: "training.shuffle=true",
+        explain=_shuffled_explain,
+        confirm=lambda ctx, v, effect, run: True,
+        strength=lambda effect: max(0.0, effect["gain"]),
+    ),
+    Fix(
+        "lr_too_high", "loss_bounces", BAD,
+        applies=lambda ctx: ctx.task.lr > ctx.lr["lr_valley"],
+        variant=_lr_variant,
+        fix=lambda ctx, v: f"training.lr={ctx.lr['suggestion']:.2g}",
+        explain=_lr_explain,
+    ),
+    Fix(
+        "lr_too_low", "plateau", BAD,
+        applies=lambda ctx: ctx.task.lr < ctx.lr["lr_valley"] / ctx.lab.th.lr_too_low_factor,
+        variant=_lr_variant,
+        fix=lambda ctx, v: f"training.lr={ctx.lr['suggestion']:.2g}",
+        explain=_lr_explain,
+    ),
+    Fix(
+        "batch_too_small", "loss_bounces", BAD,
+        applies=_noisy_batch,
+        variant=_batch_variant,
+        fix=lambda ctx, v: f"training.batch_size={v.info['batch_size']}",
+        explain=_batch_explain,
+    ),
+    Fix(
+        "architecture", "no_learning", NO_LEARNING,
+        applies=lambda ctx: bool(ctx.model.get("width")),
+        variant=_wider_variant,
+        fix=lambda ctx, v: " ".join(f"{k}={x}" for k, x in v.info["fix"].items()),
+        explain=_wider_explain,
+    ),
+    Fix(
+        "poor_init", "no_learning", NO_LEARNING,
+        applies=lambda ctx: ctx.model.get("init") is not None,
+        variant=_init_variant,
+        fix=lambda ctx, v: f"model.init={v.info['init']}",
+        explain=_init_explain,
+    ),
+    Fix(
+        "poor_input_features", "no_learning", NO_LEARNING,
+        applies=_inputs_off,
+        variant=_standardized_variant,
+        fix=lambda ctx, v: ctx.lab.adapter.fault_fix("standardize the inputs (per-channel training mean/std)"),
+        explain=_standardized_explain,
+    ),
+    Fix(
+        "not_started", "no_learning", NO_LEARNING,
+        applies=lambda ctx: True,
+        variant=_longer_variant,
+        fix=lambda ctx, v: f"training.epochs={max(ctx.user.training.epochs * 3, v.info['epochs'])}",
+        explain=_longer_explain,
+        confirm=_longer_confirm,
+    ),
+    Fix(
+        "poor_optimizer", "plateau", BAD,
+        applies=lambda ctx: ctx.cfg.training.optimizer == "sgd",
+        variant=_adam_variant,
+        fix=lambda ctx, v: f"training.optimizer=adam training.lr={v.info['lr']:.2g}",
+        explain=_adam_explain,
+    ),
+    Fix(
+        "too_much_regularization", "plateau", BAD,
+        applies=lambda ctx: _regularization(ctx)[0] > 0 or _regularization(ctx)[1] > ctx.lab.th.weight_decay_ignore,
+        variant=_unregularized_variant,
+        fix=lambda ctx, v: "model.dropout=0.0 training.weight_decay=0.0",
+        explain=_unregularized_explain,
+    ),
+)  # fmt: skip

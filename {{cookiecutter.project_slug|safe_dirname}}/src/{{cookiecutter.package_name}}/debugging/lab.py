@@ -1,0 +1,194 @@
+"""The doctor's lab: the experiment on the doctor's reduced budget, and the training runs made on it.
+
+`budget_config(cfg)` shrinks the experiment (configs/debugging/doctor/default.yaml); `TaskAdapter` builds
+`runs.Task`s for config variants of the project's task exactly as training builds them (`training.build`,
+an injected fault included, and `training.step_settings`: the same training step as `make train`); `Lab`
+trains named runs, keeps them for the report, and measures a fix's effect against a `Reference`.
+"""
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from .. import training
+from . import probes, runs, stats
+
+
+def budget_config(cfg):
+    """The experiment's config on the doctor's budget: smaller images and model, lazy loading."""
+    d = cfg.debugging.doctor
+    small = copy.deepcopy(cfg)
+    with open_dict(small):
+        pairs = [("data.image_size", d.image_size)] if d.get("image_size") else []
+        for item in d.overrides or []:
+            if "=" not in str(item):
+                raise ValueError(f"debugging.doctor.overrides: '{item}' is not key=value")
+            key, value = str(item).split("=", 1)
+            pairs.append((key, yaml.safe_load(value)))
+        for key, value in pairs:
+            if OmegaConf.select(small, key, default="__missing__") != "__missing__":
+                OmegaConf.update(small, key, value, merge=False)
+        if small.get("model") is None:  # a task without model knobs: nothing to scale
+            return small
+        if small.model.get("width") and d.width_scale:
+            small.model.width = max(1, round(small.model.width * d.width_scale))
+        if small.model.get("hidden") and d.width_scale:
+            small.model.hidden = max(4, round(small.model.hidden * d.width_scale))
+    return small
+
+
+def with_overrides(cfg, overrides):
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        for key, value in overrides.items():
+            OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+class TaskAdapter:
+    """Builds runs.Tasks (the doctor's training setups) for config variants of the project's task (task.Task)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        d = cfg.debugging.doctor
+        c = training.build(cfg)  # an injected fault included (debugging.fault)
+        self.spec = c.task
+        self.device = str(c.device)
+        self.train_items = runs.take_items(c.train_loader, d.n_train)
+        # The stored training inputs, before augmentation, for the cross-split duplicate check: a copy of a
+        # training image in the validation set is a copy of the stored image, not of an augmented view of it.
+        stored = torch.utils.data.DataLoader(
+            c.train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed))
+        )
+        self.stored_train_items = runs.take_items(stored, d.n_train)
+        self.val_items = runs.take_items(c.val_loader, d.n_val)
+        self.n_val_total = len(c.val_set)
+        self.criterion = c.criterion
+        self.train_loader = c.train_loader
+
+    def task(self, cfg=None, **changes):
+        cfg = cfg or self.cfg
+        t, d = cfg.training, cfg.debugging.doctor
+        device = torch.device(self.device)
+        step = training.step_settings(cfg, device)  # the precision and clipping `make train` uses
+
+        def model_factory():
+            return self.spec.fault_model(cfg, self.spec.build_model(cfg))
+
+        def optimizer_factory(model, lr):
+            return training.build_optimizer(with_overrides(cfg, {"training.lr": lr}), model)
+
+        task = runs.Task(
+            model_factory=model_factory,
+            criterion=self.criterion,
+            train_items=self.train_items,
+            val_items=self.val_items,
+            optimizer_factory=optimizer_factory,
+            lr=float(t.lr),
+            batch_size=int(t.batch_size),
+            shuffle=bool(t.shuffle),
+            epochs=int(min(t.epochs, d.epochs)),
+            max_steps=int(d.max_steps) if d.get("max_steps") else None,
+            grad_clip=step["grad_clip"],
+            amp=step["amp"],
+            memory_format=training.memory_format(cfg),
+            input_key=self.spec.input_key,
+            target_fn=self.spec.target,
+            device=self.device,
+            seed=int(cfg.seed),
+        )
+        return task.replace(**changes) if changes else task
+
+    def fault_fix(self, text="fix the data/model code"):
+        """The fix for a cause in the data or model code: remove the injected fault, if any, and `text`."""
+        fault = self.spec.fault_of(self.cfg)
+        return f"debugging.fault=null  # {text}" if fault else text
+
+
+@dataclasses.dataclass
+class Reference:
+    """What a fix is measured against: the configured run, the same with another seed (a fix must beat the
+    better of the two), and the converged chance level (a fix must beat it too), each None when not run."""
+
+    base: runs.Run
+    reseeded: runs.Run | None = None
+    chance: runs.Run | None = None
+
+
+class Lab:
+    """Named training runs on the doctor's budget (kept for the plots) and the measures between them."""
+
+    def __init__(self, cfg, adapter):
+        self.cfg = cfg  # the user's (full-size) config: fixes are expressed on it
+        self.d = cfg.debugging.doctor
+        self.th = self.d.thresholds
+        self.adapter = adapter
+        self.task = adapter.task()  # the configured setup on the doctor's budget
+        self.runs = {}  # name -> runs.Run, for the plots and the report
+        self.log = []
+        self.lr_range = None  # memo of lr_range_test(), the same whoever asks first
+        self.chance = None  # memo of chance_level()
+        self.chance_best_epoch = None
+        self.overfit_curve = None  # the overfit test's loss curve, for its plot
+
+    def say(self, text):
+        self.log.append(text)
+        if self.d.verbose:
+            print(f"[doctor] {text}", flush=True)
+
+    def train(self, name, task, **kwargs):
+        run = runs.train(task, **kwargs)
+        self.runs[name] = run
+        self.say(f"{name}: val loss {run.val_loss:.4g} ({run.seconds:.1f} s)")
+        return run
+
+    def chance_level(self):
+        """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch):
+        the loss of the best prediction that ignores the input, i.e. "random performance" for this loss."""
+        if self.chance is None:
+            run = self.train(
+                "chance_level",
+                self.task.replace(optimizer_factory=runs.adam_factory, lr=1e-3, epochs=self.d.longer_epochs),
+                items=runs.zero_inputs,
+            )
+            best = int(np.argmin(run.val_curve)) if run.val_curve else 0
+            if run.val_losses_per_epoch:
+                run.val_losses = run.val_losses_per_epoch[best]
+            run.val_parts = {}
+            self.chance, self.chance_best_epoch = run, best + 1
+        return self.chance
+
+    def lr_range_test(self):
+        """LR range test at a batch size where gradient noise does not decide the outcome."""
+        if self.lr_range is None:
+            ref_batch = max(self.task.batch_size, self.d.reference_batch_size)
+            lr = probes.lr_range_test(self.task, steps=self.d.lr_range_steps, batch_size=ref_batch)
+            self.lr_range = lr | {"batch_size": ref_batch}
+        return self.lr_range
+
+    def learned(self, run, control):
+        return stats.learning_vs_control(run, control, self.th.alpha, self.th.min_learning_gain)
+
+    def fix_effect(self, ref, run):
+        """Paired permutation test that the fixed run's validation loss is lower, and by how much. The loss
+        only: one loss term can improve just because a fix speeds up learning its mean target."""
+        base = ref.base
+        if ref.reseeded is not None and not ref.reseeded.diverged and ref.reseeded.val_loss < base.val_loss:
+            base = ref.reseeded  # a fix must beat the better of two seeds: seed-to-seed luck is not a fix
+        r = stats.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain, parts=False)
+        # "won't go above random": a fix counts only if the fixed model beats the converged chance level
+        above_chance = None if ref.chance is None else self.learned(run, ref.chance)["learned"]
+        return {
+            "helped": r["better"] and above_chance is not False,
+            "beats_chance": above_chance,
+            "metric": r["metric"],
+            "p_value": r["p_value"],
+            "gain": r["gain"],
+            "val_loss_before": base.val_loss,
+            "val_loss_after": run.val_loss,
+            "metrics": r["metrics"],
+        }

@@ -1,0 +1,197 @@
+"""The doctor's statistics: paired sign-flip permutation tests, permutation tests for trends, percentile
+bootstrap CIs, the Wald-Wolfowitz runs test (normal approx.), and the symptom measures built on them (did a
+run learn, beat another, bounce, forget?). Written with numpy on purpose: no scipy dependency.
+
+The symptom measures take `runs.Run`s: per-sample validation losses, per-epoch step losses.
+"""
+
+import math
+
+import numpy as np
+
+# --- statistics ----------------------------------------------------------------------------------------------
+
+
+def paired_test(a, b, n_perm=10000, seed=0):
+    """One-sided paired sign-flip permutation test of mean(a - b) > 0 (a worse than b, for losses).
+
+    Returns (p_value, relative difference mean(a - b) / mean(a)). Exact under the null that each pair's
+    difference is symmetric around 0; no normality assumption, which per-sample losses never satisfy.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a - b
+    if not np.all(np.isfinite(d)):
+        finite = np.isfinite(d)
+        if not finite.any():
+            return (
+                0.0 if np.nan_to_num(a.mean(), nan=np.inf) > np.nan_to_num(b.mean(), nan=np.inf) else 1.0
+            ), 1.0
+        d = d[finite]
+        a = a[finite]
+    observed = d.mean()
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(d)))
+    null = (signs * np.abs(d)).mean(axis=1)
+    p = (1 + np.sum(null >= observed - 1e-12)) / (n_perm + 1)
+    scale = abs(a.mean()) if a.mean() != 0 else 1.0
+    return float(p), float(observed / scale)
+
+
+def trend_test(values, n_perm=10000, seed=0):
+    """One-sided permutation test for a downward trend: (slope per step, p-value that it is < 0 by chance)."""
+    y = np.asarray(values, np.float64)
+    y = y[np.isfinite(y)]
+    if len(y) < 3:
+        return 0.0, 1.0
+    x = np.arange(len(y), dtype=np.float64)
+    x -= x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    rng = np.random.default_rng(seed)
+    null = np.array([(x * rng.permutation(y)).sum() for _ in range(n_perm)]) / (x * x).sum()
+    p = (1 + np.sum(null <= slope)) / (n_perm + 1)
+    return slope, float(p)
+
+
+def bootstrap_ci(values, n_boot=2000, level=0.95, seed=0):
+    """Percentile bootstrap CI of the mean: (mean, low, high)."""
+    v = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(v.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def runs_test(sequence):
+    """Wald-Wolfowitz runs test above/below the median: (z, two-sided p). Too few runs (z << 0) means the
+    sequence comes in blocks, e.g. sorted data."""
+    s = np.asarray(sequence, np.float64)
+    m = np.median(s)
+    above = s[s != m] > m  # continuous values: the ties at the median carry no side
+    if above.all() or not above.any():
+        # a discrete target (a class indicator) is mostly ties: split at the median instead of dropping them
+        above = s > m if (s > m).any() else s >= m
+    s = above
+    n1, n2 = int(s.sum()), int((~s).sum())
+    if n1 == 0 or n2 == 0:
+        return -math.inf, 0.0
+    runs = 1 + int(np.sum(s[1:] != s[:-1]))
+    mu = 2 * n1 * n2 / (n1 + n2) + 1
+    var = 2 * n1 * n2 * (2 * n1 * n2 - n1 - n2) / ((n1 + n2) ** 2 * (n1 + n2 - 1))
+    z = (runs - mu) / math.sqrt(var) if var > 0 else 0.0
+    return float(z), float(math.erfc(abs(z) / math.sqrt(2)))
+
+
+# --- symptom measures ----------------------------------------------------------------------------------------
+
+
+def compare_runs(worse, better, alpha=0.01, min_gain=0.05, parts=True):
+    """Is `better` better than `worse` on held-out data, by the total loss or by any criterion part?
+
+    Each metric (the loss, then each part the criterion reports, e.g. the loss's named terms) gets
+    a paired one-sided permutation test; Bonferroni over the metrics keeps the family-wise error at `alpha`.
+    A metric counts when significant AND at least `min_gain` relative better (significant but tiny gains are
+    not "better"). Returns the best metric's name, p-value and gain, and `better`: True/False.
+    A total loss that got significantly worse vetoes a part's gain. `parts=False` compares the loss only.
+    """
+    if better.diverged:
+        return {"better": False, "metric": "loss", "p_value": 1.0, "gain": -1.0, "metrics": {}}
+    if worse.diverged:
+        return {"better": True, "metric": "loss", "p_value": 0.0, "gain": 1.0, "metrics": {}}
+    metrics = {"loss": (worse.val_losses, better.val_losses)}
+    for name, values in better.val_parts.items() if parts else ():
+        if name in worse.val_parts and len(values) == len(worse.val_parts[name]):
+            metrics[name] = (worse.val_parts[name], values)
+    level = alpha / len(metrics)
+    results = {name: paired_test(a, b) for name, (a, b) in metrics.items()}
+    total_worse = paired_test(better.val_losses, worse.val_losses)
+    veto = total_worse[0] < alpha and total_worse[1] > min_gain
+    hits = {k: v for k, v in results.items() if v[0] < level and v[1] >= min_gain}
+    name = max(hits, key=lambda k: hits[k][1]) if hits and not veto else "loss"
+    p, gain = results[name]
+    return {
+        "better": bool(hits) and not veto,
+        "metric": name,
+        "p_value": p,
+        "gain": gain,
+        "metrics": {k: {"p_value": v[0], "gain": v[1]} for k, v in results.items()},
+    }
+
+
+def learning_vs_control(run, control, alpha=0.01, min_gain=0.05):
+    """Does the model beat a control (input-independent or shuffled-target) on held-out data?
+
+    learned = compare_runs finds the model better than the control at `alpha` by at least `min_gain`
+    relative, on the loss or on one of the criterion's parts.
+    """
+    r = compare_runs(control, run, alpha, min_gain)
+    return {
+        "learned": r["better"],
+        "metric": r["metric"],
+        "p_value": r["p_value"],
+        "gain_vs_control": r["gain"],
+        "val_loss": run.val_loss,
+        "control_val_loss": control.val_loss,
+        "metrics": r["metrics"],
+    }
+
+
+def bounce_statistics(run, alpha=0.01):
+    """Loss bounces: epochs whose mean training loss is significantly ABOVE the best earlier epoch.
+
+    Welch's z on the per-step losses of the two epochs; with a sane learning rate the epoch-mean training
+    loss never rises significantly (overfitting raises the validation loss, not the training loss).
+    Divergence (non-finite loss) counts as a bounce.
+    """
+    z_crit = _z_quantile(1 - alpha)
+    rises, worst = 0, 0.0
+    best_mean, best = math.inf, None
+    for losses in run.epoch_step_losses:
+        x = np.asarray(losses, np.float64)
+        if len(x) < 2:
+            continue
+        if best is not None:
+            se = math.sqrt(x.var(ddof=1) / len(x) + best.var(ddof=1) / len(best))
+            z = (x.mean() - best.mean()) / se if se > 0 else 0.0
+            worst = max(worst, z)
+            rises += z > z_crit
+        if x.mean() < best_mean:
+            best_mean, best = x.mean(), x
+    val_rises = 0
+    for i in range(1, len(run.val_losses_per_epoch)):
+        prev = min(range(i), key=lambda j: run.val_curve[j])
+        p, rel = paired_test(run.val_losses_per_epoch[i], run.val_losses_per_epoch[prev])
+        # a rise of the val loss that is later undone: bouncing, not overfitting
+        undone = i + 1 < len(run.val_curve) and min(run.val_curve[i + 1 :]) < run.val_curve[prev]
+        val_rises += p < alpha and rel > 0 and undone
+    return {
+        "train_rises": int(rises),
+        "max_rise_z": float(worst),
+        "val_rises_undone": int(val_rises),
+        "diverged": run.diverged,
+    }
+
+
+def forgetting_statistics(run):
+    """Catastrophic forgetting within an epoch: loss on the epoch's first quarter at the end of the epoch
+    divided by the same loss right after training on it (median over epochs 2+; epoch 1 is still learning
+    everything). Shuffled data: ~1 or below; data presented in blocks: the model tracks the current block
+    and the ratio climbs well above 1."""
+    ratios, ps = [], []
+    for after, end in run.forgetting[1:]:
+        if np.mean(after) > 0:
+            ratios.append(float(np.mean(end) / np.mean(after)))
+            ps.append(paired_test(end, after)[0])
+    if not ratios:
+        return {"ratio": None, "p_value": None}
+    return {"ratio": float(np.median(ratios)), "p_value": float(np.median(ps))}
+
+
+def _z_quantile(q):
+    # inverse normal CDF by bisection on erfc (no scipy)
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if 0.5 * math.erfc(-mid / math.sqrt(2)) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2

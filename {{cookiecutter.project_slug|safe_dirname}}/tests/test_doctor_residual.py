@@ -1,0 +1,69 @@
+"""The doctor's last resort (debugging/causes.residual), with its training runs scripted: `unsolvable` only
+after the configured setup, trained on twice the doctor's budget, still beats no control."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from {{ cookiecutter.package_name }}.debugging import causes, runs
+
+
+class ScriptedLab:
+    """A lab whose runs are names and whose learning test answers from a script: {run name: learned}."""
+
+    def __init__(self, learns):
+        self.learns = learns
+        self.task = runs.Task(None, None, [], [], epochs=8, max_steps=512)
+        self.d = SimpleNamespace(overfit_samples=8, overfit_steps=150)
+        self.th = SimpleNamespace(overfit_drop=0.9)
+        self.adapter = SimpleNamespace(fault_fix=lambda text="fix the data/model code": text)
+        self.runs = {"configured": "configured"}
+        self.trained = {}
+        self.overfit_curve = None
+
+    def lr_range_test(self):
+        return {"suggestion": 1e-3, "lr_valley": 1e-2}
+
+    def train(self, name, task, **kwargs):
+        self.trained[name] = task
+        self.runs[name] = name
+        return name
+
+    def learned(self, run, control):
+        learned = self.learns.get(run, False)
+        return {
+            "learned": learned,
+            "gain_vs_control": 0.3 if learned else 0.0,
+            "p_value": 0.001 if learned else 0.5,
+        }
+
+
+@pytest.fixture
+def no_learning_screen(monkeypatch):
+    passed = {"passed": True, "drop": 0.97, "n": 8, "steps": 150, "required_drop": 0.9, "curve": [1.0, 0.03]}
+    monkeypatch.setattr(causes.probes, "overfit_subset", lambda *args, **kwargs: dict(passed))
+    return SimpleNamespace(
+        present=lambda *names: "no_learning" in names,
+        base="configured",
+        control="input_independent",
+        checks={"learning": {"learned": False}},
+    )
+
+
+def test_a_budget_too_small_to_show_learning_is_not_unsolvable(no_learning_screen):
+    lab = ScriptedLab({"configured_2x_budget": True})
+    ctx = SimpleNamespace(ref=SimpleNamespace(chance=None))
+    found, checks = causes.residual(lab, no_learning_screen, ctx, {})
+    assert "unsolvable" not in found
+    grown = lab.trained["configured_2x_budget"]
+    assert (grown.epochs, grown.max_steps) == (16, 1024)  # twice the screen's epochs and steps
+    assert checks["grown_budget"]["learned"]
+
+
+def test_unsolvable_when_twice_the_budget_learns_nothing_either(no_learning_screen):
+    lab = ScriptedLab({})
+    ctx = SimpleNamespace(ref=SimpleNamespace(chance=None))
+    found, checks = causes.residual(lab, no_learning_screen, ctx, {})
+    assert found["unsolvable"]["present"]
+    assert found["unsolvable"]["evidence"]["grown_budget"]["learned"] is False
+    assert "twice the doctor's budget" in found["unsolvable"]["summary"]
