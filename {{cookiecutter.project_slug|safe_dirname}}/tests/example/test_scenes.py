@@ -307,3 +307,17 @@ def test_default_config_is_valid():
     cfg = compose("data=scenes", "logger=none")
     _, _, obj_ids = scenes.validate(cfg)
     assert obj_ids == [1, 2] and list(cfg.data.scenes.image_size) == [640, 480]
+
+
+def test_user_models_folder(tmp_path):
+    """A user's models/ folder: objects null places every model that has a PLY (models_info.json may list
+    objects without one, as downloads do); asking for such an object is an error naming the key."""
+    models = tmp_path / "models"
+    shutil.copytree(render.ASSETS, models)
+    info = json.loads((models / "models_info.json").read_text())
+    info["3"] = dict(info["1"])  # listed, no obj_000003.ply
+    (models / "models_info.json").write_text(json.dumps(info))
+    _, _, obj_ids = scenes.validate(compose(*TINY, f"data.scenes.models_dir={models}"))
+    assert obj_ids == [1, 2]
+    with pytest.raises(capture.CaptureError, match=r"data\.scenes\.objects: \[3\] without a PLY"):
+        scenes.validate(compose(*TINY, f"data.scenes.models_dir={models}", "data.scenes.objects=[1,3]"))
