@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import compose
+from {{ cookiecutter.package_name }} import evaluation, training
 from {{ cookiecutter.package_name }}.data import bop, capture, detections, qa, render, scenes
 
 W, H = 160, 120
@@ -321,3 +322,22 @@ def test_user_models_folder(tmp_path):
     assert obj_ids == [1, 2]
     with pytest.raises(capture.CaptureError, match=r"data\.scenes\.objects: \[3\] without a PLY"):
         scenes.validate(compose(*TINY, f"data.scenes.models_dir={models}", "data.scenes.objects=[1,3]"))
+
+
+@pytest.mark.slow
+def test_scenes_smoke_experiment_runs_capture_qa_train_evaluate(tmp_path):
+    """`make capture qa train evaluate EXPERIMENT=scenes_smoke`, each command in-process: full frames with
+    three objects, label QA passing, one epoch on zoom-in crops, test metrics."""
+    argv = sys.argv
+    try:
+        for command in (capture.main, qa.main, training.main, evaluation.main):
+            sys.argv = ["command", "experiment=scenes_smoke", f"paths.root={tmp_path}", "logger=none"]
+            command()  # a failing stage exits (SystemExit)
+    finally:
+        sys.argv = argv
+    assert sorted(p.name for p in (tmp_path / "2_data/dataset").iterdir()) == [
+        "camera.json", "detections", "models", "test", "train_pbr", "val",
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "2_data/qa/report.json").read_text())["passed"] is True
+    metrics = json.loads((tmp_path / "3_training/metrics.json").read_text())
+    assert metrics["n_test"] >= 3
