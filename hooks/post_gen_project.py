@@ -39,6 +39,7 @@ EXAMPLE = [
     "configs/deployment",
     "configs/hydra",
     "configs/experiment/smoke.yaml",
+    "configs/experiment/scenes_smoke.yaml",
     "configs/experiment/baseline.yaml",
     "configs/experiment/gpu.yaml",
     "configs/experiment/zoo",

@@ -80,6 +80,7 @@ EXAMPLE = [
     "configs/data/synthetic.yaml",
     "configs/data/scenes.yaml",
     "configs/experiment/smoke.yaml",
+    "configs/experiment/scenes_smoke.yaml",
     "configs/experiment/baseline.yaml",
     "configs/experiment/zoo",
     "2_data/LABELING.md",
