@@ -316,9 +316,10 @@ def write_report(out_dir, root, splits, issues, n_images, n_instances, max_liste
 
 
 def label_sheet(root, split, path, n=16, min_size=128):
-    """A grid of `n` images of `split` (evenly spaced) with the model's silhouette at the labelled pose
-    overlaid in green (torchvision drawing utils) and its box in yellow: for the checklist item "a sample of
-    labels has been looked at with your own eyes"."""
+    """A grid of `n` images of `split` (evenly spaced) with every labelled instance's model silhouette at its
+    pose overlaid in green (torchvision drawing utils) and its box in yellow: for the checklist item "a
+    sample of labels has been looked at with your own eyes". Tiles keep the frames' aspect, at least
+    `min_size` px high (up to twice that for large frames)."""
     import torch
     import torchvision
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
@@ -329,33 +330,31 @@ def label_sheet(root, split, path, n=16, min_size=128):
     for scene_dir in split_scenes(root, split):
         scene_gt = read_json(scene_dir / "scene_gt.json")
         scene_camera = read_json(scene_dir / "scene_camera.json")
-        entries += [
-            (scene_dir, key, gt_id, rec, scene_camera[key])
-            for key in scene_gt
-            for gt_id, rec in enumerate(scene_gt[key])
-        ]
+        entries += [(scene_dir, key, scene_gt[key], scene_camera[key]) for key in scene_gt]
     tiles, models = [], {}
     for index in np.linspace(0, len(entries) - 1, min(n, len(entries))).astype(int):
-        scene_dir, key, gt_id, rec, cam = entries[index]
+        scene_dir, key, recs, cam = entries[index]
         (height, width), image_path = image_size(scene_dir, int(key), {"height": 0, "width": 0})
         if image_path is None:
             continue
         image = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1)
-        obj_id = int(rec["obj_id"])
-        if obj_id not in models and obj_id in infos:
-            models[obj_id] = Model(root, obj_id, infos[obj_id])
-        R, t = np.asarray(rec["cam_R_m2c"], float).reshape(3, 3), np.asarray(rec["cam_t_m2c"], float)
         K = np.asarray(cam["cam_K"], float).reshape(3, 3)
         scale = max(1, int(np.ceil(min_size / max(height, width))))
         image = torch.nn.functional.interpolate(image[None], scale_factor=scale, mode="nearest")[0]
-        if obj_id in models:
+        # nearest upsampling by `scale`: pixel centres map as u' + 0.5 = scale (u + 0.5)
+        K_up = np.diag([scale, scale, 1.0]) @ K + [
+            [0, 0, (scale - 1) / 2],
+            [0, 0, (scale - 1) / 2],
+            [0, 0, 0],
+        ]
+        for rec in recs:
+            obj_id = int(rec["obj_id"])
+            if obj_id not in models and obj_id in infos:
+                models[obj_id] = Model(root, obj_id, infos[obj_id])
+            if obj_id not in models:
+                continue
+            R, t = np.asarray(rec["cam_R_m2c"], float).reshape(3, 3), np.asarray(rec["cam_t_m2c"], float)
             model = models[obj_id]
-            # nearest upsampling by `scale`: pixel centres map as u' + 0.5 = scale (u + 0.5)
-            K_up = np.diag([scale, scale, 1.0]) @ K + [
-                [0, 0, (scale - 1) / 2],
-                [0, 0, (scale - 1) / 2],
-                [0, 0, 0],
-            ]
             silhouette = (
                 rasterize(model.verts @ R.T + t, model.faces, K_up, height * scale, width * scale) > 0
             )
@@ -364,9 +363,16 @@ def label_sheet(root, split, path, n=16, min_size=128):
                 ys, xs = np.nonzero(silhouette)
                 box = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]])
                 image = draw_bounding_boxes(image, box, colors="yellow")
+        tile_height = int(np.clip(height * scale, min_size, 2 * min_size))
+        tile_width = max(1, round(tile_height * width / height))
         tiles.append(
-            torchvision.transforms.v2.functional.resize(image, [min_size, min_size], antialias=False)
+            torchvision.transforms.v2.functional.resize(image, [tile_height, tile_width], antialias=False)
         )
+    # frames of different sizes: pad every tile to the largest
+    h_max, w_max = max(tile.shape[1] for tile in tiles), max(tile.shape[2] for tile in tiles)
+    tiles = [
+        torch.nn.functional.pad(tile, (0, w_max - tile.shape[2], 0, h_max - tile.shape[1])) for tile in tiles
+    ]
     grid = make_grid(torch.stack(tiles), nrow=int(np.ceil(np.sqrt(len(tiles)))), padding=2)
     with atomic_path(path) as tmp:
         torchvision.io.write_png(grid, str(tmp))
