@@ -339,5 +339,7 @@ def test_scenes_smoke_experiment_runs_capture_qa_train_evaluate(tmp_path):
         "camera.json", "detections", "models", "test", "train_pbr", "val",
     ]  # fmt: skip
     assert json.loads((tmp_path / "2_data/qa/report.json").read_text())["passed"] is True
+    sheet = Image.open(tmp_path / "2_data/qa/labels.png")  # 4 x 4 tiles of 4:3 frames, not squashed
+    assert sheet.width == pytest.approx(sheet.height * 4 / 3, rel=0.05)
     metrics = json.loads((tmp_path / "3_training/metrics.json").read_text())
     assert metrics["n_test"] >= 3
