@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from . import batches, tracking
 from .checkpoints import checkpoint_dir, load_checkpoint, pick_device
+from .debugging import stats, symptom_scan
 from .files import atomic_path
 from .loaders import build_loaders, start_epoch
 from .paths import CONFIG_DIR
@@ -332,6 +334,10 @@ def train_one_epoch(c, epoch, state, stop, progress):
         state["batch"] += 1
         state["seen"] += len(batch[c.task.input_key])
         state["loss_sum"] += loss_value
+        state["losses"].append(loss_value)
+        for k, v in parts.items():
+            if k != "loss":
+                state["terms"][k] = state["terms"].get(k, 0.0) + float(v)
         if state["step"] % t.log_every == 0:
             state["log"](
                 {"train/loss": loss_value, "lr": c.scheduler.get_last_lr()[0]}
@@ -342,6 +348,21 @@ def train_one_epoch(c, epoch, state, stop, progress):
                 progress.set_postfix(loss=f"{loss_value:.4f}")
         if stop.requested():
             raise StopRequested
+
+
+def epoch_training_metrics(state):
+    """This process's epoch of step losses for the history: the mean and variance of their asinh and their
+    count (the symptom scan's epoch-level tests) and the mean of each loss term, `train/<term>_epoch`.
+    asinh is log-like for large values, linear near 0 and defined for any sign: one exploding step among
+    ordinary ones would otherwise make the variance so large that no epoch-level test could see the rise."""
+    mean, var, n = stats.epoch_summary(np.arcsinh(state["losses"]))
+    terms = {f"train/{k}_epoch": v / max(1, n) for k, v in state["terms"].items()}
+    # one step has no variance: 0 keeps the trackers' numbers finite (the scan skips epochs of < 2 steps)
+    return {
+        "train/asinh_loss_epoch": mean if n else 0.0,
+        "train/asinh_loss_epoch_var": var if n > 1 else 0.0,
+        "train/loss_epoch_steps": n,
+    } | terms
 
 
 def as_float(out):
@@ -460,7 +481,7 @@ def fit(cfg, c=None):
                 epoch = state["epoch"]
                 # a resumed epoch skips the batches trained on before the stop (loaders.py: why it is exact)
                 start_epoch(c.train_loader, epoch, state["batch"], cfg.seed)
-                state |= {"seen": 0, "loss_sum": 0.0, "log": run.log}
+                state |= {"seen": 0, "loss_sum": 0.0, "losses": [], "terms": {}, "log": run.log}
                 start = time.perf_counter()
                 progress = tqdm(
                     c.train_loader,
@@ -472,7 +493,7 @@ def fit(cfg, c=None):
                 train_one_epoch(c, epoch, state, stop, progress)
                 seconds = time.perf_counter() - start
                 metrics = validate(c)
-                metrics |= {
+                metrics |= epoch_training_metrics(state) | {
                     "epoch": epoch + 1,
                     "train/loss_epoch": state["loss_sum"] / max(1, state["batch"]),
                     "train/images_per_s": state["seen"] * world / seconds,
@@ -497,6 +518,13 @@ def fit(cfg, c=None):
                         f"({metrics['train/images_per_s']:.0f} samples/s)",
                         flush=True,
                     )
+            if rank == 0:  # the doctor's symptoms, as far as this run's history shows them
+                symptom_scan.report(
+                    state["history"],
+                    Path(cfg.paths.training) / "symptoms.json",
+                    n_val=len(c.val_set),
+                    th=symptom_scan.thresholds(cfg),
+                )
             grid = prediction_grid(c) if rank == 0 and t.log_predictions else None
             if grid is not None:
                 run.log_image("val/predictions", grid.permute(1, 2, 0).numpy(), "the task's preview")

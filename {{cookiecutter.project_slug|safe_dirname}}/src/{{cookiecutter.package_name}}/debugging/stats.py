@@ -141,20 +141,7 @@ def bounce_statistics(run, alpha=0.01):
     loss never rises significantly (overfitting raises the validation loss, not the training loss).
     Divergence (non-finite loss) counts as a bounce.
     """
-    z_crit = _z_quantile(1 - alpha)
-    rises, worst = 0, 0.0
-    best_mean, best = math.inf, None
-    for losses in run.epoch_step_losses:
-        x = np.asarray(losses, np.float64)
-        if len(x) < 2:
-            continue
-        if best is not None:
-            se = math.sqrt(x.var(ddof=1) / len(x) + best.var(ddof=1) / len(best))
-            z = (x.mean() - best.mean()) / se if se > 0 else 0.0
-            worst = max(worst, z)
-            rises += z > z_crit
-        if x.mean() < best_mean:
-            best_mean, best = x.mean(), x
+    rises = epoch_rises([epoch_summary(losses) for losses in run.epoch_step_losses], alpha)
     val_rises = 0
     for i in range(1, len(run.val_losses_per_epoch)):
         prev = min(range(i), key=lambda j: run.val_curve[j])
@@ -163,11 +150,49 @@ def bounce_statistics(run, alpha=0.01):
         undone = i + 1 < len(run.val_curve) and min(run.val_curve[i + 1 :]) < run.val_curve[prev]
         val_rises += p < alpha and rel > 0 and undone
     return {
-        "train_rises": int(rises),
-        "max_rise_z": float(worst),
+        "train_rises": rises["rises"],
+        "max_rise_z": rises["max_rise_z"],
         "val_rises_undone": int(val_rises),
         "diverged": run.diverged,
     }
+
+
+def epoch_summary(losses):
+    """(mean, variance, count) of one epoch's step losses: all that the epoch-level tests below need, and what
+    `make train` keeps in its history (`train/loss_epoch`, `train/loss_epoch_var`, `train/loss_epoch_steps`)."""
+    x = np.asarray(losses, np.float64)
+    return float(x.mean()) if len(x) else math.nan, float(x.var(ddof=1)) if len(x) > 1 else math.nan, len(x)
+
+
+def welch_z(a, b):
+    """Welch's z of mean(a) - mean(b) for two epochs given as (mean, variance, count); 0 when both are exact."""
+    se = math.sqrt(a[1] / a[2] + b[1] / b[2])
+    return (a[0] - b[0]) / se if se > 0 else 0.0
+
+
+def epoch_rises(epochs, alpha=0.01):
+    """The training-loss half of `bounce_statistics` on epoch summaries (`epoch_summary`): epochs whose mean
+    step loss is significantly above the best earlier epoch's (Welch z > the one-sided normal quantile at
+    `alpha`; epochs of fewer than 2 steps are skipped). Returns the count, the largest z and, for that rise,
+    its epoch and the best earlier epoch (1-based) with their means."""
+    z_crit = z_quantile(1 - alpha)
+    rises, worst, where = 0, 0.0, None
+    best = None  # (index, summary) of the lowest mean so far
+    for i, e in enumerate(epochs):
+        if e[2] < 2:
+            continue
+        if best is not None:
+            z = welch_z(e, best[1])
+            if z > worst:
+                worst, where = z, (i, best[0])
+            rises += z > z_crit
+        if best is None or e[0] < best[1][0]:
+            best = (i, e)
+    out = {"rises": int(rises), "max_rise_z": float(worst), "z_critical": z_crit}
+    if where is not None:
+        i, j = where
+        out |= {"epoch": i + 1, "mean": epochs[i][0], "best_epoch": j + 1, "best_mean": epochs[j][0]}
+    return out
 
 
 def forgetting_statistics(run):
@@ -185,7 +210,7 @@ def forgetting_statistics(run):
     return {"ratio": float(np.median(ratios)), "p_value": float(np.median(ps))}
 
 
-def _z_quantile(q):
+def z_quantile(q):
     # inverse normal CDF by bisection on erfc (no scipy)
     lo, hi = -10.0, 10.0
     for _ in range(100):
