@@ -24,7 +24,6 @@ Each symptom in 3_training/symptoms.json: `present` true / false / null (null: t
 """
 
 import math
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +185,7 @@ def doctor_command(experiment=None, overrides=()):
     """The `make doctor` call that diagnoses this run's config."""
     cmd = "make doctor" + (f" EXPERIMENT={experiment}" if experiment else "")
     if overrides:
-        cmd += " OVERRIDES=" + shlex.quote(" ".join(overrides))
+        cmd += f' OVERRIDES="{" ".join(overrides)}"'
     return cmd
 
 
