@@ -101,6 +101,9 @@ def test_a_plateau_needs_a_flat_second_half_and_enough_epochs():
     assert symptom_scan.scan(history(steps, still), BIG_VAL)["plateau"]["present"] is False
     short = symptom_scan.scan(history(steps[:6], val[:6]), BIG_VAL)["plateau"]
     assert short["present"] is None and "9+ epochs" in short["unknown_because"]
+    # a loss that can be negative (a log-likelihood): no relative gain
+    negative = symptom_scan.scan(history(steps, [-v for v in val]), BIG_VAL)["plateau"]
+    assert negative["present"] is None and "positive" in negative["unknown_because"]
 
 
 def test_a_small_validation_set_is_flagged_with_its_size():

@@ -74,7 +74,7 @@ def compare_loops(c, steps, warmup_steps, rounds, log, loops=None):
     """Time each loop in `loops` (name -> loop; default bare, ours, loader) for `rounds` rounds of `steps`
     batches; returns the totals, per-round figures and the ratios of the totals."""
     loops = loops or {"bare": bare_loop, "ours": our_loop, "loader": loader_only}
-    state = {"step": 0, "batch": 0, "seen": 0, "loss_sum": 0.0, "log": log}
+    state = {"step": 0, "batch": 0, "seen": 0, "loss_sum": 0.0, "losses": [], "terms": {}, "log": log}
     for loop in loops.values():  # first steps pay for allocations and kernel selection
         timed_round(c, warmup_steps, loop, state)
     names = list(loops)

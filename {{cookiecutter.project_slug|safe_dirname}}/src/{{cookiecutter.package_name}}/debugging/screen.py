@@ -11,15 +11,10 @@ import dataclasses
 import torch
 
 from ..batches import collate, to_device
-from . import probes, runs, stats
+from . import probes, runs, stats, symptom_scan
 
-SYMPTOMS = {
-    "no_learning": "Network won't go above random performance",
-    "loss_bounces": "Loss bounces over epochs",
-    "forgetting": "Catastrophic forgetting",
-    "suspiciously_good": "Suspiciously good performance",
-    "plateau": "Plateaus at a strangely low performance",
-}
+# the talk's rows: one table for the doctor and the symptom scan that ends `make train`
+SYMPTOMS = symptom_scan.ROWS
 
 
 @dataclasses.dataclass

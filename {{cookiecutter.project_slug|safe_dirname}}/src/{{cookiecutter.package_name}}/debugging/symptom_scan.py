@@ -31,7 +31,7 @@ import numpy as np
 from ..files import write_json
 from . import stats
 
-ROWS = {  # the talk's rows (screen.SYMPTOMS; not imported: that module pulls in the doctor's probes)
+ROWS = {  # the talk's rows, the doctor's symptom ids (screen.SYMPTOMS is this table)
     "no_learning": "Network won't go above random performance",
     "loss_bounces": "Loss bounces over epochs",
     "forgetting": "Catastrophic forgetting",
@@ -97,8 +97,10 @@ def plateau(history, th):
     if math.factorial(len(second)) * th["alpha"] < 1:
         # the trend test cannot reach alpha on so few points: a young run and a plateau look the same
         return unknown(f"needs {min_epochs(th['alpha'])}+ epochs (a second half the trend test can decide)")
+    if val[0] <= 0:
+        return unknown("a relative gain needs a positive first validation loss")
     best = min(val[1:])
-    gain = 1.0 - best / val[0] if val[0] > 0 else 0.0
+    gain = 1.0 - best / val[0]
     slope, p = stats.trend_test(second)
     still_falling = bool(slope < 0 and p < th["alpha"])
     return {
