@@ -27,8 +27,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from ..files import write_json
+from ..paths import group_defaults
 from . import stats
 
 ROWS = {  # the talk's rows, the doctor's symptom ids (screen.SYMPTOMS is this table)
@@ -38,13 +40,15 @@ ROWS = {  # the talk's rows, the doctor's symptom ids (screen.SYMPTOMS is this t
     "suspiciously_good": "Suspiciously good performance",
     "plateau": "Plateaus at a strangely low performance",
 }
-DEFAULTS = {"alpha": 0.01, "plateau_gain": 0.25, "min_test_size": 385}
+USED = ("alpha", "plateau_gain", "min_test_size")
 
 
-def thresholds(cfg):
-    """The doctor's thresholds this scan uses (its defaults where a config has no doctor section)."""
-    th = ((cfg.get("debugging") or {}).get("doctor") or {}).get("thresholds") or {}
-    return {k: float(th.get(k, v)) for k, v in DEFAULTS.items()}
+def thresholds(cfg=None):
+    """The doctor's thresholds this scan uses: the config's, or configs/debugging/doctor/default.yaml's where a
+    config has no doctor section (one source of truth either way)."""
+    th = OmegaConf.select(cfg, "debugging.doctor.thresholds") if cfg is not None else None
+    th = th or group_defaults("debugging/doctor/default")["thresholds"]
+    return {k: float(th[k]) for k in USED}
 
 
 def epoch_summaries(history):
@@ -138,7 +142,7 @@ def suspiciously_good(n_val, th):
 
 def scan(history, n_val=None, th=None):
     """{symptom id: {"present": True/False/None, numbers..., "row": the talk's row}} for a fit() history."""
-    th = th or dict(DEFAULTS)
+    th = th or thresholds()
     history = list(history)
     summaries = epoch_summaries(history)
     symptoms = {
