@@ -181,8 +181,8 @@ def describe(name, s):
         )
     if name == "suspiciously_good":
         return (
-            f"suspiciously good (untrustworthy): {s['n_val']} validation samples, fewer than the "
-            f"{s['min_test_size']} a +-5 point 95 % CI on a success rate needs"
+            f"suspiciously good (here: a validation set too small to trust, whatever its numbers): {s['n_val']} "
+            f"samples, fewer than the {s['min_test_size']} a +-5 point 95 % CI on a success rate needs"
         )
     return f"{name}: {s}"
 
