@@ -218,6 +218,31 @@ def test_a_broken_training_step_reaches_the_doctor(tiny_dataset, tmp_path, monke
     assert not result["checks"]["overfit"]["passed"]
 
 
+def test_the_loss_reaches_every_parameter_but_in_the_detached_output_fault(tiny_dataset):
+    """The init check's `without_gradient`: empty for every zoo config (healthy and every other fault, the
+    model variants included), the translation head's parameters exactly when its output is detached."""
+    for name in zoo_benchmark.zoo_names():
+        overrides = (*tiny_dataset.overrides, "logger=none", "training.batch_size=4")
+        cfg = compose(f"experiment=zoo/{name}", *overrides)
+        c = training.build(cfg)
+        batch = training.to_device(next(iter(c.train_loader)), c.device, cfg)
+        unreached = probes.init_statistics(c.model, batch, c.criterion)["without_gradient"]
+        if name == "implementation_bug_detached":
+            assert unreached and all(n.startswith("trans_head.") for n in unreached), unreached
+        else:
+            assert unreached == [], (name, unreached)
+
+
+def test_a_detached_loss_term_is_an_implementation_bug(tiny_dataset, tmp_path):
+    """Part of the output never trains while the rest does (the total loss falls): the doctor names
+    `implementation_bug` from the parameters the loss does not reach, not from a plateau."""
+    fault = ("debugging.fault=detached_output", "debugging.doctor.thresholds.min_test_size=1")
+    result, _ = run_doctor(tiny_dataset, tmp_path, *fault)
+    assert result["top_cause"] == "implementation_bug", result["top_cause"]
+    top = result["causes"][0]
+    assert top["id"] == "implementation_bug" and "trans_head.weight" in top["evidence"]["without_gradient"]
+
+
 def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match="debugging.fault"):
         run_doctor(tiny_dataset, tmp_path, "debugging.fault=gremlins")

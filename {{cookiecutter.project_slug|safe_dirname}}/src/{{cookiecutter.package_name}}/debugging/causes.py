@@ -1,7 +1,7 @@
 """The causes the doctor decides by a measurement rather than by a fix that helps.
 
 - `integrity(lab, screen)`: the screen's checks that invalidate every comparison of training runs: the model
-  mixes the batch or ignores its input (`implementation_bug`), the answer is in the input
+  mixes the batch, ignores its input or has parameters the loss never reaches (`implementation_bug`), the answer is in the input
   (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
   helped: Karpathy's overfit test (`implementation_bug` when it fails), then `unsolvable`, but only after the
@@ -32,6 +32,16 @@ def integrity(lab, screen):
         found["implementation_bug"] = finding(
             "implementation_bug", True, 1.0, {"batch_dependency_eval": dep}, fault_fix(),
             f"Backprop-dependency check failed: {what}.",
+        )  # fmt: skip
+    unreached = c["init"].get("without_gradient", [])
+    if unreached and "implementation_bug" not in found:
+        n = c["init"]["n_trainable"]
+        found["implementation_bug"] = finding(
+            "implementation_bug", True, len(unreached) / n, {"without_gradient": unreached, "n_trainable": n},
+            fault_fix("make every output the loss should train reach it (a detached or missing loss term?)"),
+            f"The loss does not reach {len(unreached)} of {n} trainable parameter tensors "
+            f"({', '.join(unreached[:4])}{', ...' if len(unreached) > 4 else ''}): no gradient flows to them, "
+            "so the part of the output they compute never trains, whatever the rest of the loss does.",
         )  # fmt: skip
     sc, dup = c["shortcut"], c["duplicates"]
     frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)

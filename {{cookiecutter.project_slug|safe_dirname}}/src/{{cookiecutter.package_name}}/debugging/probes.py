@@ -219,6 +219,8 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
     For each Conv/Linear layer: std of its output activations, norm of its weight gradient relative to the
     weight norm, and its weight std divided by He-normal's sqrt(2 / fan_in) (Kaiming He et al. 2015; for a
     ReLU network a ratio far below 1 shrinks the signal layer by layer, far above 1 blows it up).
+    `without_gradient`: the trainable parameters the loss does not reach at all (no gradient, not a zero one):
+    the part of the network they compute never trains (a detached or missing loss term, an unused head).
     """
     forward = forward or (lambda m, b: m(get_input(b, input_key)))
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear | nn.Conv1d)]
@@ -250,8 +252,15 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
                 "grad_over_weight": grad / max(float(w.detach().norm()), 1e-12),
             }
         )
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    without = [n for n, p in trainable if p.grad is None]
     model.zero_grad(set_to_none=True)
-    return {"loss_at_init": float(loss.detach()), "layers": rows}
+    return {
+        "loss_at_init": float(loss.detach()),
+        "layers": rows,
+        "n_trainable": len(trainable),
+        "without_gradient": without,
+    }
 
 
 def _step(task, model, batch, optimizer, scaler):

@@ -13,6 +13,7 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     tiny_val           the validation set cut to `debugging.fault_size` (default 12) samples  (test_set_too_small)
     batch_mixing       a reshape bug mixes the images of a batch before the network sees them (implementation_bug)
     ignores_input      a bug overwrites the images with zeros inside the forward pass         (implementation_bug)
+    detached_output    the network's last output is detached before the loss: that head never trains (implementation_bug)
     raw_pixels         images arrive as 0..255 floats (uint8 never divided by 255)            (poor_input_features)
     black_level        a constant 1000 added to every pixel (a sensor black level never subtracted) (poor_input_features)
 """
@@ -30,6 +31,7 @@ FAULTS = (
     "tiny_val",
     "batch_mixing",
     "ignores_input",
+    "detached_output",
     "raw_pixels",
     "black_level",
 )
@@ -158,6 +160,15 @@ def _zero_input(module, args):
     return (torch.zeros_like(images), *rest)
 
 
+def _detach_last_output(module, args, out):
+    # A slip such as `trans = out["trans"].detach()` (meant for logging) before the loss: the forward pass and
+    # the predictions are unchanged, but no gradient reaches what computes that output.
+    if isinstance(out, dict) and len(out) > 1:
+        last = list(out)[-1]
+        return out | {last: out[last].detach()}
+    return out
+
+
 def fault_model(cfg, model):
     """Code faults as forward pre-hooks, so the model's state_dict and checkpoints stay unchanged."""
     fault = fault_of(cfg)
@@ -165,4 +176,6 @@ def fault_model(cfg, model):
         model.register_forward_pre_hook(_mix_batch)
     elif fault == "ignores_input":
         model.register_forward_pre_hook(_zero_input)
+    elif fault == "detached_output":
+        model.register_forward_hook(_detach_last_output)
     return model
