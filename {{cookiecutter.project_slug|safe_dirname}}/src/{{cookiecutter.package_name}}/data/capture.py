@@ -59,6 +59,7 @@ from .render import (  # shared with data/scenes.py
     sensors,
     srgb_to_linear,
     sweep_stale_temp_dirs,
+    visible_mask,
 )
 from .scenes import capture_scenes
 
@@ -200,8 +201,7 @@ class Renderer:
         depth, hit = self._depth(scene, seed)
         if occluders:
             depth_obj, mask = self._depth(model["alone"], seed)
-            # Visible where the first surface on the ray is the object's own (same depth).
-            mask_visib = mask & hit & (np.abs(depth - depth_obj) < 1e-4 * depth_obj + 1e-3)
+            mask_visib = visible_mask(mask, hit, depth, depth_obj)
         else:
             mask, mask_visib = hit, hit
         return image, depth, mask, mask_visib

@@ -129,6 +129,12 @@ def render_depth(mi, scene, sensor, integrator, to_z, seed):
     return np.where(hit, out[..., 0] * to_z + NEAR_CLIP, 0.0), hit
 
 
+def visible_mask(mask, hit, depth, depth_own):
+    """Where an object (rendered alone: `mask`, `depth_own`) is visible in the whole scene (`hit`, `depth`):
+    the first surface on the ray is its own (same depth, up to float noise)."""
+    return mask & hit & (np.abs(depth - depth_own) < 1e-4 * depth_own + 1e-3)
+
+
 # --- random scene parameters --------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ from .render import (
     sensors,
     srgb_to_linear,
     sweep_stale_temp_dirs,
+    visible_mask,
 )
 
 DEFAULT_COLOUR = 180  # grey for a model without vertex colours
@@ -228,8 +229,7 @@ class SceneRenderer:
         masks = []
         for own in alone:
             depth_own, mask = self._depth(own, seed)
-            # visible where the first surface on the ray is the instance's own (same depth)
-            masks.append((mask, mask & hit & (np.abs(depth - depth_own) < 1e-4 * depth_own + 1e-3)))
+            masks.append((mask, visible_mask(mask, hit, depth, depth_own)))
         return image, depth, masks
 
 
