@@ -26,17 +26,20 @@ def compose(*overrides):
         return hydra_compose("config", overrides=list(overrides))
 
 
+def capture_dataset(tmp_path_factory, name, train, val, test, *overrides):
+    """Render a train/val/test dataset into a fresh folder; returns its root."""
+    from {{ cookiecutter.package_name }}.data import capture
+
+    root = tmp_path_factory.mktemp(name) / "dataset"
+    counts = [
+        f"data.capture.num_images.{k}={n}" for k, n in {"train": train, "val": val, "test": test}.items()
+    ]
+    capture.capture(compose(f"data.root={root}", *overrides, *counts, "logger=none"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A rendered 16/8/8-image dataset; `.overrides` select it (data.root and image size), `.root` is it."""
-    from {{ cookiecutter.package_name }}.data import capture
-
-    root = tmp_path_factory.mktemp("tiny_dataset") / "dataset"
-    overrides = [f"data.root={root}", *TINY_IMAGES]
-    counts = [
-        "data.capture.num_images.train=16",
-        "data.capture.num_images.val=8",
-        "data.capture.num_images.test=8",
-    ]
-    capture.capture(compose(*overrides, *counts, "logger=none"))
-    return SimpleNamespace(root=Path(root), overrides=overrides)
+    root = capture_dataset(tmp_path_factory, "tiny_dataset", 16, 8, 8, *TINY_IMAGES)
+    return SimpleNamespace(root=Path(root), overrides=[f"data.root={root}", *TINY_IMAGES])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose
+from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
 from {{ cookiecutter.package_name }}.debugging import doctor, probes, runs, zoo, zoo_benchmark
@@ -253,16 +253,7 @@ def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):
 def zoo_dataset(tmp_path_factory):
     """A freshly captured dataset: as many training images as the doctor's budget uses (n_train), and 400
     validation images, so the test-set check passes unless a config cuts it."""
-    from {{ cookiecutter.package_name }}.data import capture
-
-    root = tmp_path_factory.mktemp("zoo_data") / "dataset"
-    counts = [
-        "data.capture.num_images.train=2048",
-        "data.capture.num_images.val=400",
-        "data.capture.num_images.test=8",
-    ]
-    capture.capture(compose(f"data.root={root}", *counts, "logger=none"))
-    return root
+    return capture_dataset(tmp_path_factory, "zoo_data", 2048, 400, 8)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_IMAGES, compose
+from conftest import TINY_IMAGES, capture_dataset
 from {{ cookiecutter.package_name }}.paths import PROJECT_ROOT
 
 # two real 22-epoch runs (~40 s together on 2 cores): end-to-end, with the slow tests
@@ -26,17 +26,8 @@ CURVE_SYMPTOMS = ("loss bounces", "no learning", "plateau")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from {{ cookiecutter.package_name }}.data import capture
-
-    root = tmp_path_factory.mktemp("symptoms_dataset") / "dataset"
-    overrides = [f"data.root={root}", *TINY_IMAGES]
-    counts = [
-        "data.capture.num_images.train=256",
-        "data.capture.num_images.val=32",
-        "data.capture.num_images.test=1",
-    ]
-    capture.capture(compose(*overrides, *counts, "logger=none"))
-    return overrides
+    root = capture_dataset(tmp_path_factory, "symptoms_dataset", 256, 32, 1, *TINY_IMAGES)
+    return [f"data.root={root}", *TINY_IMAGES]
 
 
 def train(dataset, root, experiment):
