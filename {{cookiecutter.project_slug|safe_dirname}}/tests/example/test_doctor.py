@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
@@ -50,7 +51,7 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(doctor, "run_doctor", scripted_doctor)
     configs = "benchmark.configs=[lr_too_high,not_started,implementation_bug,healthy]"
-    zoo_benchmark.main([f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2"])
+    zoo_benchmark.main([f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2", "benchmark.faulty_seeds=1"])
     faults = {name: compose(f"experiment=zoo/{name}").debugging.fault for name in ("lr_too_high", "healthy")}
     assert [(n, s) for n, s, _, _ in seen] == [
         ("zoo/lr_too_high", 0), ("zoo/not_started", 0), ("zoo/implementation_bug", 0),
@@ -73,14 +74,44 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
     }
     report = (out / "benchmark.md").read_text()
     assert report == zoo_benchmark.markdown(summary) and report in capsys.readouterr().out
-    assert "Top-1 accuracy on faulty configs: **1/3 = 33%**" in report
+    assert "Top-1 accuracy on faulty runs: **1/3 = 33%**" in report
     assert "False alarms on healthy runs: **1/2**" in report
     assert "| not_started | 0 | `not_started` | `lr_too_low` | **no** |" in report
     assert "| `none` |" in report and "| lr_too_high | 0 | `lr_too_high` | `lr_too_high` | yes |" in report
     # healthy configs only: no accuracy to report, and markdown says so instead of failing
     healthy_only = zoo_benchmark.summarize([r for r in summary["rows"] if r["injected"] == "none"])
     assert healthy_only["top1_accuracy"] is None
-    assert "Top-1 accuracy on faulty configs: **0/0**" in zoo_benchmark.markdown(healthy_only)
+    assert "Top-1 accuracy on faulty runs: **0/0**" in zoo_benchmark.markdown(healthy_only)
+
+
+def test_zoo_benchmark_runs_faulty_configs_over_two_seeds_by_default():
+    names = ["lr_too_high", "healthy"]
+    assert zoo_benchmark.plan(names, seeds=3, faulty_seeds=2) == [
+        ("lr_too_high", 0, "lr_too_high/seed0"), ("lr_too_high", 1, "lr_too_high/seed1"),
+        ("healthy", 0, "healthy/seed0"), ("healthy", 1, "healthy/seed1"), ("healthy", 2, "healthy/seed2"),
+    ]  # fmt: skip
+    cfg = compose()
+    with pytest.raises(ValueError, match=r"benchmark.jobs must be >= 1"):
+        zoo_benchmark.run(OmegaConf.create({"benchmark": {"configs": names, "jobs": 0}}), [])
+    with pytest.raises(ValueError, match="name must start"):
+        zoo_benchmark.run(OmegaConf.create({"benchmark": {"configs": ["mystery"]}}), [])
+    assert cfg.debugging.doctor.threads == 1  # two doctors side by side use one core each
+
+
+def test_zoo_benchmark_with_two_jobs_keeps_the_table_in_order(tmp_path):
+    """benchmark.jobs=2: two spawned doctor processes; here each doctor fails fast on a missing dataset, so
+    the rows come back as errors, in the planned order, with the planned seeds (no doctor is mocked)."""
+    missing = tmp_path / "no-dataset"
+    overrides = [f"paths.root={tmp_path}", "logger=none", f"data.root={missing}"]
+    bench = {"configs": ["lr_too_high", "not_started", "healthy"], "seeds": 2, "faulty_seeds": 1, "jobs": 2}
+    rows = zoo_benchmark.run(OmegaConf.create({"benchmark": bench}), overrides)
+    assert [(r["config"], r["seed"]) for r in rows] == [
+        ("lr_too_high", 0), ("not_started", 0), ("healthy", 0), ("healthy", 1)
+    ]
+    assert all(r["diagnosed"] == "error" and str(missing) in r["error"] for r in rows), rows
+    assert not (tmp_path / "4_debugging" / "doctor" / "zoo").exists() or not any(
+        (tmp_path / "4_debugging" / "doctor" / "zoo").rglob("report.json")
+    )  # a failed doctor leaves no half-written report
 
 
 class PoseLike(torch.utils.data.Dataset):

@@ -1,17 +1,22 @@
 """Benchmark the doctor on the bug zoo: injected cause vs top-1 diagnosis, false alarms on healthy configs.
 
     python -m <package>.debugging.zoo_benchmark                 # make doctor-benchmark
+    python -m <package>.debugging.zoo_benchmark benchmark.jobs=2                 # two doctors side by side
     python -m <package>.debugging.zoo_benchmark benchmark.configs=[lr_too_high,healthy] benchmark.seeds=1
 
 Every configs/experiment/zoo/<name>.yaml is diagnosed by the doctor; the injected cause is the file name
 (`healthy*` = no cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds` seeds
-(0, 1, ...), the faulty ones with the first seed. Prints the confusion table, top-1 accuracy over the faulty
-configs, false alarms on the healthy ones and the wall time per config, and writes
-4_debugging/doctor/benchmark.json and benchmark.md. Timings depend on the machine: report them as measured.
+(0, 1, ...), the faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each
+in its own process (on `debugging.doctor.threads` torch threads); the table keeps the configs' order. Prints
+the confusion table, top-1 accuracy over the faulty runs, false alarms on the healthy ones and the wall time
+per run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings depend on the machine and on
+how many doctors share it: report them as measured, with `jobs`.
 """
 
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import hydra
@@ -42,38 +47,58 @@ def injected_cause(name):
     return max(matches, key=len)
 
 
+def plan(names, seeds, faulty_seeds):
+    """(config, seed, label) for every doctor run, in the table's order."""
+    runs = []
+    for name in names:
+        healthy = injected_cause(name) == "none"
+        count = seeds if healthy else faulty_seeds
+        runs += [(name, seed, name if count == 1 and not healthy else f"{name}/seed{seed}") for seed in range(count)]
+    return runs
+
+
+def diagnose(name, seed, label, overrides, verbose):
+    """One doctor run -> its table row. A crash is a row too: one broken config must not hide the others."""
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose("config", overrides=[f"experiment=zoo/{name}", f"seed={seed}", *overrides])
+    with open_dict(config):
+        config.debugging.doctor.verbose = verbose
+    start = time.perf_counter()
+    try:
+        top, error = doctor.run_doctor(config, name=f"zoo/{label}")["top_cause"], None
+    except Exception as exc:
+        top, error = "error", f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - start
+    expected = injected_cause(name)
+    row = {"config": name, "seed": seed, "injected": expected, "diagnosed": top, "correct": top == expected,
+           "seconds": round(seconds, 1), "error": error}  # fmt: skip
+    print(f"{label:40s} injected {expected:24s} diagnosed {top:24s} {seconds:6.1f} s", flush=True)
+    return row
+
+
+def _diagnose_in_worker(args):
+    GlobalHydra.instance().clear()
+    return diagnose(*args)
+
+
 def run(cfg, overrides):
     bench = cfg.get("benchmark") or {}
     names = list(bench.get("configs") or zoo_names())
-    seeds = int(bench.get("seeds", 3))
-    rows = []
     for name in names:
-        expected = injected_cause(name)
-        for seed in range(seeds if expected == "none" else 1):
-            config = compose("config", overrides=[f"experiment=zoo/{name}", f"seed={seed}", *overrides])
-            with open_dict(config):
-                config.debugging.doctor.verbose = bool(bench.get("verbose", False))
-            label = name if expected != "none" else f"{name}/seed{seed}"
-            start = time.perf_counter()
-            try:
-                result = doctor.run_doctor(config, name=f"zoo/{label}")
-                top, error = result["top_cause"], None
-            except Exception as exc:  # one broken config must not hide the others' numbers
-                top, error = "error", f"{type(exc).__name__}: {exc}"
-            seconds = time.perf_counter() - start
-            rows.append(
-                {
-                    "config": name,
-                    "seed": seed,
-                    "injected": expected,
-                    "diagnosed": top,
-                    "correct": top == expected,
-                    "seconds": round(seconds, 1),
-                    "error": error,
-                }
-            )
-            print(f"{label:40s} injected {expected:24s} diagnosed {top:24s} {seconds:6.1f} s", flush=True)
-    return rows
+        injected_cause(name)  # a bad name fails before any doctor runs
+    seeds, faulty_seeds, jobs = (int(bench.get(k, d)) for k, d in (("seeds", 3), ("faulty_seeds", 2), ("jobs", 1)))
+    if min(seeds, faulty_seeds, jobs) < 1:
+        raise ValueError(
+            f"benchmark.seeds, benchmark.faulty_seeds and benchmark.jobs must be >= 1 (got {seeds}, {faulty_seeds}, {jobs})"
+        )
+    verbose = bool(bench.get("verbose", False))
+    work = [(name, seed, label, list(overrides), verbose) for name, seed, label in plan(names, seeds, faulty_seeds)]
+    if jobs == 1:
+        GlobalHydra.instance().clear()
+        return [diagnose(*args) for args in work]
+    # spawn, not fork: each doctor starts with fresh torch threads and no state copied from this process
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_diagnose_in_worker, work))
 
 
 def summarize(rows):
@@ -103,10 +128,10 @@ def markdown(summary):
     lines = [
         "# Doctor benchmark on the bug zoo",
         "",
-        f"Top-1 accuracy on faulty configs: **{summary['correct']}/{summary['faulty_configs']}"
+        f"Top-1 accuracy on faulty runs: **{summary['correct']}/{summary['faulty_configs']}"
         + (f" = {summary['top1_accuracy']:.0%}**" if summary["top1_accuracy"] is not None else "**"),
         f"False alarms on healthy runs: **{summary['false_alarms']}/{summary['healthy_runs']}**",
-        f"Wall time: {summary['seconds_total']} s in total, at most {summary['seconds_max']} s per config "
+        f"Wall time: {summary['seconds_total']} s in total, at most {summary['seconds_max']} s per run "
         "(machine-dependent; see the report for the conditions).",
         "",
         "| config | seed | injected | diagnosed | ok | seconds |",
@@ -138,10 +163,10 @@ def main(argv=None):
         GlobalHydra.instance().clear()
         with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             base = compose("config", overrides=overrides)
-            bench = OmegaConf.from_dotlist(bench_overrides).get("benchmark") or {}
-            with open_dict(base):
-                base.benchmark = bench
-            rows = run(base, overrides)
+        bench = OmegaConf.from_dotlist(bench_overrides).get("benchmark") or {}
+        with open_dict(base):
+            base.benchmark = bench
+        rows = run(base, overrides)
         summary = summarize(rows)
         out = Path(base.debugging.doctor.output)
         write_json(out / "benchmark.json", summary)
