@@ -51,7 +51,9 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(doctor, "run_doctor", scripted_doctor)
     configs = "benchmark.configs=[lr_too_high,not_started,implementation_bug,healthy]"
-    zoo_benchmark.main([f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2", "benchmark.faulty_seeds=1"])
+    zoo_benchmark.main(
+        [f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2", "benchmark.faulty_seeds=1"]
+    )
     faults = {name: compose(f"experiment=zoo/{name}").debugging.fault for name in ("lr_too_high", "healthy")}
     assert [(n, s) for n, s, _, _ in seen] == [
         ("zoo/lr_too_high", 0), ("zoo/not_started", 0), ("zoo/implementation_bug", 0),
@@ -106,8 +108,8 @@ def test_zoo_benchmark_with_two_jobs_keeps_the_table_in_order(tmp_path):
     bench = {"configs": ["lr_too_high", "not_started", "healthy"], "seeds": 2, "faulty_seeds": 1, "jobs": 2}
     rows = zoo_benchmark.run(OmegaConf.create({"benchmark": bench}), overrides)
     assert [(r["config"], r["seed"]) for r in rows] == [
-        ("lr_too_high", 0), ("not_started", 0), ("healthy", 0), ("healthy", 1)
-    ]
+        ("lr_too_high", 0), ("not_started", 0), ("healthy", 0), ("healthy", 1),
+    ]  # fmt: skip
     assert all(r["diagnosed"] == "error" and str(missing) in r["error"] for r in rows), rows
     assert not (tmp_path / "4_debugging" / "doctor" / "zoo").exists() or not any(
         (tmp_path / "4_debugging" / "doctor" / "zoo").rglob("report.json")

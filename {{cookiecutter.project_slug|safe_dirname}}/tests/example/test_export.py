@@ -16,7 +16,7 @@ from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_mode
 SIZE = (24, 32)  # H != W catches a swapped axis
 
 
-def tiny_estimator(rotation="sixd", translation="centre_depth", seed=0):
+def tiny_estimator(rotation="sixd", translation="centre_depth", seed=0, views=1):
     cfg = OmegaConf.create(
         {
             "model": {"arch": "small_resnet", "width": 4, "depth": 1, "stages": 2, "pool": 2, "hidden": 16},
@@ -25,7 +25,7 @@ def tiny_estimator(rotation="sixd", translation="centre_depth", seed=0):
         }
     )
     torch.manual_seed(seed)
-    return PoseEstimator(build_model(cfg)).eval()
+    return PoseEstimator(build_model(cfg), views).eval()
 
 
 def batch(n, seed=0):
@@ -85,6 +85,20 @@ def test_other_representations_export_with_parity(tmp_path, rotation, translatio
     path = tmp_path / "model.onnx"
     export.export_onnx(estimator, path, SIZE, 18, metadata(tmp_path, rotation, translation))
     export.parity(estimator, path, *batch(3), atol_R=1e-4, atol_t_mm=0.05, threads=1)
+
+
+def test_test_time_views_export_with_parity(tmp_path):
+    """model.test_views (the default model averages 8): the turns, the network over views x batch and the
+    average are one ONNX graph, with the batch axis still dynamic."""
+    estimator = tiny_estimator(views=4)
+    path = tmp_path / "model.onnx"
+    export.export_onnx(estimator, path, SIZE, 18, metadata(tmp_path))
+    for n in (1, 3):
+        export.parity(estimator, path, *batch(n, seed=n), atol_R=1e-4, atol_t_mm=0.05, threads=1)
+    single = tiny_estimator(views=1)
+    single.load_state_dict(estimator.state_dict())
+    # the views do change the answer
+    assert (single(*batch(3))[0] - estimator(*batch(3))[0]).abs().max() > 1e-3
 
 
 def test_metadata_is_complete_and_read_by_the_service(exported):

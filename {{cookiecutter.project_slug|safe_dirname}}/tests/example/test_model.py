@@ -1,12 +1,15 @@
 import math
 
 import pytest
+import roma
 import torch
 import torchvision
+from omegaconf import OmegaConf
 
 from conftest import compose
 from {{ cookiecutter.package_name }}.pose import geometry, losses
 from {{ cookiecutter.package_name }}.pose.model import PoseEstimator, build_model, initialize
+from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
 K64 = torch.tensor([[80.0, 0.0, 31.5], [0.0, 80.0, 31.5], [0.0, 0.0, 1.0]])
 
@@ -42,6 +45,80 @@ def test_pose_estimator_returns_valid_poses_in_front_of_the_camera():
     assert R.shape == (4, 3, 3) and t.shape == (4, 3)
     assert_rotations(R)
     assert (t[:, 2] > 0).all()  # centre_depth decodes depth through exp: always in front
+
+
+class DotReader(torch.nn.Module):
+    """A stand-in network that reads the pose off the image: channel 0 holds a dot at the object origin's
+    projection, channel 1 one at its x axis' tip; depth is DEPTH_MM. Its answer turns with the image."""
+
+    def forward(self, images):
+        H, W = images.shape[-2:]
+        v, u = torch.meshgrid(
+            torch.arange(H, dtype=images.dtype), torch.arange(W, dtype=images.dtype), indexing="ij"
+        )
+        mass = images[:, :2].sum((2, 3))
+        centres = (
+            torch.stack([(images[:, :2] * u).sum((2, 3)), (images[:, :2] * v).sum((2, 3))], -1)
+            / mass[..., None]
+        )
+        axis = centres[:, 1] - centres[:, 0]
+        R = roma.rotvec_to_rotmat(
+            torch.atan2(axis[:, 1], axis[:, 0])[:, None] * torch.tensor([0.0, 0.0, 1.0])
+        )
+        uv = centres[:, 0]
+        trans = torch.stack(
+            [
+                2 * uv[:, 0] / W - 1,
+                2 * uv[:, 1] / H - 1,
+                torch.full_like(uv[:, 0], math.log(DEPTH_MM / 1000)),
+            ],
+            -1,
+        )
+        return {"rot": geometry.rotmat_to_target(R, "sixd"), "trans": trans}
+
+    def decode(self, out, K, image_size):
+        return geometry.raw_to_rotmat(out["rot"], "sixd"), geometry.decode_translation(
+            out["trans"], K, "centre_depth", image_size
+        )
+
+
+DEPTH_MM = 250.0
+
+
+def dot_images(R, t, K, size=64, sigma=1.2):
+    """Gaussian dots at the projections of the object origin (channel 0) and of (25, 0, 0) mm (channel 1)."""
+    points = torch.tensor([[0.0, 0.0, 0.0], [25.0, 0.0, 0.0]])
+    uv = geometry.project(points.expand(len(R), 2, 3), R, t, K)  # [B,2,2]
+    v, u = torch.meshgrid(torch.arange(size, dtype=R.dtype), torch.arange(size, dtype=R.dtype), indexing="ij")
+    d2 = (u - uv[..., 0, None, None]) ** 2 + (v - uv[..., 1, None, None]) ** 2  # [B,2,H,W]
+    dots = torch.exp(-d2 / (2 * sigma**2))
+    return torch.cat([dots, torch.zeros_like(dots[:, :1])], 1)
+
+
+@pytest.mark.parametrize("views", [1, 4, 8])
+def test_test_time_views_turn_each_answer_back(views):
+    """Each turned view's pose is turned back before the average: an estimator that reads the pose off the
+    image gets the true pose from every view (a view turned the wrong way would be off by twice its angle)."""
+    g = torch.Generator().manual_seed(0)
+    angles = (torch.rand(5, generator=g) * 2 - 1) * math.pi
+    R = roma.rotvec_to_rotmat(angles[:, None] * torch.tensor([0.0, 0.0, 1.0]))
+    t = torch.cat([(torch.rand(5, 2, generator=g) * 2 - 1) * 30, torch.full((5, 1), DEPTH_MM)], -1)
+    K = K64.expand(5, 3, 3)
+    R_est, t_est = PoseEstimator(DotReader(), views)(dot_images(R, t, K), K)
+    assert_rotations(R_est)
+    assert geometry.geodesic_angle_deg(R_est, R).max() < 1.0
+    torch.testing.assert_close(t_est, t, atol=0.3, rtol=0)
+
+
+def test_the_estimator_takes_its_views_from_the_trained_config():
+    cfg = small("model.test_views=3")
+    assert PoseTask(cfg).inference_model(build_model(cfg), cfg).views == 3
+    old = small()
+    OmegaConf.set_struct(old, False)
+    del old.model["test_views"]  # a checkpoint from before test-time views: one view
+    assert PoseTask(old).inference_model(build_model(old), old).views == 1
+    with pytest.raises(ValueError, match="model.test_views must be >= 1"):
+        PoseEstimator(build_model(cfg), 0)
 
 
 def test_the_network_normalizes_its_input():

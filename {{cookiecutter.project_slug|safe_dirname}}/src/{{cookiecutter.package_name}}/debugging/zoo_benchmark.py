@@ -53,7 +53,10 @@ def plan(names, seeds, faulty_seeds):
     for name in names:
         healthy = injected_cause(name) == "none"
         count = seeds if healthy else faulty_seeds
-        runs += [(name, seed, name if count == 1 and not healthy else f"{name}/seed{seed}") for seed in range(count)]
+        runs += [
+            (name, seed, name if count == 1 and not healthy else f"{name}/seed{seed}")
+            for seed in range(count)
+        ]
     return runs
 
 
@@ -86,13 +89,18 @@ def run(cfg, overrides):
     names = list(bench.get("configs") or zoo_names())
     for name in names:
         injected_cause(name)  # a bad name fails before any doctor runs
-    seeds, faulty_seeds, jobs = (int(bench.get(k, d)) for k, d in (("seeds", 3), ("faulty_seeds", 2), ("jobs", 1)))
+    seeds, faulty_seeds, jobs = (
+        int(bench.get(k, d)) for k, d in (("seeds", 3), ("faulty_seeds", 2), ("jobs", 1))
+    )
     if min(seeds, faulty_seeds, jobs) < 1:
         raise ValueError(
             f"benchmark.seeds, benchmark.faulty_seeds and benchmark.jobs must be >= 1 (got {seeds}, {faulty_seeds}, {jobs})"
         )
     verbose = bool(bench.get("verbose", False))
-    work = [(name, seed, label, list(overrides), verbose) for name, seed, label in plan(names, seeds, faulty_seeds)]
+    work = [
+        (name, seed, label, list(overrides), verbose)
+        for name, seed, label in plan(names, seeds, faulty_seeds)
+    ]
     if jobs == 1:
         GlobalHydra.instance().clear()
         return [diagnose(*args) for args in work]

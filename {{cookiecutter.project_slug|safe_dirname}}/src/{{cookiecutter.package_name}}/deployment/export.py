@@ -58,6 +58,7 @@ METADATA_KEYS = (
     "crop_pad",
     "rotation_representation",
     "rotation_output",
+    "test_views",
     "translation_mode",
     "translation_output",
     "experiment",
@@ -156,6 +157,7 @@ def build_metadata(
     normalization=NORMALIZED_IN_GRAPH,
     input_mode="frame",
     crop_pad=1.5,
+    test_views=1,
 ):
     height, width = input_size
     checkpoint = Path(checkpoint)
@@ -180,6 +182,7 @@ def build_metadata(
         "crop_pad": crop_pad,
         "rotation_representation": rotation,
         "rotation_output": "R [batch,3,3] rotation matrix, model frame -> OpenCV camera frame (BOP cam_R_m2c)",
+        "test_views": test_views,  # the graph averages this many turned views of each image (model.test_views)
         "translation_mode": translation,
         "translation_output": "t [batch,3] model origin in the OpenCV camera frame, millimetres (BOP cam_t_m2c)",
         "experiment": experiment,
@@ -223,6 +226,7 @@ def run_export(cfg):
         NORMALIZED_IN_GRAPH if getattr(estimator.net, "normalize_input", True) else NOT_NORMALIZED,
         input_mode=train_cfg.data.get("input", "frame"),
         crop_pad=float((train_cfg.data.get("crop") or {}).get("pad", 1.5)),
+        test_views=getattr(estimator, "views", 1),
     )
     images, K = test_batch(cfg, train_cfg, max(int(d.parity.n_images), 1))
     torch.set_num_threads(int(d.intra_op_threads))

@@ -41,6 +41,7 @@ Public API (signatures are stable; training, model, export and evaluation use th
     project(points[..., N, 3] mm, R[..., 3, 3], t[..., 3] mm, K[..., 3, 3]) -> uv[..., N, 2] pixels
     backproject(uv[..., 2] pixels, z[...] mm, K[..., 3, 3]) -> X_cam[..., 3] mm
     geodesic_angle_deg(R1[..., 3, 3], R2[..., 3, 3]) -> angle[...] degrees
+    turn_about_centre(images[B, C, H, W], K[B, 3, 3], angles[B] radians) -> (turned images, Q[B, 3, 3])
 
 ``image_size`` is (height, width) in pixels, or one int for square images; ``"direct"`` ignores it.
 """
@@ -181,3 +182,38 @@ def decode_translation(raw, K, mode, image_size=None):
 def geodesic_angle_deg(R1, R2):
     """Angle (degrees) of the relative rotation R1^T R2, in [0, 180] (bop_toolkit's rotation error `re`)."""
     return roma.rotmat_geodesic_distance(R1, R2) * (180.0 / math.pi)
+
+
+def turn_about_centre(images, K, angles):
+    """The images a camera turned about the ray through the image centre by `angles` (radians) would see.
+
+    A camera turned by Q sees X' = Q X: a pose becomes (Q R, Q t) with K unchanged, and the image is the old
+    one warped by the homography K Q K^-1 (exact for any pinhole K: fx != fy, a principal point anywhere,
+    as in a crop of a real frame). Turning about the ray through the centre keeps the centre pixel (a crop's
+    object) in place; for a centred camera that ray is the optical axis and the warp a plain rotation about
+    the principal point (exact pixel moves at multiples of 90 degrees). Corners from outside the old image
+    are black. Returns (turned images [B, C, H, W], Q [B, 3, 3]). Written with backproject/project instead
+    of K^-1 so that it exports to ONNX (the test-time views in model.PoseEstimator).
+    """
+    # No len(K) below: the exported batch axis must stay dynamic
+    H, W = images.shape[-2:]
+    ones = torch.ones_like(K[:, 0, 0])  # [B]
+    centre = torch.tensor([(W - 1) / 2, (H - 1) / 2], dtype=K.dtype, device=K.device)
+    ray = backproject(centre, ones, K)
+    Q = roma.rotvec_to_rotmat(ray / ray.norm(dim=-1, keepdim=True) * angles[:, None].to(K.dtype))
+    # Each output pixel p' samples the input at K Q^T K^-1 p' (pixel centres at integers, BOP/OpenCV)
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=K.dtype, device=K.device),
+        torch.arange(W, dtype=K.dtype, device=K.device),
+        indexing="ij",
+    )
+    pixels = torch.stack([u, v], -1).reshape(1, -1, 2)  # [1,HW,2]
+    rays = backproject(pixels, ones[:, None] * torch.ones_like(pixels[..., 0]), K[:, None])  # [B,HW,3]
+    source = (rays @ Q) @ K.transpose(1, 2)  # rows: (K Q^T ray)^T
+    src_u, src_v = (source[..., :2] / source[..., 2:]).unbind(-1)
+    # grid_sample's align_corners=False puts pixel i's centre at (2i + 1) / size - 1
+    grid = torch.stack([(2 * src_u + 1) / W - 1, (2 * src_v + 1) / H - 1], -1).view(-1, H, W, 2)
+    turned = F.grid_sample(
+        images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return turned, Q

@@ -5,9 +5,7 @@ faults, the pose errors that evaluation writes. The generic stages know the exam
 import functools
 import math
 
-import roma
 import torch
-from torch import nn
 
 from .. import task
 from ..data import bop
@@ -108,7 +106,7 @@ class PoseTask(task.Task):
         return errors.draw_error(image, table, i, scale)
 
     def inference_model(self, net, cfg):
-        return PoseEstimator(net)
+        return PoseEstimator(net, views=cfg.model.get("test_views", 1))
 
     def evaluate(self, cfg, trained_cfg, model, device, out_dir):
         from .evaluation import evaluate_pose  # bop_toolkit-style metrics and plots: only when evaluating
@@ -118,36 +116,12 @@ class PoseTask(task.Task):
 
 def rotate_in_plane(batch, max_deg):
     """Augmentation: turn the camera about the ray through the image centre by a random angle in
-    [-max_deg, max_deg].
-
-    A camera turned by Q sees X' = Q X: R' = Q R, t' = Q t, K unchanged, and its image is the old one
-    warped by the homography K Q K^-1 (exact for any pinhole K: fx != fy, a principal point anywhere, as in
-    a crop of a real frame). Turning about the ray through the image centre keeps the centre pixel (a
-    crop's object) in place; for the synthetic camera that ray is the optical axis and the warp a plain
-    rotation about the principal point. A new view of the object's orientation per sample, without
-    rendering more images. Corners outside the old image are black. `batch` holds image [B,3,H,W], K, R, t;
-    the random angles come from torch's global generator (the training loader seeds it per batch,
-    loaders.py).
+    [-max_deg, max_deg] (geometry.turn_about_centre: the image warped exactly, R' = Q R, t' = Q t, K unchanged).
+    A new view of the object's orientation per sample, without rendering more images. `batch` holds
+    image [B,3,H,W], K, R, t; the random angles come from torch's global generator (the training loader
+    seeds it per batch, loaders.py).
     """
-    K, images = batch["K"], batch["image"]
-    B, (H, W) = len(K), images.shape[-2:]
-    angles = (torch.rand(B, device=K.device) * 2 - 1) * math.radians(max_deg)
-    centre = torch.tensor([(W - 1) / 2, (H - 1) / 2], dtype=K.dtype, device=K.device).expand(B, 2)
-    ray = geometry.backproject(centre, torch.ones(B, dtype=K.dtype, device=K.device), K)
-    Q = roma.rotvec_to_rotmat(ray / ray.norm(dim=-1, keepdim=True) * angles[:, None].to(K.dtype))
-    # Each output pixel p' samples the input at p ~ K Q^T K^-1 p' (pixel centres at integers, BOP/OpenCV):
-    # one grid_sample for the whole batch.
-    v, u = torch.meshgrid(
-        torch.arange(H, dtype=K.dtype, device=K.device),
-        torch.arange(W, dtype=K.dtype, device=K.device),
-        indexing="ij",
-    )
-    pixels = torch.stack([u, v, torch.ones_like(u)], -1).reshape(1, -1, 3)  # [1,HW,3]
-    source = pixels @ (K @ Q.transpose(1, 2) @ torch.linalg.inv(K)).transpose(1, 2)  # [B,HW,3]
-    src_u, src_v = (source[..., :2] / source[..., 2:]).unbind(-1)
-    # grid_sample's align_corners=False puts pixel i's centre at (2i + 1) / size - 1
-    grid = torch.stack([(2 * src_u + 1) / W - 1, (2 * src_v + 1) / H - 1], -1).view(B, H, W, 2)
-    turned = nn.functional.grid_sample(
-        images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    K = batch["K"]
+    angles = (torch.rand(len(K), device=K.device) * 2 - 1) * math.radians(max_deg)
+    turned, Q = geometry.turn_about_centre(batch["image"], K, angles)
     return batch | {"image": turned, "R": Q @ batch["R"], "t": (Q @ batch["t"].unsqueeze(-1)).squeeze(-1)}
