@@ -242,14 +242,16 @@ def test_evaluates_the_trained_checkpoint(tmp_path):
     assert json.loads((tmp_path / "3_training" / "metrics.json").read_text()) == summary
     from_checkpoint = predicted_poses(tmp_path)
     # the numbers are the checkpoint's: the same network passed in directly gives the same poses ...
-    direct = evaluation.evaluate(cfg, PoseEstimator(net).eval(), torch.device("cpu"))
+    direct = evaluation.evaluate(cfg, PoseEstimator(net, cfg.model.test_views).eval(), torch.device("cpu"))
     assert accuracy(direct) == accuracy(summary) and predicted_poses(tmp_path) == from_checkpoint
     # ... and best.pt, once training kept one, is evaluated instead of last.pt: other weights, other poses
     _, _, other = save_untrained_checkpoint(tmp_path, "experiment=smoke", seed=1, name="best.pt")
     from_best = evaluation.evaluate(cfg)
     assert predicted_poses(tmp_path) != from_checkpoint
     assert accuracy(from_best)["re_deg_median"] != summary["re_deg_median"]
-    assert accuracy(from_best) == accuracy(evaluation.evaluate(cfg, PoseEstimator(other).eval()))
+    assert accuracy(from_best) == accuracy(
+        evaluation.evaluate(cfg, PoseEstimator(other, cfg.model.test_views).eval())
+    )
 
 
 @pytest.mark.slow
