@@ -135,6 +135,27 @@ def test_summarize_thresholds_and_add_s_choice():
     assert set(s) == set(metrics.METRIC_KEYS)
 
 
+def test_missed_instances_are_failures_in_the_recall_keys_only():
+    per_sample = {
+        "re_deg": [1.0, 4.0, 6.0, 2.0],
+        "te_cm": [1.0, 6.0, 1.0, 4.9],
+        "add_mm": [5.0, 20.0, 9.0, 50.0],
+        "adds_mm": [4.0, 5.0, 8.0, 3.0],
+        "diameter_mm": [100.0, 100.0, 100.0, 100.0],
+        "symmetric": [False, False, True, True],
+    }
+    found, with_misses = metrics.summarize(per_sample), metrics.summarize(per_sample, n_missed=2)
+    assert (with_misses["n_test"], with_misses["n_estimated"]) == (6, 4) and found["n_test"] == 4
+    for key in metrics.RECALL_KEYS:  # the same successes over 6 annotated instances instead of 4
+        assert with_misses[key] == pytest.approx(found[key] * 4 / 6), key
+    assert with_misses["add_s_01d"] == 0.5 and with_misses["adds_auc"] < found["adds_auc"]
+    # the error statistics exist for estimates only
+    for key in ("re_deg_median", "re_deg_mean", "te_cm_median", "te_cm_mean"):
+        assert with_misses[key] == found[key]
+    with pytest.raises(ValueError, match="n_missed"):
+        metrics.summarize(per_sample, n_missed=-1)
+
+
 def test_summarize_reads_errors_csv_rows():
     text = "re_deg,te_cm,add_mm,adds_mm,diameter_mm,symmetric\n1,1,5,4,100,0\n3,2,50,3,100,1\n"
     rows = list(csv.DictReader(io.StringIO(text)))

@@ -2,25 +2,35 @@
 test instance of `data.obj_id` in `data.splits.test`; evaluation.py writes metrics.json and errors.csv
 (from what this returns), this module the rest, atomically, into 3_training/:
 
-    metrics.json      flat dict, the stable keys (pose/metrics.py defines them; bop_toolkit definitions):
-                        re_deg_median, re_deg_mean   rotation error, degrees
-                        te_cm_median, te_cm_mean     translation error, cm
-                        add_01d      fraction with ADD < 0.1 * object diameter
+    metrics.json      flat dict, the stable keys (pose/metrics.py defines them; bop_toolkit definitions). The
+                      error statistics are over the instances with an estimate; the fractions and AUCs are
+                      over ALL annotated test instances: one without an estimate (no detection matched it)
+                      is a failure there, as in BOP's recall scores:
+                        re_deg_median, re_deg_mean   rotation error, degrees (estimated instances)
+                        te_cm_median, te_cm_mean     translation error, cm (estimated instances)
+                        add_01d      fraction with ADD < 0.1 * object diameter (all instances, as below)
                         adds_01d     fraction with ADD-S < 0.1 * diameter
                         add_s_01d    fraction with ADD(-S) < 0.1 * diameter (ADD-S for symmetric objects)
                         adds_auc     area under the ADD-S accuracy curve up to 10 cm = mean(max(0, 1 - e / 10 cm))
                         add_s_auc    the same for ADD(-S)
                         acc_5deg5cm  fraction with rotation error < 5 deg and translation error < 5 cm
-                        n_test       number of test instances
-                        detection_recall  with data.crop.detections only: the share of test instances a
-                                     detection was matched to (the others are not in n_test)
-    errors.csv        one row per test instance: scene_id,im_id,obj_id,gt_id,rgb_path,re_deg,te_cm,add_mm,
+                        n_test       annotated test instances (of data.obj_id, visible enough)
+                        n_estimated  of them with an estimate (n_test unless detections missed some)
+                      with data.crop.detections also:
+                        detection_recall   n_estimated / n_test
+                        <key>_detected     each of add_01d ... acc_5deg5cm over the n_estimated instances
+                                     only (the pose estimate's own quality, misses left out)
+    errors.csv        one row per estimated test instance: scene_id,im_id,obj_id,gt_id,rgb_path,re_deg,te_cm,add_mm,
                       adds_mm,diameter_mm,symmetric,visib_fract,R_gt,t_gt,R_pred,t_pred,K (K of the frame at
                       rgb_path, whose camera the poses are in; matrices as space-separated row-major floats,
                       mm; symmetric 0/1); `make analyze` reads it
     predictions.csv   BOP results format (bop_toolkit scores it): scene_id,im_id,obj_id,score,R,t,time with
-                      R 9 row-major floats, t in mm, time = seconds per image (batch time / batch size);
+                      R 9 row-major floats, t in mm, time = seconds for the image (BOP: the same for every
+                      estimate of an image): the sum of its estimates' shares of their batches' time;
                       score is 1 for every estimate (one estimate per annotated instance, no confidence)
+    evaluation_info.json  what was evaluated, for pose/bop_results.py (`make bop-results` merges the
+                      per-object folders): root, split, obj_id, detections, n_test and missed (the
+                      [scene_id, im_id, gt_id] of the instances without an estimate)
     plots/            DVC plots: accuracy_vs_threshold.csv (threshold_cm, add_s, adds, add: fraction of
                       instances below the threshold), hist_re_deg.csv, hist_te_cm.csv, hist_add_s_rel.csv
                       (ADD(-S) / diameter) with columns <error>, count (bin centres); PNG renderings of
@@ -40,7 +50,7 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from ..data import bop
-from ..files import atomic_dir, atomic_path
+from ..files import atomic_dir, atomic_path, write_json
 from . import draw, metrics
 
 ERRORS_COLUMNS = (
@@ -135,7 +145,17 @@ def error_rows(records):
     return rows
 
 
+def image_times(keys_and_seconds):
+    """{(scene_id, im_id): seconds} summed over (scene_id, im_id, seconds) triples: BOP's `time` is the
+    time to estimate every object of an image, the same in each of its rows."""
+    times = {}
+    for scene_id, im_id, seconds in keys_and_seconds:
+        times[(scene_id, im_id)] = times.get((scene_id, im_id), 0.0) + float(seconds)
+    return times
+
+
 def write_predictions_csv(path, records):
+    times = image_times((r["scene_id"], r["im_id"], r["time_s"]) for r in records)
     rows = [
         [
             r["scene_id"],
@@ -144,7 +164,7 @@ def write_predictions_csv(path, records):
             1,
             _floats(r["R_pred"]),
             _floats(r["t_pred"]),
-            f"{r['time_s']:.6g}",
+            f"{times[(r['scene_id'], r['im_id'])]:.6g}",
         ]
         for r in records
     ]
@@ -255,15 +275,23 @@ def evaluate_pose(cfg, trained_cfg, estimator, device, out_dir):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     records = predict(estimator, loader, device)
     add_errors(records, points, info["diameter"], symmetric)
-    summary = metrics.summarize(records)
-    if dataset.detections is not None:  # instances the detections file found no box for are not in n_test
-        summary["detection_recall"] = len(records) / (len(records) + len(dataset.missed))
+    # instances the detections file found no box for have no estimate: failures in the recall-style keys
+    summary = metrics.summarize(records, n_missed=len(dataset.missed))
+    if dataset.detections is not None:
+        summary["detection_recall"] = len(records) / summary["n_test"]
+        detected = metrics.summarize(records)
+        summary.update({f"{k}_detected": detected[k] for k in metrics.RECALL_KEYS})
     grid = prediction_grid(dataset, records)
     write_predictions_csv(out_dir / "predictions.csv", records)
+    write_json(out_dir / "evaluation_info.json", {
+        "root": str(Path(d.root).resolve()), "split": str(d.splits.test), "obj_id": int(d.obj_id),
+        "detections": str(Path(dataset.crop["detections"]).resolve()) if dataset.detections is not None else None,
+        "n_test": summary["n_test"], "missed": [[int(x) for x in m] for m in dataset.missed],
+    })  # fmt: skip
     with atomic_dir(out_dir / "plots") as tmp:
         write_plots(tmp, records, grid)
     print(
-        f"test ({summary['n_test']} instances): re {summary['re_deg_median']:.2f} deg, te {summary['te_cm_median']:.2f} cm "
+        f"test ({summary['n_estimated']} of {summary['n_test']} instances estimated): re {summary['re_deg_median']:.2f} deg, te {summary['te_cm_median']:.2f} cm "
         f"(medians), ADD(-S)<0.1d {summary['add_s_01d']:.3f}, ADD-S AUC {summary['adds_auc']:.3f}, "
         f"5deg5cm {summary['acc_5deg5cm']:.3f}"
     )

@@ -10,18 +10,22 @@ Per sample (poses map model points to the camera frame, mm; R 3x3, t (3,)):
               nearest predicted-posed point (bop_toolkit `adi`, scipy cKDTree as there)
     ADD(-S)   ADD for asymmetric objects, ADD-S for symmetric ones (PoseCNN / YCB-Video convention)
 
-`pose_errors(R_pred, t_pred, R_gt, t_gt, points_mm)` returns these per sample; `summarize(per_sample)`
-reduces them to the flat keys of 3_training/metrics.json:
+`pose_errors(R_pred, t_pred, R_gt, t_gt, points_mm)` returns these per sample; `summarize(per_sample,
+n_missed)` reduces them to the flat keys of 3_training/metrics.json. `n_missed` annotated instances have
+no estimate (no detection matched them): as in BOP's recall scores, each is a failure in the recall-style
+keys (RECALL_KEYS: the fractions and AUCs are over all n_test instances, a miss contributes 0); the error
+statistics exist only for estimates:
 
-    re_deg_median, re_deg_mean   rotation error (deg)
-    te_cm_median, te_cm_mean     translation error (cm)
-    add_01d       fraction with ADD < 0.1 * object diameter
-    adds_01d      fraction with ADD-S < 0.1 * diameter
-    add_s_01d     fraction with ADD(-S) < 0.1 * diameter
+    re_deg_median, re_deg_mean   rotation error (deg), over the n_estimated instances with an estimate
+    te_cm_median, te_cm_mean     translation error (cm), the same
+    add_01d       fraction of all n_test instances with ADD < 0.1 * object diameter
+    adds_01d      the same with ADD-S
+    add_s_01d     the same with ADD(-S)
     adds_auc      area under the ADD-S accuracy-threshold curve up to 10 cm, normalised to [0, 1]
     add_s_auc     the same for ADD(-S)
-    acc_5deg5cm   fraction with re < 5 deg and te < 5 cm
-    n_test        number of test instances
+    acc_5deg5cm   fraction of all n_test instances with re < 5 deg and te < 5 cm
+    n_test        number of annotated test instances (estimated + missed)
+    n_estimated   number of test instances with an estimate (= n_test without misses)
 
 The AUC is computed exactly, not by sampling thresholds: with accuracy(tau) = mean(e < tau),
 
@@ -47,7 +51,10 @@ METRIC_KEYS = (
     "add_s_auc",
     "acc_5deg5cm",
     "n_test",
+    "n_estimated",
 )
+# fractions of the annotated instances that are right: a missed instance counts as wrong
+RECALL_KEYS = ("add_01d", "adds_01d", "add_s_01d", "adds_auc", "add_s_auc", "acc_5deg5cm")
 PER_SAMPLE_KEYS = ("re_deg", "te_cm", "add_mm", "adds_mm", "diameter_mm", "symmetric")
 
 
@@ -123,10 +130,11 @@ def add_s_mm(add, adds, symmetric):
     return np.where(np.asarray(symmetric, dtype=bool), _as_numpy(adds), _as_numpy(add))
 
 
-def auc(errors_mm, max_mm=AUC_MAX_MM):
-    """Area under accuracy(threshold) for thresholds in [0, max_mm], normalised: mean(max(0, 1 - e / max_mm))."""
+def auc(errors_mm, max_mm=AUC_MAX_MM, n_missed=0):
+    """Area under accuracy(threshold) for thresholds in [0, max_mm], normalised: mean(max(0, 1 - e / max_mm)),
+    the mean taken over the errors and `n_missed` instances without an estimate (each contributes 0)."""
     errors = _as_numpy(errors_mm)
-    return float(np.maximum(0.0, 1.0 - errors / max_mm).mean())
+    return float(np.maximum(0.0, 1.0 - errors / max_mm).sum() / (len(errors) + n_missed))
 
 
 def accuracy_curve(errors_mm, thresholds_mm):
@@ -162,12 +170,16 @@ def columns(per_sample):
     return out
 
 
-def summarize(per_sample):
-    """Per-sample errors (see `columns`) -> the flat metrics.json dict (keys METRIC_KEYS)."""
+def summarize(per_sample, n_missed=0):
+    """Per-sample errors (see `columns`) of the estimated instances, plus `n_missed` annotated instances
+    without an estimate -> the flat metrics.json dict (keys METRIC_KEYS; see the module docstring)."""
     c = columns(per_sample)
     n = len(c["re_deg"])
     if n == 0:
         raise ValueError("no test samples to summarize")
+    if int(n_missed) != n_missed or n_missed < 0:
+        raise ValueError(f"n_missed={n_missed!r}: expected a count >= 0 of instances without an estimate")
+    n_all = n + int(n_missed)
     for key in ("re_deg", "te_cm", "add_mm", "adds_mm"):
         bad = int((~np.isfinite(c[key])).sum())
         if bad:
@@ -183,11 +195,12 @@ def summarize(per_sample):
         "re_deg_mean": float(np.mean(c["re_deg"])),
         "te_cm_median": float(np.median(c["te_cm"])),
         "te_cm_mean": float(np.mean(c["te_cm"])),
-        "add_01d": float(np.mean(c["add_mm"] < within)),
-        "adds_01d": float(np.mean(c["adds_mm"] < within)),
-        "add_s_01d": float(np.mean(add_s < within)),
-        "adds_auc": auc(c["adds_mm"]),
-        "add_s_auc": auc(add_s),
-        "acc_5deg5cm": float(np.mean((c["re_deg"] < 5.0) & (c["te_cm"] < 5.0))),
-        "n_test": n,
+        "add_01d": float(np.sum(c["add_mm"] < within) / n_all),
+        "adds_01d": float(np.sum(c["adds_mm"] < within) / n_all),
+        "add_s_01d": float(np.sum(add_s < within) / n_all),
+        "adds_auc": auc(c["adds_mm"], n_missed=n_all - n),
+        "add_s_auc": auc(add_s, n_missed=n_all - n),
+        "acc_5deg5cm": float(np.sum((c["re_deg"] < 5.0) & (c["te_cm"] < 5.0)) / n_all),
+        "n_test": n_all,
+        "n_estimated": n,
     }
