@@ -28,6 +28,7 @@ EXAMPLE = [
     f"{SRC}/pose",
     f"{SRC}/deployment",
     f"{SRC}/benchmark.py",
+    f"{SRC}/scenes_benchmark.py",
     f"{SRC}/loop_benchmark.py",
     f"{SRC}/debugging/zoo.py",
     f"{SRC}/debugging/zoo_benchmark.py",
