@@ -62,7 +62,11 @@ def check_budget(s):
     """training.benchmark.scenes: a clear error naming the key that is wrong."""
     key = "training.benchmark.scenes"
     size = s.get("image_size")
-    if not (isinstance(size, ListConfig | list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+    if not (
+        isinstance(size, ListConfig | list)
+        and len(size) == 2
+        and all(isinstance(v, int) and v > 0 for v in size)
+    ):
         raise ValueError(f"{key}.image_size must be [width, height] in pixels, e.g. [640, 480] (got {size})")
     for split in ("train", "val", "test"):
         n = s.num_scenes.get(split)
@@ -104,7 +108,9 @@ def run(root, args, shared_capture=None, trained_checkpoints=None):
     train_s, checkpoints = 0.0, trained_checkpoints or root / "3_training" / "checkpoints"
     if trained_checkpoints is None:
         train_s, _ = run_command("training", [*args, "training.progress=false"], root / "train.log")
-    evaluate_s, _ = run_command("evaluation", [*args, f"training.checkpoint_dir={checkpoints}"], root / "evaluate.log")
+    evaluate_s, _ = run_command(
+        "evaluation", [*args, f"training.checkpoint_dir={checkpoints}"], root / "evaluate.log"
+    )
     metrics = OmegaConf.to_container(OmegaConf.load(root / "3_training" / "metrics.json"))
     trained = OmegaConf.create(torch.load(checkpoints / "last.pt", weights_only=True)["config"])
     row = {
@@ -149,7 +155,14 @@ def rows(cfg, experiment, passthrough):
 
 def markdown(result):
     m = result["machine"]
-    header = ["pipeline", "data", "data.input", "translation target", "test boxes", *(title for _, title, _ in COLUMNS)]
+    header = [
+        "pipeline",
+        "data",
+        "data.input",
+        "translation target",
+        "test boxes",
+        *(title for _, title, _ in COLUMNS),
+    ]
     lines = [
         f"# Scene benchmark: `{result['experiment']}`",
         "",
@@ -164,12 +177,17 @@ def markdown(result):
         boxes = "detections" if r["detections"] else ("GT" if r["input"] == "crop" else "-")
         cells = ("-" if r.get(k) is None else format(r[k], f) for k, _, f in COLUMNS)
         lines.append(table_row([r["row"], r["data"], r["input"], r["translation"], boxes, *cells]))
-    lines += ["", "The three scene rows share one capture (its time is repeated in each); the detections row "
-              "reuses the crop row's checkpoint (no training of its own)."]
+    lines += [
+        "",
+        "The three scene rows share one capture (its time is repeated in each); the detections row "
+        "reuses the crop row's checkpoint (no training of its own).",
+    ]
     ratios = result.get("ratio_to_default")
     if ratios:
         lines += ["", "Median errors relative to the object-centred default (issue 12's target: <= 1.5):", ""]
-        lines += [f"- {name}: rotation {q['re']:.2f}x, translation {q['te']:.2f}x" for name, q in ratios.items()]
+        lines += [
+            f"- {name}: rotation {q['re']:.2f}x, translation {q['te']:.2f}x" for name, q in ratios.items()
+        ]
     return "\n".join(lines) + "\n"
 
 
