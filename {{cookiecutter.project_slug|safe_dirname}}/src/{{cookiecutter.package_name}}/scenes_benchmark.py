@@ -18,9 +18,12 @@ and tested on the held-out ones:
 
 A fourth row is the object-centred default (`data=synthetic`, capture.py), captured with as many training
 images as the scene capture holds instances of `data.obj_id` (and as many val/test images). Every row
-trains the same model with the same loss (`data.translation` as data=scenes sets it) for the same epochs:
-the same training images x epochs. Each run is a separate command as `make capture train evaluate` runs
-it, timed by the wall clock, under `3_training/scenes_benchmark/<row>/`.
+trains the same model and loss (the experiment's) for the same epochs: the same training images x epochs.
+Only the translation target differs, as the input requires: crops hide the distance, so data=scenes
+trains the depth in focal lengths (centre_focal_depth), the object-centred default its centre_depth.
+Each run is a separate command as `make capture train evaluate` runs it, timed by the wall clock, under
+`3_training/scenes_benchmark/<row>/`. `training.benchmark.scenes.data_root` reuses a scene capture made
+before (`make capture OVERRIDES=data=scenes`) instead of capturing one (its capture time then reads 0).
 """
 
 import os
@@ -132,8 +135,9 @@ def rows(cfg, experiment, passthrough):
     scenes = [*common, "data=scenes", f"data.scenes.image_size=[{w},{h}]",
               f"data.scenes.images_per_scene={s.images_per_scene}",
               *(f"data.scenes.num_scenes.{k}={s.num_scenes[k]}" for k in ("train", "val", "test"))]  # fmt: skip
-    print("[crop, GT boxes] capture scenes, train, evaluate ...", flush=True)
-    crop, checkpoints, trained = run(bench / "crop", [*scenes, "data.input=crop"])
+    given = (0.0, Path(s.data_root).resolve()) if s.get("data_root") else None
+    print(f"[crop, GT boxes] {'capture scenes, ' if given is None else ''}train, evaluate ...", flush=True)
+    crop, checkpoints, trained = run(bench / "crop", [*scenes, "data.input=crop"], shared_capture=given)
     shared = (crop["capture_s"], Path(crop["data_root"]))
     detections = shared[1] / "detections" / f"{trained.data.splits.test}.json"
     print("[crop, detections] evaluate ...", flush=True)
@@ -153,6 +157,14 @@ def rows(cfg, experiment, passthrough):
     return out
 
 
+def scene_capture(budget):
+    if budget.get("data_root"):
+        return f"Scene capture: {budget['data_root']} (given); the test scenes are held out."
+    w, h = budget["image_size"]
+    return (f"Scene capture: {w}x{h} frames, scenes {budget['num_scenes']} x {budget['images_per_scene']} frames; "
+            "the test scenes are held out.")  # fmt: skip
+
+
 def markdown(result):
     m = result["machine"]
     header = [
@@ -167,8 +179,7 @@ def markdown(result):
         f"# Scene benchmark: `{result['experiment']}`",
         "",
         f"CPU: {m['cpu_model']} ({m['cpus']} cores); load average before/after {m['load_before']} / {m['load_after']}",
-        f"Scene capture: {result['budget']['image_size'][0]}x{result['budget']['image_size'][1]} frames, scenes "
-        f"{result['budget']['num_scenes']} x {result['budget']['images_per_scene']} frames; the test scenes are held out.",
+        scene_capture(result["budget"]),
         "",
         table_row(header),
         table_row(["---"] * len(header)),
@@ -193,6 +204,12 @@ def markdown(result):
 
 def benchmark(cfg, experiment="default", passthrough=()):
     check_budget(cfg.training.benchmark.scenes)
+    root = cfg.training.benchmark.scenes.get("data_root")
+    if root and not (Path(root) / "detections").is_dir():
+        raise FileNotFoundError(
+            f"training.benchmark.scenes.data_root={root}: not a scene capture (no detections/ folder); "
+            "null captures one"
+        )
     check_passthrough(list(passthrough))
     result = {"experiment": experiment, "budget": OmegaConf.to_container(cfg.training.benchmark.scenes),
               "machine": {"cpu_model": cpu_model(), "cpus": os.cpu_count(),

@@ -6,29 +6,17 @@ import json
 import shutil
 import sys
 from itertools import product
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose
+from conftest import SCENE_SIZE, SCENE_TINY, compose
 from {{ cookiecutter.package_name }} import evaluation, training
 from {{ cookiecutter.package_name }}.data import bop, capture, detections, qa, render, scenes
 
-W, H = 160, 120
-TINY = [
-    "data=scenes",
-    f"data.scenes.image_size=[{W},{H}]",
-    "data.scenes.num_scenes.train=2",
-    "data.scenes.num_scenes.val=1",
-    "data.scenes.num_scenes.test=1",
-    "data.scenes.images_per_scene=3",
-    "data.scenes.instances=[3,3]",
-    "data.scenes.spp=1",
-    "data.scenes.workers=0",
-    "logger=none",
-]
+W, H = SCENE_SIZE
+TINY = SCENE_TINY
 FOLDERS = {"train": "train_pbr", "val": "val", "test": "test"}
 
 
@@ -45,20 +33,6 @@ def frames(root):
             info = json.loads((scene_dir / "scene_gt_info.json").read_text())
             for key in gt:
                 yield folder, scene_dir, int(key), gt[key], cam[key], info[key]
-
-
-@pytest.fixture(scope="module")
-def scene_dataset(tmp_path_factory):
-    """2 train + 1 val + 1 test scenes x 3 frames x 3 objects at 160x120, through the capture command."""
-    root = tmp_path_factory.mktemp("scenes") / "dataset"
-    overrides = [*TINY, f"data.root={root}"]
-    argv = sys.argv
-    sys.argv = ["capture", *overrides, f"paths.root={root.parent}", f"hydra.run.dir={root.parent / 'hydra'}"]
-    try:
-        capture.main()  # data=scenes: the capture command renders scenes
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(root=root, overrides=overrides, cfg=compose(*overrides))
 
 
 def test_bop_layout_several_instances_held_out_scenes(scene_dataset):
