@@ -56,7 +56,7 @@ COLUMNS = [
     ("detection_recall", "detection recall", ".3f"),
 ]
 # overrides the benchmark sets per run: from the command line they would make the rows alike
-OWN = ("data=", "data.root=", "data.input=", "data.crop.detections=", "data.capture.num_images.",
+OWN = ("data=", "data.root=", "data.preload=", "data.input=", "data.crop.detections=", "data.capture.num_images.",
        "data.scenes.image_size=", "data.scenes.num_scenes", "data.scenes.images_per_scene=", "training.epochs=",
        "training.checkpoint_dir=")  # fmt: skip
 
@@ -133,7 +133,7 @@ def rows(cfg, experiment, passthrough):
     common = [f"experiment={experiment}", *passthrough, f"training.epochs={s.epochs}"]
     w, h = s.image_size
     scenes = [*common, "data=scenes", f"data.scenes.image_size=[{w},{h}]",
-              f"data.scenes.images_per_scene={s.images_per_scene}",
+              f"data.scenes.images_per_scene={s.images_per_scene}", f"data.preload={str(bool(s.preload)).lower()}",
               *(f"data.scenes.num_scenes.{k}={s.num_scenes[k]}" for k in ("train", "val", "test"))]  # fmt: skip
     given = (0.0, Path(s.data_root).resolve()) if s.get("data_root") else None
     print(f"[crop, GT boxes] {'capture scenes, ' if given is None else ''}train, evaluate ...", flush=True)

@@ -74,6 +74,16 @@ def test_make_scenes_benchmark_trains_three_pipelines_at_one_budget(scene_datase
     assert result["machine"]["cpu_model"] in report
 
 
+@pytest.fixture
+def no_runs(monkeypatch):
+    """Bad input must be refused before any run: a run here fails the test at once (not after a capture)."""
+
+    def run_command(module, overrides, log_path):
+        raise AssertionError(f"{module} ran: the bad input was not refused first")
+
+    monkeypatch.setattr(scenes_benchmark, "run_command", run_command)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -82,20 +92,20 @@ def test_make_scenes_benchmark_trains_three_pipelines_at_one_budget(scene_datase
         ("training.benchmark.scenes.num_scenes.test=0", r"training.benchmark.scenes.num_scenes.test must be"),
     ],
 )  # fmt: skip
-def test_bad_budget_is_refused_naming_the_key(tmp_path, override, message):
+def test_bad_budget_is_refused_naming_the_key(tmp_path, override, message, no_runs):
     cfg = compose("experiment=smoke", f"paths.root={tmp_path}", override)
     with pytest.raises(ValueError, match=message):
         scenes_benchmark.benchmark(cfg, "smoke")
     assert not (tmp_path / "3_training").exists()  # refused before any run
 
 
-def test_overrides_that_would_make_the_rows_alike_are_refused(tmp_path):
+def test_overrides_that_would_make_the_rows_alike_are_refused(tmp_path, no_runs):
     cfg = compose("experiment=smoke", f"paths.root={tmp_path}")
     with pytest.raises(ValueError, match=r"data.input=frame: the scenes benchmark sets these per run"):
         scenes_benchmark.benchmark(cfg, "smoke", ["logger=none", "data.input=frame"])
 
 
-def test_a_data_root_that_is_no_scene_capture_is_refused(tmp_path):
+def test_a_data_root_that_is_no_scene_capture_is_refused(tmp_path, no_runs):
     (tmp_path / "dataset" / "models").mkdir(parents=True)
     data_root = f"training.benchmark.scenes.data_root={tmp_path / 'dataset'}"
     cfg = compose("experiment=smoke", f"paths.root={tmp_path}", data_root)
