@@ -4,7 +4,8 @@ and `scenes_benchmark.md`.
 
     python -m <package>.scenes_benchmark                                    # make scenes-benchmark
     python -m <package>.scenes_benchmark training.benchmark.scenes.num_scenes.train=100   # a bigger budget
-    python -m <package>.scenes_benchmark experiment=smoke                   # a quick check
+    python -m <package>.scenes_benchmark experiment=smoke training.benchmark.scenes.num_scenes.train=2
+                                                                            # a quick check (~2 min)
 
 One scene capture (`data=scenes`, sized by `training.benchmark.scenes`: frame size, scenes per split,
 frames per scene; the test scenes are held out) feeds three rows, each trained on the `train_pbr` scenes
