@@ -1,6 +1,10 @@
 """The doctor and its bug zoo: fault injection, the report's contract, and a reduced zoo end to end."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +118,40 @@ def test_zoo_benchmark_with_two_jobs_keeps_the_table_in_order(tmp_path):
     assert not (tmp_path / "4_debugging" / "doctor" / "zoo").exists() or not any(
         (tmp_path / "4_debugging" / "doctor" / "zoo").rglob("report.json")
     )  # a failed doctor leaves no half-written report
+
+
+def running(pid):
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_zoo_benchmark_workers_leave_when_the_benchmark_is_killed(tmp_path):
+    """A killed `make doctor-benchmark` must not leave its doctors running (minutes of CPU each)."""
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import multiprocessing\n"
+        "from {{ cookiecutter.package_name }}.debugging import zoo_benchmark\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, multiprocessing.get_context('spawn'),\n"
+        "        initializer=zoo_benchmark._exit_with_parent, initargs=(os.getpid(),))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(CONFIG_DIR).parent / "src"))
+    bench = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(bench.stdout.readline())
+    bench.kill()  # SIGKILL: no cleanup runs in the benchmark process
+    bench.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and running(worker):
+        time.sleep(0.2)
+    assert not running(worker)
 
 
 class PoseLike(torch.utils.data.Dataset):

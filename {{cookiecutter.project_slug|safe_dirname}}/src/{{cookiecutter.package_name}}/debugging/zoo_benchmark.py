@@ -14,7 +14,9 @@ how many doctors share it: report them as measured, with `jobs`.
 """
 
 import multiprocessing
+import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -79,6 +81,18 @@ def diagnose(name, seed, label, overrides, verbose):
     return row
 
 
+def _exit_with_parent(parent):
+    """Worker initializer: leave when the benchmark process dies (a killed parent would otherwise leave its
+    workers finishing their doctor runs, several minutes of CPU each, with nobody to read the result)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _diagnose_in_worker(args):
     GlobalHydra.instance().clear()
     return diagnose(*args)
@@ -105,7 +119,8 @@ def run(cfg, overrides):
         GlobalHydra.instance().clear()
         return [diagnose(*args) for args in work]
     # spawn, not fork: each doctor starts with fresh torch threads and no state copied from this process
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         return list(pool.map(_diagnose_in_worker, work))
 
 
