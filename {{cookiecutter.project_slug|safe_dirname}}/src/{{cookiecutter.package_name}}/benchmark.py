@@ -265,22 +265,32 @@ def benchmark(cfg, experiment="default", passthrough=()):
     result["targets"] = dict(b.targets)
     result["checks"] = checks(result, b.targets, experiment)
     report = markdown(result, b.targets)
-    write_json(Path(cfg.paths.training) / "benchmark.json", result)
-    write_text(Path(cfg.paths.training) / "benchmark.md", report)
-    print("\n" + report)
+    publish(cfg, "benchmark", result, report)
     return result
+
+
+def publish(cfg, stem, result, report):
+    """<paths.training>/<stem>.json and .md (atomic), and the report on stdout."""
+    write_json(Path(cfg.paths.training) / f"{stem}.json", result)
+    write_text(Path(cfg.paths.training) / f"{stem}.md", report)
+    print("\n" + report)
+
+
+def run_cli(cfg, run, own):
+    """`run(cfg, experiment, passthrough)` for a benchmark's command line: its overrides go to every pipeline
+    command except those starting with one of `own` (the benchmark sets them itself); bad input exits 1
+    with one message."""
+    passthrough = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
+    try:
+        run(cfg, tracking.experiment_name(cfg), passthrough)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg):
-    # The command line's own overrides go to every pipeline command, except those the benchmark sets itself.
-    own = ("experiment=", "paths.root=", "training.benchmark.", "data.root=", "seed=")
-    passthrough = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
-    try:
-        benchmark(cfg, tracking.experiment_name(cfg), passthrough)
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(cfg, benchmark, own=("experiment=", "paths.root=", "training.benchmark.", "data.root=", "seed="))
 
 
 if __name__ == "__main__":

@@ -28,18 +28,14 @@ before (`make capture OVERRIDES=data=scenes`) instead of capturing one (its capt
 """
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import ListConfig, OmegaConf
 
-from . import tracking
-from .benchmark import cpu_model, run_command, table_row
+from .benchmark import cpu_model, publish, run_cli, run_command, table_row
 from .data.bop import dataset_from_config
-from .files import write_json, write_text
 from .paths import CONFIG_DIR
 
 # (key, column title, format) of each row's figures
@@ -225,22 +221,14 @@ def benchmark(cfg, experiment="default", passthrough=()):
             for r in result["rows"] if r is not default
         }  # fmt: skip
     report = markdown(result)
-    write_json(Path(cfg.paths.training) / "scenes_benchmark.json", result)
-    write_text(Path(cfg.paths.training) / "scenes_benchmark.md", report)
-    print("\n" + report)
+    publish(cfg, "scenes_benchmark", result, report)
     return result
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg):
     # the command line's overrides go to every run, except the benchmark's own (OWN: an error)
-    own = ("experiment=", "paths.root=", "training.benchmark.")
-    passthrough = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
-    try:
-        benchmark(cfg, tracking.experiment_name(cfg), passthrough)
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(cfg, benchmark, own=("experiment=", "paths.root=", "training.benchmark."))
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def test_auc_is_the_normalised_area_under_the_accuracy_curve():
     assert metrics.auc(np.array([0.0, 50.0, 100.0, 250.0])) == pytest.approx((1 + 0.5 + 0 + 0) / 4)
 
 
-def test_summarize_thresholds_and_add_s_choice():
-    per_sample = {
+def four_samples():
+    return {
         "re_deg": [1.0, 4.0, 6.0, 2.0],
         "te_cm": [1.0, 6.0, 1.0, 4.9],
         "add_mm": [5.0, 20.0, 9.0, 50.0],
@@ -126,6 +126,10 @@ def test_summarize_thresholds_and_add_s_choice():
         "diameter_mm": [100.0, 100.0, 100.0, 100.0],
         "symmetric": [False, False, True, True],
     }
+
+
+def test_summarize_thresholds_and_add_s_choice():
+    per_sample = four_samples()
     s = metrics.summarize(per_sample)
     assert s["add_01d"] == 0.5  # 5 and 9 are below 10
     assert s["adds_01d"] == 1.0
@@ -136,14 +140,7 @@ def test_summarize_thresholds_and_add_s_choice():
 
 
 def test_missed_instances_are_failures_in_the_recall_keys_only():
-    per_sample = {
-        "re_deg": [1.0, 4.0, 6.0, 2.0],
-        "te_cm": [1.0, 6.0, 1.0, 4.9],
-        "add_mm": [5.0, 20.0, 9.0, 50.0],
-        "adds_mm": [4.0, 5.0, 8.0, 3.0],
-        "diameter_mm": [100.0, 100.0, 100.0, 100.0],
-        "symmetric": [False, False, True, True],
-    }
+    per_sample = four_samples()
     found, with_misses = metrics.summarize(per_sample), metrics.summarize(per_sample, n_missed=2)
     assert (with_misses["n_test"], with_misses["n_estimated"]) == (6, 4) and found["n_test"] == 4
     for key in metrics.RECALL_KEYS:  # the same successes over 6 annotated instances instead of 4
