@@ -39,8 +39,7 @@ import numpy as np
 from ..data import bop
 from ..files import write_json, write_text
 from ..paths import CONFIG_DIR
-from . import metrics
-from .evaluation import PREDICTIONS_COLUMNS, write_csv
+from .evaluation import PREDICTIONS_COLUMNS, format_floats, image_times, summarize, write_csv
 
 FILES = ("evaluation_info.json", "metrics.json", "errors.csv", "predictions.csv")
 SAME = ("root", "split", "detections")  # what every folder must share
@@ -129,15 +128,15 @@ def annotated_objects(root, split):
 
 def merged_rows(runs):
     """Every object's estimates, sorted by (scene_id, im_id, obj_id), with the image's total time."""
-    times = {}
-    for run in runs:  # each object's predictions.csv holds one time per image: its network's
-        own = {(r["scene_id"], r["im_id"]): r["time"] for r in run["predictions"]}
-        for key, seconds in own.items():
-            times[key] = times.get(key, 0.0) + seconds
+    # each object's predictions.csv holds one time per image (its network's): the image's is their sum
+    per_object = [{(r["scene_id"], r["im_id"]): r["time"] for r in run["predictions"]} for run in runs]
+    times = image_times(
+        (scene, image, seconds) for own in per_object for (scene, image), seconds in own.items()
+    )
     rows = [r for run in runs for r in run["predictions"]]
     rows.sort(key=lambda r: (r["scene_id"], r["im_id"], r["obj_id"]))
-    return [[r["scene_id"], r["im_id"], r["obj_id"], f"{r['score']:g}", " ".join(f"{x:.9g}" for x in r["R"].ravel()),
-             " ".join(f"{x:.9g}" for x in r["t"].ravel()), f"{times[(r['scene_id'], r['im_id'])]:.6g}"]
+    return [[r["scene_id"], r["im_id"], r["obj_id"], f"{r['score']:g}", format_floats(r["R"]), format_floats(r["t"]),
+             f"{times[(r['scene_id'], r['im_id'])]:.6g}"]
             for r in rows]  # fmt: skip
 
 
@@ -145,12 +144,7 @@ def overall(runs):
     """(pooled, mean_over_objects): the metrics over every instance of every object, and averaged."""
     n_missed = sum(len(run["info"]["missed"]) for run in runs)
     errors = [row for run in runs for row in run["errors"]]
-    pooled = metrics.summarize(errors, n_missed=n_missed)
-    detections = runs[0]["info"]["detections"] is not None
-    if detections:
-        pooled["detection_recall"] = pooled["n_estimated"] / pooled["n_test"]
-        detected = metrics.summarize(errors)
-        pooled.update({f"{k}_detected": detected[k] for k in metrics.RECALL_KEYS})
+    pooled = summarize(errors, n_missed, runs[0]["info"]["detections"] is not None)
     mean = {}
     for key in pooled:
         values = [run["metrics"][key] for run in runs]

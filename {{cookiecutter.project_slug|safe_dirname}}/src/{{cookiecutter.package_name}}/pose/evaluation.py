@@ -120,8 +120,19 @@ def add_errors(records, points_mm, diameter_mm, symmetric):
     return records
 
 
-def _floats(array):
+def format_floats(array):
     return " ".join(f"{x:.9g}" for x in np.asarray(array, dtype=np.float64).reshape(-1))
+
+
+def summarize(per_sample, n_missed, detections):
+    """metrics.json's dict: metrics.summarize with the misses, plus, when a detections file chose the boxes,
+    detection_recall and each recall-style key over the detected instances only (`<key>_detected`)."""
+    summary = metrics.summarize(per_sample, n_missed=n_missed)
+    if detections:
+        summary["detection_recall"] = summary["n_estimated"] / summary["n_test"]
+        detected = metrics.summarize(per_sample)
+        summary.update({f"{k}_detected": detected[k] for k in metrics.RECALL_KEYS})
+    return summary
 
 
 def write_csv(path, columns, rows):
@@ -139,7 +150,7 @@ def error_rows(records):
             [r["scene_id"], r["im_id"], r["obj_id"], r["gt_id"], r["rgb_path"]]
             + [f"{r[k]:.9g}" for k in ("re_deg", "te_cm", "add_mm", "adds_mm", "diameter_mm")]
             + [r["symmetric"], f"{r['visib_fract']:.9g}"]
-            + [_floats(r[k]) for k in ("R_gt", "t_gt", "R_pred", "t_pred", "K")]
+            + [format_floats(r[k]) for k in ("R_gt", "t_gt", "R_pred", "t_pred", "K")]
         )
         rows.append(dict(zip(ERRORS_COLUMNS, values, strict=True)))
     return rows
@@ -162,8 +173,8 @@ def write_predictions_csv(path, records):
             r["im_id"],
             r["obj_id"],
             1,
-            _floats(r["R_pred"]),
-            _floats(r["t_pred"]),
+            format_floats(r["R_pred"]),
+            format_floats(r["t_pred"]),
             f"{times[(r['scene_id'], r['im_id'])]:.6g}",
         ]
         for r in records
@@ -276,11 +287,7 @@ def evaluate_pose(cfg, trained_cfg, estimator, device, out_dir):
     records = predict(estimator, loader, device)
     add_errors(records, points, info["diameter"], symmetric)
     # instances the detections file found no box for have no estimate: failures in the recall-style keys
-    summary = metrics.summarize(records, n_missed=len(dataset.missed))
-    if dataset.detections is not None:
-        summary["detection_recall"] = len(records) / summary["n_test"]
-        detected = metrics.summarize(records)
-        summary.update({f"{k}_detected": detected[k] for k in metrics.RECALL_KEYS})
+    summary = summarize(records, len(dataset.missed), dataset.detections is not None)
     grid = prediction_grid(dataset, records)
     write_predictions_csv(out_dir / "predictions.csv", records)
     write_json(out_dir / "evaluation_info.json", {
