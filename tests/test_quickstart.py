@@ -12,6 +12,7 @@ PIP_CACHE_DIR (the machine's pip cache, so the second venv reuses the first's do
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -97,15 +98,22 @@ def quickstart(request, tmp_path_factory):
         if PLACEHOLDER in command:  # the one substitution: this checkout instead of GitHub, no prompts
             command = command.replace(PLACEHOLDER, " ".join([str(TEMPLATE), "--no-input", *BAKES[qs.name]]))
         if qs.run(command, cwd).returncode != 0:
-            return qs
-    qs.project = cwd
+            break
+    else:
+        qs.project = cwd
+        run_readme_quick_start(qs, cwd)
+    yield qs
+    # each bake's venvs hold a torch install (GBs): gone once its tests have read them, pass or fail
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run_readme_quick_start(qs, cwd):
     for command in code_block((cwd / "README.md").read_text(), "## Quick start"):
         if qs.run(command, cwd).returncode != 0:
             break
     total = sum(s.seconds for s in qs.steps)
     timings = "\n".join(f"  {s.seconds:7.1f} s  {s.command}" for s in qs.steps)
     print(f"\nquick start ({qs.name}): {total:.0f} s from the cookiecutter install\n{timings}")
-    return qs
 
 
 @pytest.mark.slow
