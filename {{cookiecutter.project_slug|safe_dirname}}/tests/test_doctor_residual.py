@@ -4,6 +4,7 @@ after the configured setup, trained on twice the doctor's budget, still beats no
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from {{ cookiecutter.package_name }}.debugging import causes, runs
 
@@ -67,3 +68,40 @@ def test_unsolvable_when_twice_the_budget_learns_nothing_either(no_learning_scre
     assert found["unsolvable"]["present"]
     assert found["unsolvable"]["evidence"]["grown_budget"]["learned"] is False
     assert "twice the doctor's budget" in found["unsolvable"]["summary"]
+
+
+@pytest.mark.parametrize("wider_passes", [True, False])
+def test_a_failed_overfit_is_a_code_bug_only_when_a_wider_network_fails_it_too(monkeypatch, wider_passes):
+    lab = ScriptedLab({})
+    wider = runs.Task(None, None, [], [], epochs=8, max_steps=512)
+    built = []
+    lab.adapter.task = lambda cfg: built.append(cfg) or wider
+    cfg = OmegaConf.create({"model": {"width": 2, "hidden": 8, "depth": 1}})
+    ctx = SimpleNamespace(ref=SimpleNamespace(chance=None), model=cfg.model, user=cfg, cfg=cfg, lab=lab)
+
+    def overfit(task, **kwargs):
+        passes = task is wider and wider_passes
+        return {"passed": passes, "drop": 0.97 if passes else 0.6, "n": 8, "steps": 150, "required_drop": 0.9,
+                "curve": [1.0, 0.4]}  # fmt: skip
+
+    monkeypatch.setattr(causes.probes, "overfit_subset", overfit)
+    screen = SimpleNamespace(present=lambda *names: "no_learning" in names, base="configured",
+                             control="input_independent", checks={"learning": {"learned": False}})  # fmt: skip
+    found, checks = causes.residual(lab, screen, ctx, {})
+    assert built and built[0].model.width == 8 and built[0].model.hidden == 32  # the fix table's 4x wider net
+    assert checks["overfit_wider"]["passed"] is wider_passes
+    if wider_passes:
+        assert list(found) == ["architecture"] and found["architecture"]["present"]
+        assert found["architecture"]["fix"] == "model.width=8 model.hidden=32"
+    else:
+        assert list(found) == ["implementation_bug"]
+
+
+def test_a_model_that_learns_all_but_one_term_is_never_unsolvable(no_learning_screen):
+    """Part of the output did not learn (no_learning via terms_not_learning) while the rest did: the task is
+    learnable, so nothing beyond the overfit test is concluded, even when twice the budget learns no more."""
+    lab = ScriptedLab({})
+    no_learning_screen.checks = {"learning": {"learned": True}}
+    found, checks = causes.residual(lab, no_learning_screen, SimpleNamespace(ref=SimpleNamespace(chance=None)), {})
+    assert found == {} and checks["overfit"]["passed"]
+    assert "configured_2x_budget" not in lab.trained

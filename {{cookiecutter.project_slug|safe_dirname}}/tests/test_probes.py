@@ -1,6 +1,8 @@
 """The failure-mode probes, the doctor's training runs and its statistics on small generic problems (no pose
 code involved): each probe must flag its failure and stay quiet on a healthy case."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +181,62 @@ def test_runs_test_on_a_class_indicator():
     assert (p_values < 0.01).mean() <= 0.05  # calibrated: about 1 % of shuffled sequences below 0.01
     z, p = stats.runs_test(np.sort(shuffled[0]))
     assert z < -10 and p < 1e-6, (z, p)
+
+
+def test_a_tiny_batch_run_keeps_its_minimum_epochs_within_the_step_budget():
+    """Sized in epochs and steps: batch 2 over 256 items is 128 steps an epoch; with 40 steps and 4 epochs
+    at least, each epoch takes 10 steps (20 items), so the loss is seen from epoch to epoch. (Batch 2 of
+    (x, y) tuples also checks that a collated pair is not mistaken for a list of two samples.)"""
+    task = make_task(batch_size=2, max_steps=40, min_epochs=4)
+    run = runs.train(task)
+    assert [len(e) for e in run.epoch_step_losses] == [10, 10, 10, 10]
+    one = runs.train(task.replace(min_epochs=1))
+    assert [len(e) for e in one.epoch_step_losses] == [40]  # one epoch, cut to the step budget too
+    roomy = runs.train(make_task(batch_size=32, max_steps=40, min_epochs=4))
+    assert [len(e) for e in roomy.epoch_step_losses] == [8, 8, 8, 8]  # fits: the items are not cut
+
+
+def two_target_items(n=320, seed=0):
+    """y[:, 0] and y[:, 1] both depend on x: a model that sees x for both can learn both."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = x @ torch.randn(8, 2, generator=g) + 0.1 * torch.randn(n, 2, generator=g)
+    return [(x[i], y[i]) for i in range(n)]
+
+
+def two_terms(out, batch):
+    a = nn.functional.mse_loss(out[:, 0], batch[1][:, 0])
+    b = nn.functional.mse_loss(out[:, 1], batch[1][:, 1])
+    return a + b, {"a": a.detach(), "b": b.detach()}
+
+
+class HalfBlind(nn.Module):
+    """Output 0 from the input, output 1 a learned constant: term b cannot go above the control's level."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.constant = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.cat([self.net(x), self.constant.expand(len(x), 1)], dim=1)
+
+
+def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
+    from {{ cookiecutter.package_name }}.debugging.lab import Lab, Reference
+
+    items = two_target_items()
+    task = runs.Task(mlp, two_terms, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0)
+    control = runs.train(task, items=lambda it: runs.zero_inputs(it, 0))
+    healthy = stats.learning_vs_control(runs.train(task), control)
+    assert healthy["learned"] and stats.terms_not_learning(healthy) == []
+    blind = runs.train(task.replace(model_factory=HalfBlind))
+    learning = stats.learning_vs_control(blind, control)
+    assert learning["learned"]  # the total loss falls: term a learns
+    assert stats.terms_not_learning(learning) == ["b"]
+    lab = object.__new__(Lab)
+    lab.th = SimpleNamespace(alpha=0.01, min_learning_gain=0.05, min_fix_gain=0.05)
+    effect = lab.fix_effect(Reference(blind, control=control, stuck=("b",)), runs.train(task))
+    assert effect["unstuck"] == ["b"] and effect["helped"]
+    same = lab.fix_effect(Reference(blind, control=control, stuck=("b",)), runs.train(task.replace(model_factory=HalfBlind, seed=1)))
+    assert same["unstuck"] == [] and not same["helped"]

@@ -4,14 +4,15 @@
   mixes the batch, ignores its input or has parameters the loss never reaches (`implementation_bug`), the answer is in the input
   (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
-  helped: Karpathy's overfit test (`implementation_bug` when it fails), then `unsolvable`, but only after the
+  helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
+  network passes it), then `unsolvable`, but only after the
   configured setup, trained on twice the doctor's budget, still does not beat its controls (a budget too
   small to show learning is not evidence against the task).
 """
 
 import math
 
-from . import probes, runs
+from . import fixes, probes, runs
 from .engine import finding
 
 
@@ -70,10 +71,11 @@ def integrity(lab, screen):
     return found
 
 
-def overfit_test(lab):
-    """Karpathy's overfit test on the doctor's budget; at the LR range test's suggestion when the configured
-    LR is above its valley (a too-high LR must not pass for a code bug)."""
-    t, d = lab.task, lab.d
+def overfit_test(lab, task=None):
+    """Karpathy's overfit test on the doctor's budget (of `task`, default the configured setup); at the LR
+    range test's suggestion when the configured LR is above its valley (a too-high LR must not pass for a
+    code bug)."""
+    t, d = task or lab.task, lab.d
     lr = lab.lr_range_test()
     over = probes.overfit_subset(
         t,
@@ -82,21 +84,47 @@ def overfit_test(lab):
         lr=min(t.lr, lr["suggestion"]) if t.lr > lr["lr_valley"] else None,
         required_drop=lab.th.overfit_drop,
     )
-    lab.overfit_curve = over.pop("curve")
+    curve = over.pop("curve")
+    if task is None:
+        lab.overfit_curve = curve
     return over
 
 
+def capacity(lab, ctx, over):
+    """A failed overfit test says "code bug" only if capacity is not the reason: the same test on the fix
+    table's wider network (when the model has a width). Returns the `architecture` finding when the wider
+    network passes, else None; and the wider test's numbers (or None)."""
+    row = next(r for r in fixes.TABLE if r.cause == "architecture")
+    if not row.applies(ctx):
+        return None, None
+    v = row.variant(ctx)
+    wide = overfit_test(lab, v.task)
+    if not wide["passed"]:
+        return None, wide
+    return finding(
+        "architecture", True, wide["drop"], {"overfit": over, "overfit_wider": wide, "model": dict(v.info["changes"])},
+        row.fix(ctx, v),
+        f"Cannot overfit {over['n']} samples (the loss fell by {over['drop']:.0%} in {over['steps']} steps, pass: "
+        f">= {over['required_drop']:.0%}), but the fix table's wider network can ({wide['drop']:.0%}): too little "
+        "capacity to fit even a handful of samples, not a code bug.",
+        "overfit.png",
+    ), wide  # fmt: skip
+
+
 def residual(lab, screen, ctx, findings):
-    """`implementation_bug` (failed overfit test) or `unsolvable` for a model that learns nothing that no fix
-    explains; returns ({cause: finding}, checks)."""
+    """`implementation_bug` (failed overfit test; `architecture` when a wider network passes it) or
+    `unsolvable` for a model that learns nothing that no fix explains (never when part of the output learns);
+    returns ({cause: finding}, checks)."""
     if not screen.present("no_learning") or any(f["present"] for f in findings.values()):
         return {}, {}
     over = overfit_test(lab)
-    # unsolvable: does the model beat a shuffled-target control (a permutation test)?
-    shuffled = lab.train("shuffled_targets", lab.task, items=lambda items: runs.permute_inputs(items, seed=1))
-    vs_shuffled = lab.learned(screen.base, shuffled)
-    checks = {"overfit": over, "vs_shuffled_targets": vs_shuffled}
+    checks = {"overfit": over}
     if not over["passed"]:
+        architecture, wide = capacity(lab, ctx, over)
+        if wide is not None:
+            checks["overfit_wider"] = wide
+        if architecture:
+            return {"architecture": architecture}, checks
         return {
             "implementation_bug": finding(
                 "implementation_bug",
@@ -109,6 +137,12 @@ def residual(lab, screen, ctx, findings):
                 "overfit.png",
             )  # fmt: skip
         }, checks
+    if screen.checks["learning"]["learned"]:
+        return {}, checks  # only part of the output did not learn: the task as a whole is learnable
+    # unsolvable: does the model beat a shuffled-target control (a permutation test)?
+    shuffled = lab.train("shuffled_targets", lab.task, items=lambda items: runs.permute_inputs(items, seed=1))
+    vs_shuffled = lab.learned(screen.base, shuffled)
+    checks["vs_shuffled_targets"] = vs_shuffled
     longer = findings.get("not_started")
     if longer and longer["evidence"]["longer_learns"]:
         return {}, checks  # it beats the control when trained longer: slow within the doctor's budget

@@ -15,7 +15,10 @@ from .screen import input_mean_std
 def _effect(effect):
     """'lowers val loss by 23% (p = 0.0001)' for a fix_effect result."""
     verb = "lowers" if effect["gain"] >= 0 else "raises"
-    return f"{verb} val {effect['metric']} by {abs(effect['gain']):.0%} (p = {effect['p_value']:.2g})"
+    text = f"{verb} val {effect['metric']} by {abs(effect['gain']):.0%} (p = {effect['p_value']:.2g})"
+    if effect.get("unstuck"):
+        text += f", and {', '.join(effect['unstuck'])}, which did not learn, now beat the input-independent control"
+    return text
 
 
 def _short(lr):

@@ -93,6 +93,7 @@ class TaskAdapter:
             shuffle=bool(t.shuffle),
             epochs=int(min(t.epochs, d.epochs)),
             max_steps=int(d.max_steps) if d.get("max_steps") else None,
+            min_epochs=int(d.get("min_epochs") or 1),
             grad_clip=step["grad_clip"],
             amp=step["amp"],
             memory_format=training.memory_format(cfg),
@@ -112,11 +113,15 @@ class TaskAdapter:
 @dataclasses.dataclass
 class Reference:
     """What a fix is measured against: the configured run, the same with another seed (a fix must beat the
-    better of the two), and the converged chance level (a fix must beat it too), each None when not run."""
+    better of the two), and the converged chance level (a fix must beat it too), each None when not run.
+    When part of the output did not learn (`stuck`), a fix also helps by making such a part beat the control
+    while the total loss does not get worse."""
 
     base: runs.Run
     reseeded: runs.Run | None = None
     chance: runs.Run | None = None
+    control: runs.Run | None = None  # the input-independent control (the stuck terms are measured against it)
+    stuck: tuple = ()  # the named parts of the output that did not beat the control in the screen
 
 
 class Lab:
@@ -173,6 +178,14 @@ class Lab:
     def learned(self, run, control):
         return stats.learning_vs_control(run, control, self.th.alpha, self.th.min_learning_gain)
 
+    def _term_better(self, base, run, term):
+        """The fixed run's `term` significantly and clearly below the reference's (a term does not count as
+        fixed because it crept over the control's level by seed-to-seed luck)."""
+        if term not in base.val_parts or term not in run.val_parts:
+            return False
+        p, gain = stats.paired_test(base.val_parts[term], run.val_parts[term])
+        return p < self.th.alpha and gain >= self.th.min_fix_gain
+
     def fix_effect(self, ref, run):
         """Paired permutation test that the fixed run's validation loss is lower, and by how much. The loss
         only: one loss term can improve just because a fix speeds up learning its mean target."""
@@ -180,10 +193,24 @@ class Lab:
         if ref.reseeded is not None and not ref.reseeded.diverged and ref.reseeded.val_loss < base.val_loss:
             base = ref.reseeded  # a fix must beat the better of two seeds: seed-to-seed luck is not a fix
         r = stats.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain, parts=False)
+        unstuck = []
+        if ref.stuck and ref.control is not None and not run.diverged:
+            learning = self.learned(run, ref.control)
+            still = stats.terms_not_learning(learning, self.th.alpha, self.th.min_learning_gain)
+            if learning["learned"]:
+                unstuck = [
+                    t
+                    for t in ref.stuck
+                    if t in learning["metrics"] and t not in still and self._term_better(base, run, t)
+                ]
+            p_worse, rel_worse = stats.paired_test(run.val_losses, base.val_losses)
+            if p_worse < self.th.alpha and rel_worse > self.th.min_fix_gain:
+                unstuck = []  # a part learned at the cost of a significantly worse total: not a fix
         # "won't go above random": a fix counts only if the fixed model beats the converged chance level
         above_chance = None if ref.chance is None else self.learned(run, ref.chance)["learned"]
         return {
-            "helped": r["better"] and above_chance is not False,
+            "helped": (r["better"] or bool(unstuck)) and above_chance is not False,
+            "unstuck": unstuck,
             "beats_chance": above_chance,
             "metric": r["metric"],
             "p_value": r["p_value"],

@@ -87,9 +87,11 @@ def markdown(name, result):
     if top == "none":
         lines += ["**No failure mode found.** Evidence:", ""]
         ln = result["symptoms"]["no_learning"]
+        stuck = ln.get("terms_not_learning") or []
         lines += [
             f"- the model beats the input-independent control by {ln['gain_vs_control']:.0%} "
-            f"(paired permutation test p = {ln['p_value']:.2g});",
+            f"(paired permutation test p = {ln['p_value']:.2g})"
+            + (f", but not on {', '.join(stuck)} (no fix the doctor tried changed that);" if stuck else ";"),
             f"- training loss never rose significantly between epochs (max rise z = "
             f"{result['symptoms']['loss_bounces']['max_rise_z']:.2f});",
             f"- no shortcut (best single input value R^2 = {result['checks']['shortcut']['best_single_value_r2']:.2f}), "

@@ -67,7 +67,8 @@ def _slice(obj, i, n):
     if isinstance(obj, dict):
         return {k: _slice(v, i, n) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        if len(obj) == n and not isinstance(obj, tuple):  # a collated list of strings / numbers
+        collated = not any(torch.is_tensor(v) or isinstance(v, np.ndarray | dict | list | tuple) for v in obj)
+        if len(obj) == n and not isinstance(obj, tuple) and collated:  # a collated list of strings / numbers
             return obj[i]
         return type(obj)(_slice(v, i, n) for v in obj)
     return obj
@@ -128,6 +129,9 @@ class Task:
     shuffle: bool = True
     epochs: int = 5
     max_steps: int | None = None  # whole epochs are cut so that a run takes at most this many steps
+    # ... but a run keeps at least this many epochs (the fewer training items per epoch): a tiny batch that
+    # would need all its steps for one epoch still shows how its loss moves from epoch to epoch
+    min_epochs: int = 1
     grad_clip: float | None = None
     amp: str | None = (
         None  # autocast device type of the training step (training.step_settings), None = float32
@@ -256,11 +260,15 @@ def train(
     model = (model_factory or task.model_factory)().to(task.device)
     lr = task.lr if lr is None else lr
     optimizer = (optimizer_factory or task.optimizer_factory)(model, lr)
-    loader = task.loader(train_items, batch_size, shuffle, seed)
-    scaler = grad_scaler(task)
     epochs = task.epochs if epochs is None else epochs
+    loader = task.loader(train_items, batch_size, shuffle, seed)
     if task.max_steps:
+        keep = min(epochs, task.min_epochs)
+        if len(loader) * keep > task.max_steps:  # sized in epochs and steps: fewer items per epoch
+            per_epoch = max(1, task.max_steps // keep) * loader.batch_size
+            loader = task.loader(train_items[:per_epoch], batch_size, shuffle, seed)
         epochs = max(1, min(epochs, task.max_steps // max(1, len(loader))))
+    scaler = grad_scaler(task)
     steps, per_epoch, val_curve, val_per_epoch, forgetting = [], [], [], [], []
     diverged = False
     for _epoch in range(epochs):

@@ -68,7 +68,9 @@ def screen(lab):
         "trend_second_half": {"slope": slope, "p_value": p_trend},
         **data_checks(lab, base),
     }
-    no_learning = not learning["learned"]
+    # "won't go above random" for the whole output, or for a named part of it while the rest learns
+    stuck = stats.terms_not_learning(learning, th.alpha, th.min_learning_gain) if learning["learned"] else []
+    no_learning = not learning["learned"] or bool(stuck)
     bounces = bounce["diverged"] or bounce["train_rises"] > 0 or bounce["val_rises_undone"] > 0
     forgets = (
         forgetting["ratio"] is not None
@@ -83,7 +85,7 @@ def screen(lab):
     flat = not (slope < 0 and p_trend < th.alpha)
     whole = len(base.val_curve) >= int(lab.cfg.training.epochs)
     gain, chance = None, None
-    if not no_learning:
+    if learning["learned"]:
         chance = lab.chance_level()
         checks["chance_level"] = {"val_loss": chance.val_loss, "best_epoch": lab.chance_best_epoch}
         gain = 1.0 - base.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
@@ -96,7 +98,7 @@ def screen(lab):
     small_test = checks["test_set"]["n_test"] < th.min_test_size
     good = shortcut_r2 >= th.shortcut_r2 or dup >= th.duplicate_fraction or small_test
     symptoms = {
-        "no_learning": {"present": no_learning, **learning},
+        "no_learning": {"present": no_learning, "terms_not_learning": stuck, **learning},
         "loss_bounces": {"present": bool(bounces), **bounce},
         "forgetting": {"present": bool(forgets), **forgetting},
         "suspiciously_good": {

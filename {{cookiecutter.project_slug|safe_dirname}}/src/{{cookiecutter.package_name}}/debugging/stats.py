@@ -134,6 +134,15 @@ def learning_vs_control(run, control, alpha=0.01, min_gain=0.05):
     }
 
 
+def terms_not_learning(learning, alpha=0.01, min_gain=0.05):
+    """The criterion's named parts (loss terms, metrics) that do not beat the control, from a
+    `learning_vs_control` result: each part on its own, at the Bonferroni level compare_runs uses. A part of
+    the output that stays at the control's level while the rest learns is its own "won't go above random"."""
+    metrics = learning["metrics"]
+    level = alpha / max(1, len(metrics))
+    return sorted(k for k, v in metrics.items() if k != "loss" and not (v["p_value"] < level and v["gain"] >= min_gain))
+
+
 def bounce_statistics(run, alpha=0.01):
     """Loss bounces: epochs whose mean training loss is significantly ABOVE the best earlier epoch.
 
