@@ -102,6 +102,8 @@ def test_a_model_that_learns_all_but_one_term_is_never_unsolvable(no_learning_sc
     learnable, so nothing beyond the overfit test is concluded, even when twice the budget learns no more."""
     lab = ScriptedLab({})
     no_learning_screen.checks = {"learning": {"learned": True}}
-    found, checks = causes.residual(lab, no_learning_screen, SimpleNamespace(ref=SimpleNamespace(chance=None)), {})
+    found, checks = causes.residual(
+        lab, no_learning_screen, SimpleNamespace(ref=SimpleNamespace(chance=None)), {}
+    )
     assert found == {} and checks["overfit"]["passed"]
     assert "configured_2x_budget" not in lab.trained

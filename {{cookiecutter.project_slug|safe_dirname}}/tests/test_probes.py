@@ -238,5 +238,8 @@ def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
     lab.th = SimpleNamespace(alpha=0.01, min_learning_gain=0.05, min_fix_gain=0.05)
     effect = lab.fix_effect(Reference(blind, control=control, stuck=("b",)), runs.train(task))
     assert effect["unstuck"] == ["b"] and effect["helped"]
-    same = lab.fix_effect(Reference(blind, control=control, stuck=("b",)), runs.train(task.replace(model_factory=HalfBlind, seed=1)))
+    same = lab.fix_effect(
+        Reference(blind, control=control, stuck=("b",)),
+        runs.train(task.replace(model_factory=HalfBlind, seed=1)),
+    )
     assert same["unstuck"] == [] and not same["helped"]

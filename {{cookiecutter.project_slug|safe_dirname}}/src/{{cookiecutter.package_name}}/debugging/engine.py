@@ -69,7 +69,9 @@ def context(lab, screen, training_fixes):
     noise scale are measured; returns (context, the checks measured for it)."""
     stuck = tuple(screen.symptoms["no_learning"].get("terms_not_learning", ()))
     if not training_fixes:
-        return Context(lab, screen, Reference(screen.base, chance=screen.chance, control=screen.control, stuck=stuck)), {}
+        return Context(
+            lab, screen, Reference(screen.base, chance=screen.chance, control=screen.control, stuck=stuck)
+        ), {}
     task = lab.task
     reseeded = lab.train("configured_seed+1", task.replace(seed=task.seed + 1))
     p_seed, diff_seed = stats.paired_test(screen.base.val_losses, reseeded.val_losses)
@@ -86,7 +88,9 @@ def context(lab, screen, training_fixes):
         "lr_range": lr,
         "gradient_noise": noise,
     }
-    return Context(lab, screen, Reference(screen.base, reseeded, chance, screen.control, stuck), lr, noise), checks
+    return Context(
+        lab, screen, Reference(screen.base, reseeded, chance, screen.control, stuck), lr, noise
+    ), checks
 
 
 def rows(table, screen, training_fixes):

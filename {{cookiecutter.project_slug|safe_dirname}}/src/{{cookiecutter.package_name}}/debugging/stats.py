@@ -140,7 +140,9 @@ def terms_not_learning(learning, alpha=0.01, min_gain=0.05):
     the output that stays at the control's level while the rest learns is its own "won't go above random"."""
     metrics = learning["metrics"]
     level = alpha / max(1, len(metrics))
-    return sorted(k for k, v in metrics.items() if k != "loss" and not (v["p_value"] < level and v["gain"] >= min_gain))
+    return sorted(
+        k for k, v in metrics.items() if k != "loss" and not (v["p_value"] < level and v["gain"] >= min_gain)
+    )
 
 
 def bounce_statistics(run, alpha=0.01):
