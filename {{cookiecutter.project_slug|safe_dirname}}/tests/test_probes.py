@@ -243,3 +243,19 @@ def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
         runs.train(task.replace(model_factory=HalfBlind, seed=1)),
     )
     assert same["unstuck"] == [] and not same["helped"]
+
+
+@pytest.mark.parametrize("batch, chance_batch", [(2, 32), (64, 64)])
+def test_the_chance_level_trains_at_the_reference_batch_at_least(batch, chance_batch):
+    """The converged chance level is a neutral recipe: a tiny configured batch (the batch_too_small fault) must
+    not keep it from converging, or a model that learns nothing looks better than "random"."""
+    from {{ cookiecutter.package_name }}.debugging.lab import Lab
+
+    lab = object.__new__(Lab)
+    lab.task = make_task(batch_size=batch, max_steps=40)
+    lab.d = SimpleNamespace(longer_epochs=16, reference_batch_size=32, verbose=False)
+    lab.chance, lab.runs, lab.log = None, {}, []
+    chance = lab.chance_level()
+    assert lab.runs["chance_level"] is chance and np.isfinite(chance.val_loss)
+    # whole epochs of 256 items at the chance batch (at batch 2 it would be one epoch cut to the 40 steps)
+    assert {len(e) for e in chance.epoch_step_losses} == {256 // chance_batch}, chance.epoch_step_losses

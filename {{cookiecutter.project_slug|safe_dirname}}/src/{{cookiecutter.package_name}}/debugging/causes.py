@@ -113,7 +113,8 @@ def capacity(lab, ctx, over):
 
 def residual(lab, screen, ctx, findings):
     """`implementation_bug` (failed overfit test; `architecture` when a wider network passes it) or
-    `unsolvable` for a model that learns nothing that no fix explains (never when part of the output learns);
+    `unsolvable` for a model that learns nothing that no fix explains (never when part of the output beats
+    both controls);
     returns ({cause: finding}, checks)."""
     if not screen.present("no_learning") or any(f["present"] for f in findings.values()):
         return {}, {}
@@ -137,12 +138,14 @@ def residual(lab, screen, ctx, findings):
                 "overfit.png",
             )  # fmt: skip
         }, checks
-    if screen.checks["learning"]["learned"]:
-        return {}, checks  # only part of the output did not learn: the task as a whole is learnable
     # unsolvable: does the model beat a shuffled-target control (a permutation test)?
     shuffled = lab.train("shuffled_targets", lab.task, items=lambda items: runs.permute_inputs(items, seed=1))
     vs_shuffled = lab.learned(screen.base, shuffled)
     checks["vs_shuffled_targets"] = vs_shuffled
+    if screen.checks["learning"]["learned"] and vs_shuffled["learned"]:
+        return {}, checks  # only part of the output did not learn: the task as a whole is learnable
+    # Either nothing beat the input-independent control, or what did (a part) does not beat a model trained on
+    # shuffled targets either: the control was merely slower to fit the targets' mean than the model.
     longer = findings.get("not_started")
     if longer and longer["evidence"]["longer_learns"]:
         return {}, checks  # it beats the control when trained longer: slow within the doctor's budget

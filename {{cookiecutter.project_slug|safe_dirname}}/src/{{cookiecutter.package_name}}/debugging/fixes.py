@@ -6,6 +6,8 @@ wrapped model), the fix to print (a Hydra override on the user's config) and the
 `engine.run` does the rest, the same for every row. Thresholds and their reasons: 4_debugging/FAILURE_MODES.md.
 """
 
+import numpy as np
+
 from . import probes, stats
 from .engine import ALWAYS, BAD, NO_LEARNING, Fix, Variant
 from .lab import with_overrides
@@ -47,16 +49,26 @@ def _lr_explain(ctx, v, effect):
 
 
 def _batch_variant(ctx):
+    # The larger batch at an LR the range test (run at a batch of at least reference_batch_size) calls safe:
+    # an LR that only a tiny batch's noise kept from diverging is not what the larger batch should inherit.
     t = ctx.task
     big = min(len(t.train_items) // 2, max(t.batch_size * 8, ctx.lab.d.reference_batch_size))
-    return Variant("larger_batch", t.replace(batch_size=big), {"batch_size": big})
+    lr = min(t.lr, ctx.lr["suggestion"])
+    return Variant("larger_batch", t.replace(batch_size=big, lr=lr), {"batch_size": big, "lr": lr})
+
+
+def _batch_fix(ctx, v):
+    lr = f" training.lr={v.info['lr']:.2g}" if v.info["lr"] < ctx.task.lr else ""
+    return f"training.batch_size={v.info['batch_size']}" + lr
 
 
 def _batch_explain(ctx, v, effect):
+    lr = f" at lr {v.info['lr']:.2g} (the LR range test's suggestion)" if v.info["lr"] < ctx.task.lr else ""
     return (
         f"At batch size {ctx.task.batch_size} the gradient is noise-dominated (noise scale B_simple = "
-        f"{ctx.noise['b_simple']:.0f}, McCandlish et al. 2018); batch size {v.info['batch_size']} {_effect(effect)}.",
-        {"gradient_noise": ctx.noise, "batch_fix": effect},
+        f"{ctx.noise['b_simple']:.0f}, McCandlish et al. 2018); batch size {v.info['batch_size']}{lr} "
+        f"{_effect(effect)}.",
+        {"gradient_noise": ctx.noise, "batch_fix": effect, "lr": v.info["lr"]},
     )
 
 
@@ -83,11 +95,33 @@ def _wider_variant(ctx):
     return Variant("wider", task, {"changes": changes, "fix": fix})
 
 
+def _generalization_gap(ctx):
+    """1 - (training loss over the last epoch) / (validation loss) of the configured run."""
+    base = ctx.screen.base
+    if not base.epoch_step_losses or not base.val_loss > 0:
+        return 0.0
+    return 1.0 - float(np.mean(base.epoch_step_losses[-1])) / base.val_loss
+
+
+def _wider_confirm(ctx, v, effect, run):
+    # Ng's bias/variance split: a bigger network is the fix for high bias, a training loss as high as the
+    # validation loss. A network that already fits its training data clearly better than held-out data is
+    # not short of capacity, even when a wider one (which any run gains a little from) helps.
+    return effect["helped"] and _generalization_gap(ctx) < ctx.lab.th.generalization_gap
+
+
 def _wider_explain(ctx, v, effect):
     shallower = " and shallower" if "model.depth" in v.info["changes"] else ""
+    gap = _generalization_gap(ctx)
+    fits = (
+        f"; the configured network fits its training data {gap:.0%} better than validation data (variance, "
+        "not a lack of capacity)"
+        if gap >= ctx.lab.th.generalization_gap
+        else ""
+    )
     return (
-        f"A 4x wider{shallower} network {_effect(effect)}.",
-        {"wider_fix": effect, "model": dict(v.info["changes"])},
+        f"A 4x wider{shallower} network {_effect(effect)}{fits}.",
+        {"wider_fix": effect, "model": dict(v.info["changes"]), "generalization_gap": gap},
     )
 
 
@@ -96,6 +130,16 @@ def _init_variant(ctx):
     return Variant(
         "he_init", ctx.lab.adapter.task(with_overrides(ctx.cfg, {"model.init": new})), {"init": new}
     )
+
+
+def _init_off(ctx):
+    """The initialization is measured off: some layer's weight std is outside a factor `init_std_factor` of
+    He-normal's (PyTorch's default, Xavier and LeCun init are all within a factor 3 of it)."""
+    if ctx.model.get("init") is None:
+        return False
+    he = [r["weight_std_over_he"] for r in ctx.screen.checks["init"]["layers"]]
+    f = ctx.lab.th.init_std_factor
+    return bool(he) and (min(he) < 1 / f or max(he) > f)
 
 
 def _init_explain(ctx, v, effect):
@@ -274,7 +318,7 @@ TABLE = (
         "batch_too_small", "loss_bounces", BAD,
         applies=_noisy_batch,
         variant=_batch_variant,
-        fix=lambda ctx, v: f"training.batch_size={v.info['batch_size']}",
+        fix=_batch_fix,
         explain=_batch_explain,
     ),
     Fix(
@@ -283,10 +327,11 @@ TABLE = (
         variant=_wider_variant,
         fix=lambda ctx, v: " ".join(f"{k}={x}" for k, x in v.info["fix"].items()),
         explain=_wider_explain,
+        confirm=_wider_confirm,
     ),
     Fix(
         "poor_init", "no_learning", NO_LEARNING,
-        applies=lambda ctx: ctx.model.get("init") is not None,
+        applies=_init_off,
         variant=_init_variant,
         fix=lambda ctx, v: f"model.init={v.info['init']}",
         explain=_init_explain,

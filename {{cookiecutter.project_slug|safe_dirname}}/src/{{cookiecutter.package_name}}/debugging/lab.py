@@ -152,14 +152,17 @@ class Lab:
         return run
 
     def chance_level(self):
-        """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch):
-        the loss of the best prediction that ignores the input, i.e. "random performance" for this loss."""
+        """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch,
+        at a batch of at least `reference_batch_size`: a tiny configured batch must not keep the chance level
+        from converging): the loss of the best prediction that ignores the input, i.e. "random performance"."""
         if self.chance is None:
-            run = self.train(
-                "chance_level",
-                self.task.replace(optimizer_factory=runs.adam_factory, lr=1e-3, epochs=self.d.longer_epochs),
-                items=runs.zero_inputs,
+            neutral = self.task.replace(
+                optimizer_factory=runs.adam_factory,
+                lr=1e-3,
+                epochs=self.d.longer_epochs,
+                batch_size=max(self.task.batch_size, self.d.reference_batch_size),
             )
+            run = self.train("chance_level", neutral, items=runs.zero_inputs)
             best = int(np.argmin(run.val_curve)) if run.val_curve else 0
             if run.val_losses_per_epoch:
                 run.val_losses = run.val_losses_per_epoch[best]
@@ -203,8 +206,7 @@ class Lab:
                     for t in ref.stuck
                     if t in learning["metrics"] and t not in still and self._term_better(base, run, t)
                 ]
-            p_worse, rel_worse = stats.paired_test(run.val_losses, base.val_losses)
-            if p_worse < self.th.alpha and rel_worse > self.th.min_fix_gain:
+            if r["total_worse"]:
                 unstuck = []  # a part learned at the cost of a significantly worse total: not a fix
         # "won't go above random": a fix counts only if the fixed model beats the converged chance level
         above_chance = None if ref.chance is None else self.learned(run, ref.chance)["learned"]

@@ -89,13 +89,14 @@ def compare_runs(worse, better, alpha=0.01, min_gain=0.05, parts=True):
     Each metric (the loss, then each part the criterion reports, e.g. the loss's named terms) gets
     a paired one-sided permutation test; Bonferroni over the metrics keeps the family-wise error at `alpha`.
     A metric counts when significant AND at least `min_gain` relative better (significant but tiny gains are
-    not "better"). Returns the best metric's name, p-value and gain, and `better`: True/False.
-    A total loss that got significantly worse vetoes a part's gain. `parts=False` compares the loss only.
+    not "better"). Returns the best metric's name, p-value and gain, `better`: True/False, and
+    `total_worse`: the total loss got significantly and clearly worse, which vetoes a part's gain.
+    `parts=False` compares the loss only.
     """
-    if better.diverged:
-        return {"better": False, "metric": "loss", "p_value": 1.0, "gain": -1.0, "metrics": {}}
-    if worse.diverged:
-        return {"better": True, "metric": "loss", "p_value": 0.0, "gain": 1.0, "metrics": {}}
+    if better.diverged or worse.diverged:  # a diverged run is worse than any finite one
+        ok = not better.diverged
+        return {"better": ok, "total_worse": not ok, "metric": "loss", "p_value": 0.0 if ok else 1.0,
+                "gain": 1.0 if ok else -1.0, "metrics": {}}  # fmt: skip
     metrics = {"loss": (worse.val_losses, better.val_losses)}
     for name, values in better.val_parts.items() if parts else ():
         if name in worse.val_parts and len(values) == len(worse.val_parts[name]):
@@ -109,6 +110,7 @@ def compare_runs(worse, better, alpha=0.01, min_gain=0.05, parts=True):
     p, gain = results[name]
     return {
         "better": bool(hits) and not veto,
+        "total_worse": bool(veto),
         "metric": name,
         "p_value": p,
         "gain": gain,

@@ -1,0 +1,92 @@
+"""Rows of the doctor's fix table (debugging/fixes.TABLE) that decide by a measurement as well as by a fix
+that helps, run through the engine with the training runs scripted."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from {{ cookiecutter.package_name }}.debugging import engine, fixes, runs
+
+TH = SimpleNamespace(init_std_factor=3.0, generalization_gap=0.1)
+
+
+def row(cause):
+    return next(r for r in fixes.TABLE if r.cause == cause)
+
+
+def run(train_loss, val_loss):
+    """A finished run whose last epoch's training loss and validation loss are these."""
+    return runs.Run(
+        step_losses=[train_loss] * 4, epoch_step_losses=[[train_loss] * 4], val_curve=[val_loss],
+        val_losses=np.full(8, val_loss), val_losses_per_epoch=[np.full(8, val_loss)], val_parts={},
+        forgetting=[], diverged=False, seconds=0.0,
+    )  # fmt: skip
+
+
+class ScriptedLab:
+    """Trains nothing: every variant's run is `fixed`, and every fix helps by 11 %."""
+
+    def __init__(self):
+        self.th, self.d = TH, SimpleNamespace(reference_batch_size=32)
+        self.adapter = SimpleNamespace(task=lambda cfg: SimpleNamespace(cfg=cfg))
+        self.runs = {}
+
+    def train(self, name, task, **kwargs):
+        self.runs[name] = run(5.0, 6.0)
+        return self.runs[name]
+
+    def fix_effect(self, ref, fixed):
+        return {"helped": True, "unstuck": [], "metric": "loss", "p_value": 5e-4, "gain": 0.11}
+
+
+def context(model, base=None, init_ratios=(0.4, 0.41)):
+    cfg = OmegaConf.create({"model": model, "training": {"epochs": 8}})
+    screen = SimpleNamespace(
+        base=base or run(6.3, 6.6),
+        checks={"init": {"layers": [{"weight_std_over_he": r} for r in init_ratios]}},
+    )
+    lab = ScriptedLab()
+    lab.cfg = cfg
+    lab.adapter.cfg = cfg
+    return engine.Context(lab, screen, ref=None)
+
+
+@pytest.mark.parametrize(
+    "ratios, tried",
+    [((0.39, 0.42), False), ((0.0, 0.0), True), ((0.41, 0.2), True), ((0.4, 4.0), True)],
+)
+def test_poor_init_is_tried_only_when_some_layer_is_off_he_by_more_than_the_factor(ratios, tried):
+    """PyTorch's default init (0.41x He-normal's std) is not a poor init however much He init helps a run;
+    all-zero weights, a layer at a fifth of He's std or at four times it are."""
+    ctx = context({"init": "default", "width": 8}, init_ratios=ratios)
+    assert row("poor_init").applies(ctx) is tried
+    assert not row("poor_init").applies(context({"width": 8}, init_ratios=ratios))  # no init knob
+
+
+@pytest.mark.parametrize("train_loss, confirmed", [(6.5, True), (5.6, False)])
+def test_a_wider_network_that_helps_means_architecture_only_without_a_generalization_gap(
+    train_loss, confirmed
+):
+    """High bias (training loss as high as validation: 6.5 vs 6.6) -> too small a network; a network that fits
+    its training data 15 % better than held-out data (5.6 vs 6.6) is not short of capacity, even when a
+    wider one lowers the validation loss by 11 %."""
+    ctx = context({"init": "default", "width": 8, "hidden": 32}, base=run(train_loss, 6.6))
+    found = engine.run(ctx, [row("architecture")])["architecture"]
+    assert found["present"] is confirmed
+    assert found["evidence"]["generalization_gap"] == pytest.approx(1 - train_loss / 6.6)
+    assert ("variance, not a lack of capacity" in found["summary"]) is not confirmed
+
+
+@pytest.mark.parametrize("lr, fixed_lr, fix", [(0.02, 0.012, "training.batch_size=32 training.lr=0.012"),
+                                               (0.003, 0.003, "training.batch_size=32")])  # fmt: skip
+def test_the_larger_batch_runs_at_an_lr_the_range_test_calls_safe(lr, fixed_lr, fix):
+    """The batch row's variant keeps the configured LR unless the LR range test (run at the reference batch)
+    suggests a lower one: an LR that only a tiny batch's noise kept in check is not the larger batch's."""
+    ctx = context({"width": 8})
+    ctx.lab.task = runs.Task(None, None, list(range(2048)), [], lr=lr, batch_size=2, epochs=8, max_steps=512)
+    ctx.lr, ctx.noise = {"suggestion": 0.012, "lr_valley": 0.12}, {"b_simple": 39.0}
+    v = row("batch_too_small").variant(ctx)
+    assert (v.task.batch_size, v.task.lr) == (32, pytest.approx(fixed_lr))
+    assert row("batch_too_small").fix(ctx, v) == fix
