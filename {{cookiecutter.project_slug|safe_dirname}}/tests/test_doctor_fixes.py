@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from {{ cookiecutter.package_name }}.debugging import engine, fixes, runs
+from {{ cookiecutter.package_name }}.debugging import causes, engine, fixes, runs
 
 TH = SimpleNamespace(init_std_factor=3.0, generalization_gap=0.1)
 
@@ -90,3 +90,31 @@ def test_the_larger_batch_runs_at_an_lr_the_range_test_calls_safe(lr, fixed_lr, 
     v = row("batch_too_small").variant(ctx)
     assert (v.task.batch_size, v.task.lr) == (32, pytest.approx(fixed_lr))
     assert row("batch_too_small").fix(ctx, v) == fix
+
+
+@pytest.mark.parametrize("after, carrier", [(0.05, "global brightness/contrast"), (0.93, "coarse layout")])
+def test_a_leak_only_a_trivial_model_finds_is_answer_in_input(after, carrier):
+    """No single pixel gives the answer away (R^2 0.4), a linear model on a 4x4 thumbnail does (0.97):
+    `answer_in_input`, saying whether standardizing each image removed it (brightness) or not (layout)."""
+    lab = SimpleNamespace(
+        th=SimpleNamespace(
+            shortcut_r2=0.9, duplicate_fraction=0.01, batch_dependency_ratio=1e-6, min_test_size=385
+        ),
+        adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text),
+    )
+    shortcut = {"best_single_value_r2": 0.4, "best_single_value_index": 7, "best_single_value_target": 0,
+                "trivial_model_r2": 0.97, "trivial_model": "4x4 thumbnail", "trivial_model_target": 2,
+                "trivial_model_r2_per_image_standardized": after}  # fmt: skip
+    checks = {
+        "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
+        "init": {"without_gradient": [], "n_trainable": 4},
+        "shortcut": shortcut,
+        "duplicates": {"train/val": {"shared": 0, "fraction_of_val": 0.0}},
+        "test_set": {"n_test": 400, "relative_half_width": 0.03},
+    }
+    found = causes.integrity(lab, SimpleNamespace(checks=checks))
+    assert list(found) == ["answer_in_input"] and found["answer_in_input"]["strength"] == pytest.approx(0.97)
+    summary = found["answer_in_input"]["summary"]
+    assert "4x4 thumbnail" in summary and "component 2" in summary and carrier in summary
+    shortcut["trivial_model_r2"] = 0.5
+    assert causes.integrity(lab, SimpleNamespace(checks=checks)) == {}

@@ -160,6 +160,42 @@ def test_shortcut_probe_finds_a_leaked_pixel():
     assert found["best_single_value_r2"] > 0.99 and found["best_single_value_index"] == 63
 
 
+def shapes(n=400, seed=0):
+    """16x16 images of noise with a bright 4x4 square at a random place; the target is unrelated to them."""
+    g = torch.Generator().manual_seed(seed)
+    images = 0.5 * torch.rand(n, 1, 16, 16, generator=g)
+    for i, (r, c) in enumerate(torch.randint(0, 12, (n, 2), generator=g).tolist()):
+        images[i, :, r : r + 4, c : c + 4] += 0.5
+    return images, torch.rand(n, 1, generator=g)
+
+
+def probe(images, targets):
+    items = [{"image": images[i], "target": targets[i]} for i in range(len(images))]
+    return probes.shortcut_probe(runs.Task(None, None, items[:300], items[300:]))
+
+
+@pytest.mark.parametrize("leak", ["brightness", "noisy_block"])
+def test_shortcut_probe_finds_a_leak_no_single_pixel_shows(leak):
+    """Two leaks the one-pixel fit misses (best pixel R^2 < 0.9): the target as every image's brightness
+    (a gain on the whole image), and the target written into a 4x4 block under heavy noise (each pixel
+    alone R^2 ~ 0.6). A thumbnail or the global statistics expose both; standardizing each image removes
+    the brightness leak, not the block."""
+    images, targets = shapes()
+    assert probe(images, targets)["trivial_model_r2"] < 0.2  # content unrelated to the target: nothing found
+    g = torch.Generator().manual_seed(1)
+    if leak == "brightness":
+        leaked = images * (0.5 + targets[:, :, None, None])
+    else:
+        leaked = images.clone()
+        leaked[:, :, 8:12, 8:12] = targets[:, :, None, None] + 0.25 * torch.randn(
+            len(images), 1, 4, 4, generator=g
+        )
+    found = probe(leaked, targets)
+    assert found["best_single_value_r2"] < 0.9 and found["trivial_model_r2"] >= 0.9, found
+    after = found["trivial_model_r2_per_image_standardized"]
+    assert after < 0.9 if leak == "brightness" else after >= 0.9, found
+
+
 def test_statistics_behave():
     rng = np.random.default_rng(0)
     a = rng.normal(1.0, 0.1, 200)
@@ -223,7 +259,7 @@ class HalfBlind(nn.Module):
 
 
 def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
-    from {{ cookiecutter.package_name }}.debugging.lab import Lab, Reference
+    from dev.debugging.lab import Lab, Reference
 
     items = two_target_items()
     task = runs.Task(mlp, two_terms, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0)
@@ -249,7 +285,7 @@ def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
 def test_the_chance_level_trains_at_the_reference_batch_at_least(batch, chance_batch):
     """The converged chance level is a neutral recipe: a tiny configured batch (the batch_too_small fault) must
     not keep it from converging, or a model that learns nothing looks better than "random"."""
-    from {{ cookiecutter.package_name }}.debugging.lab import Lab
+    from dev.debugging.lab import Lab
 
     lab = object.__new__(Lab)
     lab.task = make_task(batch_size=batch, max_steps=40)

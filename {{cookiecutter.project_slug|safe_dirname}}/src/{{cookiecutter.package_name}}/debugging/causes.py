@@ -47,17 +47,35 @@ def integrity(lab, screen):
     sc, dup = c["shortcut"], c["duplicates"]
     frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)
     leak = sc["best_single_value_r2"] >= th.shortcut_r2
-    if leak or frac >= th.duplicate_fraction:
+    trivial = sc.get("trivial_model_r2", 0.0) >= th.shortcut_r2
+    if leak or trivial or frac >= th.duplicate_fraction:
         why = []
         if leak:
             why.append(
                 f"one input value (flat index {sc['best_single_value_index']}) predicts target component "
                 f"{sc['best_single_value_target']} with R^2 = {sc['best_single_value_r2']:.3f} on validation data"
             )
+        elif trivial:
+            after = sc.get("trivial_model_r2_per_image_standardized")
+            where = (
+                f"; with every image standardized on its own R^2 = {after:.2f}: the answer is carried by "
+                + (
+                    "the images' global brightness/contrast"
+                    if after < th.shortcut_r2
+                    else "their coarse layout"
+                )
+                if after is not None
+                else ""
+            )
+            why.append(
+                f"a linear model on the {sc['trivial_model']} predicts target component "
+                f"{sc['trivial_model_target']} with R^2 = {sc['trivial_model_r2']:.3f} on validation data{where}"
+            )
         if frac >= th.duplicate_fraction:
             why.append(f"{frac:.0%} of the validation inputs are exact copies of training inputs")
         found["answer_in_input"] = finding(
-            "answer_in_input", True, max(sc["best_single_value_r2"], frac), {"shortcut": sc, "duplicates": dup},
+            "answer_in_input", True, max(sc["best_single_value_r2"], sc.get("trivial_model_r2", 0.0), frac),
+            {"shortcut": sc, "duplicates": dup},
             fault_fix(), "Shortcut found: " + "; ".join(why) + ".",
         )  # fmt: skip
     ts = c["test_set"]

@@ -90,7 +90,7 @@ def screen(lab):
         checks["chance_level"] = {"val_loss": chance.val_loss, "best_epoch": lab.chance_best_epoch}
         gain = 1.0 - base.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
     plateau = gain is not None and gain < th.plateau_gain
-    shortcut_r2 = checks["shortcut"]["best_single_value_r2"]
+    shortcut_r2 = max(checks["shortcut"]["best_single_value_r2"], checks["shortcut"]["trivial_model_r2"])
     dup = max(
         (v[k] for v in checks["duplicates"].values() for k in v if k.startswith("fraction")),
         default=0,
@@ -103,7 +103,8 @@ def screen(lab):
         "forgetting": {"present": bool(forgets), **forgetting},
         "suspiciously_good": {
             "present": bool(good),
-            "best_single_value_r2": shortcut_r2,
+            "best_single_value_r2": checks["shortcut"]["best_single_value_r2"],
+            "trivial_model_r2": checks["shortcut"]["trivial_model_r2"],
             "duplicate_fraction": dup,
             "n_test": checks["test_set"]["n_test"],
             "test_ci95_relative_half_width": checks["test_set"]["relative_half_width"],
