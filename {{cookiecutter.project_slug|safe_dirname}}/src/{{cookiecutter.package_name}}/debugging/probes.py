@@ -127,7 +127,7 @@ def shortcut_probe(task, max_features=4096, confirm_r2=0.9):
     - trivial models (`_trivial_features`): ridge regression on global image statistics and on 2x2, 4x4
       and 8x8 thumbnails; a leak spread over many pixels, each too noisy alone, or carried by brightness or
       contrast, shows here. A linear model on a thumbnail does not recover a 6D pose from object-centred
-      images (R^2 <= 0.2 on the example's capture), so near-perfect R^2 means the answer is written into the
+      images (R^2 <= 0.3 on the example's capture), so near-perfect R^2 means the answer is written into the
       image. The best trivial model at or above `confirm_r2` is re-measured on per-image standardized inputs:
       the R^2 falling says the answer is in each image's global statistics; staying, in its coarse layout.
     """

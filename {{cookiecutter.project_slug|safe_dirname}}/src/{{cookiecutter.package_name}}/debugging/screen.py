@@ -35,7 +35,7 @@ def data_checks(lab, base):
     checks = {
         "order": probes.order_test(task, a.train_loader, n=d.n_train),
         "duplicates": probes.duplicates({"train": a.stored_train_items, "val": a.val_items}),
-        "shortcut": probes.shortcut_probe(task),
+        "shortcut": probes.shortcut_probe(task, confirm_r2=lab.th.shortcut_r2),
     }
     input_stats = probes.input_statistics(task)
     checks["input_statistics"] = {k: v for k, v in input_stats.items() if k not in ("mean", "std")}
