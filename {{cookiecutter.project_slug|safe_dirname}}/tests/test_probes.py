@@ -10,7 +10,7 @@ from torch import nn
 
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
-from {{ cookiecutter.package_name }}.debugging import probes, runs, stats
+from {{ cookiecutter.package_name }}.debugging import leaks, probes, runs, stats
 
 torch.set_num_threads(1)
 
@@ -138,10 +138,10 @@ def test_shuffled_targets_are_not_learnable():
 
 def test_duplicates_across_splits_are_found():
     items = regression_items()
-    found = probes.duplicates({"train": items[:200], "val": items[190:240]}, input_key=0)
+    found = leaks.duplicates({"train": items[:200], "val": items[190:240]}, input_key=0)
     assert found["train/val"]["shared"] == 10
     assert (
-        probes.duplicates({"train": items[:200], "val": items[200:]}, input_key=0)["train/val"]["shared"] == 0
+        leaks.duplicates({"train": items[:200], "val": items[200:]}, input_key=0)["train/val"]["shared"] == 0
     )
 
 
@@ -155,8 +155,8 @@ def test_shortcut_probe_finds_a_leaked_pixel():
         for i in range(300)
     ]
     task = runs.Task(None, None, clean[:200], clean[200:])
-    assert probes.shortcut_probe(task)["best_single_value_r2"] < 0.2
-    found = probes.shortcut_probe(task.replace(train_items=leaked[:200], val_items=leaked[200:]))
+    assert leaks.shortcut_probe(task)["best_single_value_r2"] < 0.2
+    found = leaks.shortcut_probe(task.replace(train_items=leaked[:200], val_items=leaked[200:]))
     assert found["best_single_value_r2"] > 0.99 and found["best_single_value_index"] == 63
 
 
@@ -171,7 +171,7 @@ def shapes(n=400, seed=0):
 
 def probe(images, targets):
     items = [{"image": images[i], "target": targets[i]} for i in range(len(images))]
-    return probes.shortcut_probe(runs.Task(None, None, items[:300], items[300:]))
+    return leaks.shortcut_probe(runs.Task(None, None, items[:300], items[300:]))
 
 
 @pytest.mark.parametrize("leak", ["brightness", "noisy_block"])
@@ -259,7 +259,7 @@ class HalfBlind(nn.Module):
 
 
 def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
-    from dev.debugging.lab import Lab, Reference
+    from {{ cookiecutter.package_name }}.debugging.lab import Lab, Reference
 
     items = two_target_items()
     task = runs.Task(mlp, two_terms, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0)
@@ -285,7 +285,7 @@ def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
 def test_the_chance_level_trains_at_the_reference_batch_at_least(batch, chance_batch):
     """The converged chance level is a neutral recipe: a tiny configured batch (the batch_too_small fault) must
     not keep it from converging, or a model that learns nothing looks better than "random"."""
-    from dev.debugging.lab import Lab
+    from {{ cookiecutter.package_name }}.debugging.lab import Lab
 
     lab = object.__new__(Lab)
     lab.task = make_task(batch_size=batch, max_steps=40)

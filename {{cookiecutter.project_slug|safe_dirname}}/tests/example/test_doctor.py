@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
-from {{ cookiecutter.package_name }}.debugging import doctor, probes, runs, zoo, zoo_benchmark
+from {{ cookiecutter.package_name }}.debugging import doctor, leaks, probes, runs, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
@@ -182,7 +182,7 @@ def test_data_faults_do_what_they_say():
     leak = zoo.pixel_fault(fault_cfg("answer_in_input"))
     leaked = [runs.unbatch(leak(collate([d[i] for i in range(len(d))]))) for d in (train, val)]
     task = runs.Task(None, None, *leaked, target_fn=PoseTask(None).target)
-    assert probes.shortcut_probe(task)["best_single_value_r2"] > 0.99
+    assert leaks.shortcut_probe(task)["best_single_value_r2"] > 0.99
 
     tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_target"), train, val)
     depth = [float(tr[i]["t"][2]) for i in range(64)]
@@ -194,7 +194,7 @@ def test_data_faults_do_what_they_say():
     _, va = zoo.fault_datasets(fault_cfg("tiny_val", size=5), train, val)
     assert len(va) == 5
     _, va = zoo.fault_datasets(fault_cfg("val_in_train"), train, val)
-    dup = probes.duplicates({"train": [train[i] for i in range(64)], "val": [va[i] for i in range(len(va))]})
+    dup = leaks.duplicates({"train": [train[i] for i in range(64)], "val": [va[i] for i in range(len(va))]})
     assert dup["train/val"]["shared"] == 40
     offset = zoo.pixel_fault(fault_cfg("black_level"))
     assert float(offset(collate([train[0]]))["image"].min()) >= 1000.0

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from ..batches import collate, to_device
-from . import probes, runs, stats, symptom_scan
+from . import leaks, probes, runs, stats, symptom_scan
 
 # the talk's rows: one table for the doctor and the symptom scan that ends `make train`
 SYMPTOMS = symptom_scan.ROWS
@@ -34,8 +34,8 @@ def data_checks(lab, base):
     a, task, d = lab.adapter, lab.task, lab.d
     checks = {
         "order": probes.order_test(task, a.train_loader, n=d.n_train),
-        "duplicates": probes.duplicates({"train": a.stored_train_items, "val": a.val_items}),
-        "shortcut": probes.shortcut_probe(task, confirm_r2=lab.th.shortcut_r2),
+        "duplicates": leaks.duplicates({"train": a.stored_train_items, "val": a.val_items}),
+        "shortcut": leaks.shortcut_probe(task, confirm_r2=lab.th.shortcut_r2),
     }
     input_stats = probes.input_statistics(task)
     checks["input_statistics"] = {k: v for k, v in input_stats.items() if k not in ("mean", "std")}
