@@ -47,7 +47,7 @@ def integrity(lab, screen):
     sc, dup = c["shortcut"], c["duplicates"]
     frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)
     leak = sc["best_single_value_r2"] >= th.shortcut_r2
-    trivial = sc.get("trivial_model_r2", 0.0) >= th.shortcut_r2
+    trivial = sc["trivial_model_r2"] >= th.shortcut_r2
     if leak or trivial or frac >= th.duplicate_fraction:
         why = []
         if leak:
@@ -74,7 +74,7 @@ def integrity(lab, screen):
         if frac >= th.duplicate_fraction:
             why.append(f"{frac:.0%} of the validation inputs are exact copies of training inputs")
         found["answer_in_input"] = finding(
-            "answer_in_input", True, max(sc["best_single_value_r2"], sc.get("trivial_model_r2", 0.0), frac),
+            "answer_in_input", True, max(sc["best_single_value_r2"], sc["trivial_model_r2"], frac),
             {"shortcut": sc, "duplicates": dup},
             fault_fix(), "Shortcut found: " + "; ".join(why) + ".",
         )  # fmt: skip

@@ -95,7 +95,7 @@ def markdown(name, result):
             f"- training loss never rose significantly between epochs (max rise z = "
             f"{result['symptoms']['loss_bounces']['max_rise_z']:.2f});",
             f"- no shortcut (best single input value R^2 = {result['checks']['shortcut']['best_single_value_r2']:.2f}, "
-            f"best trivial model R^2 = {result['checks']['shortcut'].get('trivial_model_r2', 0.0):.2f}), "
+            f"best trivial model R^2 = {result['checks']['shortcut']['trivial_model_r2']:.2f}), "
             f"no train/val duplicates, data order looks random (runs test p = {result['checks']['order']['p_value']:.2g}), "
             f"validation set of {result['checks']['test_set']['n_test']} samples;",
             "- the model keeps samples apart (backprop-dependency check passed).",
