@@ -44,6 +44,7 @@ EXAMPLE = [
     "configs/experiment/baseline.yaml",
     "configs/experiment/gpu.yaml",
     "configs/experiment/zoo",
+    "configs/experiment/zoo_test",
     "2_data/LABELING.md",
     "5_deployment/README.md",
     "tests/example",

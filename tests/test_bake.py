@@ -83,6 +83,7 @@ EXAMPLE = [
     "configs/experiment/scenes_smoke.yaml",
     "configs/experiment/baseline.yaml",
     "configs/experiment/zoo",
+    "configs/experiment/zoo_test",
     "2_data/LABELING.md",
     "tests/example",
 ]

@@ -39,11 +39,41 @@ def test_zoo_has_a_config_per_cause_and_healthy_controls():
         zoo_benchmark.injected_cause("mystery")
 
 
+def test_the_held_out_part_has_its_own_faults_and_healthy_controls_of_two_losses():
+    """configs/experiment/zoo_test: >= 8 faults, none the same construction as the development part's (a fault
+    or knob setting of its own), and healthy controls of two losses other than the development part's."""
+    dev = {n: compose(f"experiment=zoo/{n}") for n in zoo_benchmark.zoo_names()}
+    held_out = zoo_benchmark.zoo_names(part="zoo_test")
+    assert all(n.startswith("zoo_test/") for n in held_out)
+    faulty = [n for n in held_out if zoo_benchmark.injected_cause(n) != "none"]
+    assert len(faulty) >= 8
+
+    def construction(cfg):
+        return (cfg.debugging.fault, cfg.debugging.get("fault_size"), cfg.training.lr, cfg.training.batch_size,
+                cfg.model.width, cfg.model.hidden, cfg.model.dropout, cfg.training.weight_decay, cfg.loss.name)  # fmt: skip
+
+    dev_constructions = {construction(cfg) for cfg in dev.values()}
+    losses = set()
+    for name in held_out:
+        text = (ZOO.parent / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n") and "what you see" in text.lower(), name
+        cfg = compose(f"experiment={name}")
+        zoo.fault_of(cfg)
+        assert construction(cfg) not in dev_constructions, f"{name} repeats a development config"
+        if zoo_benchmark.injected_cause(name) == "none":
+            losses.add(cfg.loss.name)
+    assert len(losses) >= 2 and not losses & {cfg.loss.name for cfg in dev.values()}
+    with pytest.raises(ValueError, match="no part of the zoo"):
+        zoo_benchmark.injected_cause("zoo_private/lr_too_high")
+
+
 def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
     """run -> summarize -> markdown, through `make doctor-benchmark`'s main, with a scripted doctor: right on
-    lr_too_high, wrong on not_started, crashing on implementation_bug, a false alarm on healthy seed 1."""
+    lr_too_high, wrong on not_started, crashing on implementation_bug, a false alarm on healthy seed 1; in the
+    held-out part, right on one fault and a false alarm on one healthy seed, in a table of its own."""
     answers = {"lr_too_high": "lr_too_high", "not_started": "lr_too_low", "healthy/seed0": "none",
-               "healthy/seed1": "poor_init"}  # fmt: skip
+               "healthy/seed1": "poor_init", "zoo_test/lr_too_high_0p3": "lr_too_high",
+               "zoo_test/healthy_quaternion/seed0": "architecture", "zoo_test/healthy_quaternion/seed1": "none"}  # fmt: skip
     seen = []
 
     def scripted_doctor(cfg, name):
@@ -54,19 +84,30 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
         return {"top_cause": answers[label]}
 
     monkeypatch.setattr(doctor, "run_doctor", scripted_doctor)
-    configs = "benchmark.configs=[lr_too_high,not_started,implementation_bug,healthy]"
+    configs = "benchmark.configs=[lr_too_high,not_started,zoo/implementation_bug,healthy,zoo_test/lr_too_high_0p3,zoo_test/healthy_quaternion]"
     zoo_benchmark.main(
         [f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2", "benchmark.faulty_seeds=1"]
     )
     faults = {name: compose(f"experiment=zoo/{name}").debugging.fault for name in ("lr_too_high", "healthy")}
     assert [(n, s) for n, s, _, _ in seen] == [
         ("zoo/lr_too_high", 0), ("zoo/not_started", 0), ("zoo/implementation_bug", 0),
-        ("zoo/healthy/seed0", 0), ("zoo/healthy/seed1", 1),
+        ("zoo/healthy/seed0", 0), ("zoo/healthy/seed1", 1), ("zoo_test/lr_too_high_0p3", 0),
+        ("zoo_test/healthy_quaternion/seed0", 0), ("zoo_test/healthy_quaternion/seed1", 1),
     ]  # fmt: skip
+    assert seen[5][2] is None and compose("experiment=zoo_test/lr_too_high_0p3").training.lr == 0.3
     assert seen[0][2] == faults["lr_too_high"] and seen[3][2] == faults["healthy"] and not seen[0][3]
 
     out = tmp_path / "4_debugging" / "doctor"
-    summary = json.loads((out / "benchmark.json").read_text())
+    parts = json.loads((out / "benchmark.json").read_text())["parts"]
+    assert list(parts) == ["zoo", "zoo_test"]
+    summary, held_out = parts["zoo"], parts["zoo_test"]
+    assert (held_out["correct"], held_out["faulty_configs"], held_out["false_alarms"], held_out["healthy_runs"]) == (
+        1, 1, 1, 2,
+    )  # fmt: skip
+    assert (
+        held_out["rows"][0]["config"] == "zoo_test/lr_too_high_0p3"
+        and held_out["rows"][0]["part"] == "zoo_test"
+    )
     assert (summary["correct"], summary["faulty_configs"], summary["false_alarms"], summary["healthy_runs"]) == (
         1, 3, 1, 2,
     )  # fmt: skip
@@ -79,11 +120,21 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
         label: int(label in ("none", "poor_init")) for label in summary["confusion"]["none"]
     }
     report = (out / "benchmark.md").read_text()
-    assert report == zoo_benchmark.markdown(summary) and report in capsys.readouterr().out
-    assert "Top-1 accuracy on faulty runs: **1/3 = 33%**" in report
-    assert "False alarms on healthy runs: **1/2**" in report
-    assert "| not_started | 0 | `not_started` | `lr_too_low` | **no** |" in report
-    assert "| `none` |" in report and "| lr_too_high | 0 | `lr_too_high` | `lr_too_high` | yes |" in report
+    assert report == zoo_benchmark.report(parts) and report in capsys.readouterr().out
+    development, test = report.split("## Test (held out) part: configs/experiment/zoo_test")
+    assert "## Development part: configs/experiment/zoo" in development
+    assert "Top-1 accuracy on faulty runs: **1/3 = 33%**" in development
+    assert "False alarms on healthy runs: **1/2**" in development
+    assert "| not_started | 0 | `not_started` | `lr_too_low` | **no** |" in development
+    assert (
+        "| `none` |" in development
+        and "| lr_too_high | 0 | `lr_too_high` | `lr_too_high` | yes |" in development
+    )
+    assert (
+        "Top-1 accuracy on faulty runs: **1/1 = 100%**" in test
+        and "zoo_test/lr_too_high_0p3" not in development
+    )
+    assert "| zoo_test/healthy_quaternion | 0 | `none` | `architecture` | **no** |" in test
     # healthy configs only: no accuracy to report, and markdown says so instead of failing
     healthy_only = zoo_benchmark.summarize([r for r in summary["rows"] if r["injected"] == "none"])
     assert healthy_only["top1_accuracy"] is None
@@ -101,6 +152,8 @@ def test_zoo_benchmark_runs_faulty_configs_over_two_seeds_by_default():
         zoo_benchmark.run(OmegaConf.create({"benchmark": {"configs": names, "jobs": 0}}), [])
     with pytest.raises(ValueError, match="name must start"):
         zoo_benchmark.run(OmegaConf.create({"benchmark": {"configs": ["mystery"]}}), [])
+    with pytest.raises(ValueError, match="'zoo_private' is not a part of the zoo"):
+        zoo_benchmark.run(OmegaConf.create({"benchmark": {"parts": ["zoo_private"]}}), [])
     assert cfg.debugging.doctor.threads == 1  # two doctors side by side use one core each
 
 
@@ -199,6 +252,54 @@ def test_data_faults_do_what_they_say():
     offset = zoo.pixel_fault(fault_cfg("black_level"))
     assert float(offset(collate([train[0]]))["image"].min()) >= 1000.0
     assert zoo.pixel_fault(fault_cfg("tiny_val")) is None
+
+
+def test_held_out_faults_do_what_they_say():
+    train, val = PoseLike(64, 0), PoseLike(40, 1)
+    tr, va = zoo.fault_datasets(fault_cfg("shifted_targets"), train, val)
+    assert all(torch.equal(tr[i]["t"], train[(i + 1) % 64]["t"]) for i in range(64))
+    assert torch.equal(va[39]["R"], val[0]["R"]) and torch.equal(tr[5]["image"], train[5]["image"])
+
+    tr, _ = zoo.fault_datasets(fault_cfg("sorted_by_tilt"), train, val)
+    tilt = [float(tr[i]["R"][2, 2]) for i in range(64)]
+    assert tilt == sorted(tilt) and len(tr) == 64
+    loader = torch.utils.data.DataLoader(tr, batch_size=16, shuffle=False)
+    order = probes.order_test(runs.Task(None, None, [], [], target_fn=PoseTask(None).target), loader)
+    assert order["p_value"] < 1e-3
+
+    overlay = zoo.pixel_fault(fault_cfg("distance_overlay"))
+    batch = collate([train[i] for i in range(64)])
+    bars = overlay(batch | {"image": torch.zeros_like(batch["image"])})["image"]
+    assert float(bars[:, :, :-2].abs().sum()) == 0.0  # only the two bottom rows are drawn on
+    lengths = bars[:, 0, -1].sum(1)
+    assert torch.equal(lengths, (batch["t"][:, 2] / 400 * 8).round().clamp(0, 8))
+
+    raw = zoo.pixel_fault(fault_cfg("raw_pixels"))
+    torch.testing.assert_close(raw(batch)["image"], batch["image"] * 255)
+
+    calls = []
+    criterion = zoo.fault_loss(fault_cfg("broadcast_target"), lambda out, b: calls.append(b["t"]) or 0.0)
+    criterion(None, batch)
+    assert torch.equal(calls[0], batch["t"][:1].expand(64, 3)) and torch.equal(batch["t"], train.t[:64])
+    plain = object()
+    assert zoo.fault_loss(fault_cfg("shifted_targets"), plain) is plain
+
+
+def test_frozen_convs_leave_the_convolutions_without_gradient():
+    batch = collate([PoseLike(8)[i] for i in range(8)])
+
+    def net():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 6)
+        )
+
+    frozen = zoo.fault_model(fault_cfg("frozen_convs"), net())
+    frozen(batch["image"]).sum().backward()
+    assert frozen[0].weight.grad is None and frozen[0].bias.grad is None
+    assert frozen[1].weight.grad is not None and frozen[3].weight.grad is not None
+    clean = net()
+    clean(batch["image"]).sum().backward()
+    assert clean[0].weight.grad is not None
 
 
 def test_pixel_faults_act_after_the_augmentation(tiny_dataset):

@@ -16,6 +16,14 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     detached_output    the network's last output is detached before the loss: that head never trains (implementation_bug)
     raw_pixels         images arrive as 0..255 floats (uint8 never divided by 255)            (poor_input_features)
     black_level        a constant 1000 added to every pixel (a sensor black level never subtracted) (poor_input_features)
+    shifted_targets    image i gets the pose of image i+1: an off-by-one in the label join       (unsolvable)
+    distance_overlay   the object's distance drawn as a bar along the bottom of every image (a HUD) (answer_in_input)
+    sorted_by_tilt     training data ordered by the object's tilt to the camera (an elevation sweep) (data_not_shuffled)
+    frozen_convs       every conv layer left frozen at its random init (a fine-tuning freeze never undone) (implementation_bug)
+    broadcast_target   the loss compares every translation with the batch's first target ([1,3] vs [B,3]) (implementation_bug)
+
+The first ten are the development zoo's (configs/experiment/zoo); the last five, with `raw_pixels`, exist for
+the held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at.
 """
 
 import functools
@@ -34,6 +42,11 @@ FAULTS = (
     "detached_output",
     "raw_pixels",
     "black_level",
+    "shifted_targets",
+    "distance_overlay",
+    "sorted_by_tilt",
+    "frozen_convs",
+    "broadcast_target",
 )
 
 
@@ -95,6 +108,16 @@ def shuffled_targets(dataset, seed=0):
     return Mapped(dataset, fn=fn)
 
 
+def shifted_targets(dataset):
+    targets = _targets(dataset)
+
+    def fn(i, item):
+        item["R"], item["t"] = targets[(i + 1) % len(targets)]
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
 def answer_in_input(batch):
     """The translation (and the rotation's first row) written into the first pixels of the red channel,
     scaled into [0, 1]: what a leaked label or a filename-derived feature looks like to the network."""
@@ -105,11 +128,30 @@ def answer_in_input(batch):
     return batch | {"image": image}
 
 
+def distance_overlay(batch):
+    """A white bar along the two bottom rows whose length is the object's distance (1 mm = 1/400 of the width):
+    a HUD or a range read-out burnt into the frames."""
+    image = batch["image"].clone()
+    width = image.shape[-1]
+    length = (batch["t"][:, 2].float() / 400.0 * width).round().clamp(0, width).long()
+    columns = torch.arange(width, device=image.device)
+    bar = (columns[None, :] < length[:, None].to(image.device)).to(image.dtype)  # [B, W]
+    image[:, :, -2:, :] = torch.maximum(image[:, :, -2:, :], bar[:, None, None, :])
+    return batch | {"image": image}
+
+
 def sorted_by_target(dataset):
     """Ordered by the object's distance, as the frames of a camera dollying away from it are. Distance, not
     yaw about the camera axis: the in-plane rotation augmentation re-draws that angle for every sample."""
     depth = np.array([float(t[2]) for _, t in _targets(dataset)])
     return Mapped(dataset, index=np.argsort(depth, kind="stable"))
+
+
+def sorted_by_tilt(dataset):
+    """Ordered by how far the object's z axis tilts towards the camera (R[2, 2]), as the frames of a sweep in
+    elevation are; the in-plane rotation augmentation leaves this angle unchanged."""
+    tilt = np.array([float(R[2, 2]) for R, _ in _targets(dataset)])
+    return Mapped(dataset, index=np.argsort(tilt, kind="stable"))
 
 
 def scaled_pixels(batch, factor=1.0, offset=0.0):
@@ -123,6 +165,8 @@ def pixel_fault(cfg):
     fault = fault_of(cfg)
     if fault == "answer_in_input":
         return answer_in_input
+    if fault == "distance_overlay":
+        return distance_overlay
     if fault in ("raw_pixels", "black_level"):
         factor, offset = (255.0, 0.0) if fault == "raw_pixels" else (1.0, 1000.0)
         return functools.partial(scaled_pixels, factor=factor, offset=offset)
@@ -135,6 +179,8 @@ def fault_datasets(cfg, train_set, val_set):
     seed = int(cfg.get("seed", 0))
     if fault == "shuffled_targets":
         return shuffled_targets(train_set, seed), shuffled_targets(val_set, seed + 1)
+    if fault == "shifted_targets":
+        return shifted_targets(train_set), shifted_targets(val_set)
     if fault == "val_in_train":
         picks = np.random.default_rng(seed).choice(
             len(train_set), size=min(len(val_set), len(train_set)), replace=False
@@ -142,6 +188,8 @@ def fault_datasets(cfg, train_set, val_set):
         return train_set, Mapped(train_set, index=picks)
     if fault == "sorted_by_target":
         return sorted_by_target(train_set), val_set
+    if fault == "sorted_by_tilt":
+        return sorted_by_tilt(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
     return train_set, val_set
@@ -178,4 +226,20 @@ def fault_model(cfg, model):
         model.register_forward_pre_hook(_zero_input)
     elif fault == "detached_output":
         model.register_forward_hook(_detach_last_output)
+    elif fault == "frozen_convs":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.requires_grad_(False)
     return model
+
+
+def fault_loss(cfg, criterion):
+    """Code faults in the loss: a wrapper around `criterion(out, batch)` (the criterion itself for the others)."""
+    if fault_of(cfg) != "broadcast_target":
+        return criterion
+
+    def first_target_for_all(out, batch):
+        # `t_gt = batch["t"][:1]` where `batch["t"]` was meant: [1, 3] broadcasts against [B, 3] without an error
+        return criterion(out, batch | {"t": batch["t"][:1].expand_as(batch["t"])})
+
+    return first_target_for_all

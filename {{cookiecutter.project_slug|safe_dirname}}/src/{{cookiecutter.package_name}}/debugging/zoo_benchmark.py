@@ -2,15 +2,18 @@
 
     python -m <package>.debugging.zoo_benchmark                 # make doctor-benchmark
     python -m <package>.debugging.zoo_benchmark benchmark.jobs=2                 # two doctors side by side
-    python -m <package>.debugging.zoo_benchmark benchmark.configs=[lr_too_high,healthy] benchmark.seeds=1
+    python -m <package>.debugging.zoo_benchmark benchmark.parts=[zoo_test]       # the held-out part only
+    python -m <package>.debugging.zoo_benchmark benchmark.configs=[lr_too_high,zoo_test/healthy_quaternion]
 
-Every configs/experiment/zoo/<name>.yaml is diagnosed by the doctor; the injected cause is the file name
-(`healthy*` = no cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds` seeds
-(0, 1, ...), the faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each
-in its own process (on `debugging.doctor.threads` torch threads); the table keeps the configs' order. Prints
-the confusion table, top-1 accuracy over the faulty runs, false alarms on the healthy ones and the wall time
-per run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings depend on the machine and on
-how many doctors share it: report them as measured, with `jobs`.
+The zoo has two parts: the development part (configs/experiment/zoo), which the doctor's rules and thresholds
+were chosen by looking at, and the held-out test part (configs/experiment/zoo_test), which they were not.
+Every <part>/<name>.yaml is diagnosed by the doctor; the injected cause is the file name (`healthy*` = no
+cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds` seeds (0, 1, ...), the
+faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each in its own process
+(on `debugging.doctor.threads` torch threads); the table keeps the configs' order. Prints, per part, the
+confusion table, top-1 accuracy over the faulty runs, false alarms on the healthy ones and the wall time per
+run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings depend on the machine and on how
+many doctors share it: report them as measured, with `jobs`.
 """
 
 import multiprocessing
@@ -30,21 +33,37 @@ from ..files import write_json, write_text
 from ..paths import CONFIG_DIR
 from . import doctor
 
+PARTS = {"zoo": "development", "zoo_test": "test (held out)"}
 
-def zoo_names(config_dir=CONFIG_DIR):
-    folder = Path(config_dir) / "experiment" / "zoo"
+
+def zoo_names(config_dir=CONFIG_DIR, part="zoo"):
+    """The configs of one part, as `<name>` for the development part and `<part>/<name>` for the others."""
+    if part not in PARTS:
+        raise ValueError(f"benchmark.parts: '{part}' is not a part of the zoo ({', '.join(PARTS)})")
+    folder = Path(config_dir) / "experiment" / part
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: the bug zoo's configs are missing")
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    prefix = "" if part == "zoo" else f"{part}/"
+    return sorted(prefix + p.stem for p in folder.glob("*.yaml"))
+
+
+def split_name(name):
+    """'zoo_test/lr_too_high_0p3' -> ('zoo_test', 'lr_too_high_0p3'); a bare name is the development part's."""
+    part, _, stem = name.rpartition("/")
+    part = part or "zoo"
+    if part not in PARTS:
+        raise ValueError(f"benchmark.configs: '{name}' is in no part of the zoo ({', '.join(PARTS)})")
+    return part, stem
 
 
 def injected_cause(name):
+    part, name = split_name(name)
     if name.startswith("healthy"):
         return "none"
     matches = [c for c in doctor.CAUSES if name == c or name.startswith(c + "_")]
     if not matches:
         raise ValueError(
-            f"configs/experiment/zoo/{name}.yaml: the name must start with a cause id or 'healthy'"
+            f"configs/experiment/{part}/{name}.yaml: the name must start with a cause id or 'healthy'"
         )
     return max(matches, key=len)
 
@@ -62,20 +81,36 @@ def plan(names, seeds, faulty_seeds):
     return runs
 
 
+def canonical(name):
+    """How the table names a config: `<name>` in the development part, `<part>/<name>` in the others."""
+    part, stem = split_name(name)
+    return stem if part == "zoo" else f"{part}/{stem}"
+
+
+def experiment(name):
+    """The experiment a config name selects: `zoo/<name>` or `zoo_test/<name>`."""
+    return "/".join(split_name(name))
+
+
+def report_folder(label):
+    """The doctor's report folder for a run label (a config name, maybe with /seed<n>): under `zoo/` or its part."""
+    return label if label.split("/")[0] in PARTS else f"zoo/{label}"
+
+
 def diagnose(name, seed, label, overrides, verbose):
     """One doctor run -> its table row. A crash is a row too: one broken config must not hide the others."""
     with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        config = compose("config", overrides=[f"experiment=zoo/{name}", f"seed={seed}", *overrides])
+        config = compose("config", overrides=[f"experiment={experiment(name)}", f"seed={seed}", *overrides])
     with open_dict(config):
         config.debugging.doctor.verbose = verbose
     start = time.perf_counter()
     try:
-        top, error = doctor.run_doctor(config, name=f"zoo/{label}")["top_cause"], None
+        top, error = doctor.run_doctor(config, name=report_folder(label))["top_cause"], None
     except Exception as exc:
         top, error = "error", f"{type(exc).__name__}: {exc}"
     seconds = time.perf_counter() - start
     expected = injected_cause(name)
-    row = {"config": name, "seed": seed, "injected": expected, "diagnosed": top, "correct": top == expected,
+    row = {"config": name, "part": split_name(name)[0], "seed": seed, "injected": expected, "diagnosed": top, "correct": top == expected,
            "seconds": round(seconds, 1), "error": error}  # fmt: skip
     print(f"{label:40s} injected {expected:24s} diagnosed {top:24s} {seconds:6.1f} s", flush=True)
     return row
@@ -100,7 +135,8 @@ def _diagnose_in_worker(args):
 
 def run(cfg, overrides):
     bench = cfg.get("benchmark") or {}
-    names = list(bench.get("configs") or zoo_names())
+    parts = list(bench.get("parts") or PARTS)
+    names = [canonical(n) for n in bench.get("configs") or [n for p in parts for n in zoo_names(part=p)]]
     for name in names:
         injected_cause(name)  # a bad name fails before any doctor runs
     seeds, faulty_seeds, jobs = (
@@ -147,9 +183,18 @@ def summarize(rows):
     }
 
 
-def markdown(summary):
+def summarize_parts(rows):
+    """{part: summarize(its rows)} for the parts that ran, development first: the two are never pooled."""
+    return {
+        part: summarize([r for r in rows if r["part"] == part])
+        for part in PARTS
+        if any(r["part"] == part for r in rows)
+    }
+
+
+def markdown(summary, title="Doctor benchmark on the bug zoo", level=1):
     lines = [
-        "# Doctor benchmark on the bug zoo",
+        f"{'#' * level} {title}",
         "",
         f"Top-1 accuracy on faulty runs: **{summary['correct']}/{summary['faulty_configs']}"
         + (f" = {summary['top1_accuracy']:.0%}**" if summary["top1_accuracy"] is not None else "**"),
@@ -168,13 +213,28 @@ def markdown(summary):
     labels = sorted({b for row in summary["confusion"].values() for b in row})
     lines += [
         "",
-        "## Confusion (rows: injected, columns: diagnosed)",
+        f"{'#' * (level + 1)} Confusion (rows: injected, columns: diagnosed)",
         "",
         "| injected \\ diagnosed | " + " | ".join(labels) + " |",
         "|---" * (len(labels) + 1) + "|",
     ]
     for a, row in summary["confusion"].items():
         lines.append(f"| `{a}` | " + " | ".join(str(row[b]) if row[b] else "" for b in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(parts):
+    """The whole benchmark.md: one table per part, the held-out one last."""
+    lines = [
+        "# Doctor benchmark on the bug zoo",
+        "",
+        "Development part: configs/experiment/zoo, the faults the doctor's rules and thresholds were chosen by "
+        "looking at. Test part: configs/experiment/zoo_test, held out (no rule or threshold was chosen by "
+        "looking at it); its score is the one that says how the doctor does on faults it has not seen.",
+    ]
+    for part, summary in parts.items():
+        title = f"{PARTS[part].capitalize()} part: configs/experiment/{part}"
+        lines += ["", markdown(summary, title=title, level=2).rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -190,14 +250,14 @@ def main(argv=None):
         with open_dict(base):
             base.benchmark = bench
         rows = run(base, overrides)
-        summary = summarize(rows)
+        parts = summarize_parts(rows)
         out = Path(base.debugging.doctor.output)
-        write_json(out / "benchmark.json", summary)
-        write_text(out / "benchmark.md", markdown(summary))
+        write_json(out / "benchmark.json", {"parts": parts})
+        write_text(out / "benchmark.md", report(parts))
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    print(markdown(summary))
+    print(report(parts))
     print(f"written: {out / 'benchmark.md'}, {out / 'benchmark.json'}")
 
 

@@ -37,9 +37,10 @@ class PoseTask(task.Task):
         info = bop.load_models_info(cfg.data.root)[cfg.data.obj_id]
         self.diameter_mm = float(info["diameter"])
         points = torch.as_tensor(bop.load_model_points(cfg.data.root, cfg.data.obj_id), dtype=torch.float32)
-        return losses.build_criterion(
+        criterion = losses.build_criterion(
             cfg.loss, points, bop.is_symmetric(info), image_size=cfg.data.image_size
         )
+        return zoo.fault_loss(cfg, criterion)  # the criterion itself unless a loss fault is injected
 
     def build_model(self, cfg):
         return build_model(cfg)
