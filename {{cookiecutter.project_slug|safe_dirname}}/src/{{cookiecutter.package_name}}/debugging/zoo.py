@@ -22,8 +22,9 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     frozen_convs       every conv layer left frozen at its random init (a fine-tuning freeze never undone) (implementation_bug)
     broadcast_target   the loss compares every translation with the batch's first target ([1,3] vs [B,3]) (implementation_bug)
 
-The first ten are the development zoo's (configs/experiment/zoo); the last five, with `raw_pixels`, exist for
-the held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at.
+The development part of the zoo (configs/experiment/zoo) uses the first ten but `raw_pixels`; the held-out
+part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses
+`raw_pixels` and the last five.
 """
 
 import functools
