@@ -141,18 +141,22 @@ def distance_overlay(batch):
     return batch | {"image": image}
 
 
+def sorted_by(dataset, key):
+    """`dataset` in the order of key(R, t) over its samples (a stable sort)."""
+    keys = np.array([key(R, t) for R, t in _targets(dataset)])
+    return Mapped(dataset, index=np.argsort(keys, kind="stable"))
+
+
 def sorted_by_target(dataset):
     """Ordered by the object's distance, as the frames of a camera dollying away from it are. Distance, not
     yaw about the camera axis: the in-plane rotation augmentation re-draws that angle for every sample."""
-    depth = np.array([float(t[2]) for _, t in _targets(dataset)])
-    return Mapped(dataset, index=np.argsort(depth, kind="stable"))
+    return sorted_by(dataset, lambda R, t: float(t[2]))
 
 
 def sorted_by_tilt(dataset):
     """Ordered by how far the object's z axis tilts towards the camera (R[2, 2]), as the frames of a sweep in
     elevation are; the in-plane rotation augmentation leaves this angle unchanged."""
-    tilt = np.array([float(R[2, 2]) for R, _ in _targets(dataset)])
-    return Mapped(dataset, index=np.argsort(tilt, kind="stable"))
+    return sorted_by(dataset, lambda R, t: float(R[2, 2]))
 
 
 def scaled_pixels(batch, factor=1.0, offset=0.0):

@@ -43,8 +43,7 @@ def zoo_names(config_dir=CONFIG_DIR, part="zoo"):
     folder = Path(config_dir) / "experiment" / part
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: the bug zoo's configs are missing")
-    prefix = "" if part == "zoo" else f"{part}/"
-    return sorted(prefix + p.stem for p in folder.glob("*.yaml"))
+    return sorted(canonical(f"{part}/{p.stem}") for p in folder.glob("*.yaml"))
 
 
 def split_name(name):
