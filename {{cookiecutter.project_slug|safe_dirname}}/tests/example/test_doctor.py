@@ -379,11 +379,30 @@ def skips_the_update(real_step):
     return step
 
 
-def test_a_broken_training_step_reaches_the_doctor(tiny_dataset, tmp_path, monkeypatch):
+def ascends_the_loss(real_step):
+    """Another loop bug: the step backpropagates the negated loss (a score maximized by mistake: gradient
+    ascent); the loss it returns and logs is the real one."""
+
+    def step(model, batch, criterion, optimizer, **kwargs):
+        def negated(out, b):
+            loss, parts = criterion(out, b)
+            return -loss, parts
+
+        value, parts = real_step(model, batch, negated, optimizer, **kwargs)
+        return -value, parts
+
+    return step
+
+
+# two constructions of the training-loop class: the update is lost (the development part's), the update
+# goes the wrong way (held out: added after the doctor was built, and not tuned on)
+@pytest.mark.parametrize("broken", [skips_the_update, ascends_the_loss])
+def test_a_broken_training_step_reaches_the_doctor(tiny_dataset, tmp_path, monkeypatch, broken):
     """The doctor trains through the project's training step (`training.train_step`, what `make train` runs),
     so a bug in that step, not in the model or the data, shows in its verdict: nothing learns, the overfit
-    test fails, `implementation_bug`. (A doctor with a loop of its own would find the model fine.)"""
-    monkeypatch.setattr(training, "train_step", skips_the_update(training.train_step))
+    test fails, `implementation_bug`. (A doctor with a loop of its own would find the model fine; in our runs
+    on this tiny dataset the unbroken step got `unsolvable`, with a passing overfit test.)"""
+    monkeypatch.setattr(training, "train_step", broken(training.train_step))
     result, _ = run_doctor(tiny_dataset, tmp_path, "debugging.doctor.thresholds.min_test_size=1")
     assert result["symptoms"]["no_learning"]["present"]
     assert result["top_cause"] == "implementation_bug", result["top_cause"]
