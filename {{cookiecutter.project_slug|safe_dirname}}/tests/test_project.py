@@ -46,6 +46,28 @@ def test_wandb_runs_are_named_after_the_experiment(monkeypatch, tmp_path):
     assert calls[0]["name"] == "mine-evaluation"
 {%- endif %}
 
+{%- if cookiecutter.use_dvc == "yes" %}
+
+
+def test_dvclive_in_a_git_repository_without_commits_is_a_clear_error(monkeypatch, tmp_path):
+    """After a bare `git init` (no commit yet) dvclive would die deep inside scmrepo and leave a `.dvc`
+    behind; the stage stops first, naming the repository and the way out. With a commit it logs."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    cfg = compose(f"paths.root={tmp_path}", "logger=none")
+    with pytest.raises(RuntimeError, match="without commits.*make repo"):
+        tracking.start_run(cfg, "training")
+    assert not (tmp_path / ".dvc").exists()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "first"]
+    subprocess.run(git, check=True)
+    run = tracking.start_run(cfg, "training")
+    run.log({"train/loss": 1.0}, step=0)
+    run.finish()
+    assert (tmp_path / "3_training" / "dvclive" / "metrics.json").is_file()
+{%- endif %}
+
 
 def test_every_stage_folder_has_a_checklist():
     for folder in STAGE_FOLDERS:

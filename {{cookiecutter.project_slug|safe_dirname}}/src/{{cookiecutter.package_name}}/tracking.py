@@ -80,6 +80,7 @@ class LiveRun(Run):
     def __init__(self, directory, resume=False):
         from dvclive import Live
 
+        check_git_has_a_commit()
         # dvcyaml=None: dvc.yaml declares these plots itself; save_dvc_exp=False: `dvc exp run` records runs
         self.live = Live(str(directory), resume=resume, dvcyaml=None, save_dvc_exp=False)
 
@@ -92,6 +93,26 @@ class LiveRun(Run):
 
     def finish(self):
         self.live.end()
+
+
+def check_git_has_a_commit():
+    """dvclive (3.49) dies with `SCMError: Empty git repo` inside a git repository without commits (after a
+    bare `git init`), and only after it has run `dvc init` there: say so before it starts."""
+    from scmrepo.exceptions import SCMError
+    from scmrepo.git import Git
+
+    try:
+        git = Git(search_parent_directories=True)
+    except SCMError:
+        return  # no git repository: dvclive logs without one
+    try:
+        if git.no_commits:
+            raise RuntimeError(
+                f"{git.root_dir}: a git repository without commits, where dvclive (the training curves, "
+                "`dvclive.dir`) cannot log: commit once (`make repo` does) or set dvclive.dir=null"
+            )
+    finally:
+        git.close()
 
 
 class Runs(Run):
