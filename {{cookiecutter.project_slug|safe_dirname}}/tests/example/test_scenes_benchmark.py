@@ -63,6 +63,9 @@ def test_make_scenes_benchmark_trains_three_pipelines_at_one_budget(scene_datase
     assert result["rows"][0]["train_images"] > 0 and result["rows"][0]["epochs"] == 2
     assert rows["object-centred default"]["n_test"] == rows["crop, GT boxes"]["n_test"]
     assert set(result["ratio_to_default"]) == set(ROWS[:3])
+    for name, folder in [("crop, GT boxes", "crop"), ("object-centred default", "object_centred")]:
+        figures = scenes_benchmark.distance_figures(bench / folder / "3_training" / "errors.csv")
+        assert rows[name]["te_rel_median"] == figures["te_rel_median"]
     lines = [line for line in report.splitlines() if line.startswith("| ")]
     assert len(lines) == 2 + len(ROWS)  # header, separator, one line per row
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -72,6 +75,21 @@ def test_make_scenes_benchmark_trains_three_pipelines_at_one_budget(scene_datase
     for row, line in zip(ROWS, lines[2:], strict=True):
         assert line.startswith(f"| {row} |")
     assert result["machine"]["cpu_model"] in report
+
+
+def test_distance_figures_are_medians_of_the_error_relative_to_the_distance(tmp_path):
+    """Three estimates at 50, 100 and 200 cm with errors 1, 1 and 8 cm: the relative errors are 0.02, 0.01
+    and 0.04 (median 0.02, not median error / median distance = 0.01), the median distance 100 cm."""
+    path = tmp_path / "errors.csv"
+    path.write_text(
+        "scene_id,te_cm,t_gt\n"
+        "1,1.0,300 0 400\n"  # 500 mm away
+        "1,1.0,0 0 1000\n"
+        "2,8.0,0 -1200 1600\n"  # 2000 mm away
+    )
+    figures = scenes_benchmark.distance_figures(path)
+    assert figures["distance_cm_median"] == pytest.approx(100.0)
+    assert figures["te_rel_median"] == pytest.approx(0.02)
 
 
 @pytest.fixture
