@@ -342,9 +342,10 @@ def test_every_import_is_a_declared_dependency(baked):
     # the package, and the tests' own modules (conftest, a test module reusing another's data writer)
     local = {p.name for p in (project / "src").iterdir()} | {p.stem for p in project.glob("tests/**/*.py")}
     # tracking.py imports wandb only when logger=wandb, a config that exists only with use_wandb=yes, and
-    # dvclive only when the `dvclive` key of configs/config.yaml (use_dvc=yes) is set
+    # dvclive (and scmrepo, for the git check before it) only when the `dvclive` key of configs/config.yaml
+    # (use_dvc=yes) is set
     optional = {"wandb"} if chosen["use_wandb"] == "no" else set()
-    optional |= {"dvclive"} if chosen["use_dvc"] == "no" else set()
+    optional |= {"dvclive", "scmrepo"} if chosen["use_dvc"] == "no" else set()
     missing = set()
     for path in [*project.glob("src/**/*.py"), *project.glob("tests/**/*.py")]:
         tree = ast.parse(path.read_text())
