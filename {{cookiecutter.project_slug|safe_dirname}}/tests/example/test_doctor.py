@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
-from {{ cookiecutter.package_name }}.debugging import doctor, leaks, probes, runs, zoo, zoo_benchmark
+from {{ cookiecutter.package_name }}.debugging import doctor, engine, fixes, leaks, probes, runs, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
@@ -284,6 +284,35 @@ def test_held_out_faults_do_what_they_say():
     plain = object()
     assert zoo.fault_loss(fault_cfg("shifted_targets"), plain) is plain
 
+    tr, va = zoo.fault_datasets(fault_cfg("mirrored_images"), train, val)
+    assert va is val and len(tr) == 64
+    for i in range(64):
+        image = train[i]["image"].flip(-1) if i % 2 else train[i]["image"]
+        assert torch.equal(tr[i]["image"], image) and torch.equal(tr[i]["R"], train[i]["R"])
+        assert torch.equal(tr[i]["t"], train[i]["t"])
+    assert not torch.equal(tr[1]["image"], train[1]["image"])
+
+    def heads():
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 6))
+
+        class Heads(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = body
+
+            def forward(self, x):
+                out = self.body(x)
+                return {"rot": out[:, :4], "trans": out[:, 4:]}
+
+        return Heads()
+
+    clean = heads()(batch["image"])
+    clamped = zoo.fault_model(fault_cfg("clamped_output"), heads())(batch["image"])
+    assert (clean["rot"] < 0).any() and (clean["trans"] < 0).any()
+    for key in ("rot", "trans"):
+        torch.testing.assert_close(clamped[key], clean[key].clamp(min=0))
+
 
 def test_frozen_convs_leave_the_convolutions_without_gradient():
     batch = collate([PoseLike(8)[i] for i in range(8)])
@@ -300,6 +329,45 @@ def test_frozen_convs_leave_the_convolutions_without_gradient():
     clean = net()
     clean(batch["image"]).sum().backward()
     assert clean[0].weight.grad is not None
+
+
+def test_frozen_parameters_are_listed_and_the_fix_row_trains_them():
+    """The init check lists parameters with requires_grad=False (`frozen`, which `without_gradient` cannot
+    see: nothing asks for their gradient); the fix table's row applies exactly then, and its variant is the
+    same model with every parameter trainable."""
+    batch = collate([PoseLike(8)[i] for i in range(8)])
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 3)
+        )
+
+    def mse(out, b):
+        return torch.nn.functional.mse_loss(out, b["t"] / 100)
+
+    frozen = probes.init_statistics(zoo.fault_model(fault_cfg("frozen_convs"), net()), batch, mse)
+    assert frozen["frozen"] == ["0.weight", "0.bias"] and frozen["without_gradient"] == []
+    assert probes.init_statistics(net(), batch, mse)["frozen"] == []
+
+    row = next(r for r in fixes.TABLE if r.variant is fixes._unfrozen_variant)
+    assert row.cause == "implementation_bug" and set(row.tried_on) == set(engine.BAD)
+
+    class Ctx:
+        def __init__(self, init, model_factory):
+            self.screen = type("S", (), {"checks": {"init": init}})()
+            self.task = runs.Task(model_factory, mse, [], [])
+
+    faulty = Ctx(frozen, lambda: zoo.fault_model(fault_cfg("frozen_convs"), net()))
+    assert row.applies(faulty) and not row.applies(Ctx(probes.init_statistics(net(), batch, mse), net))
+    variant = row.variant(faulty)
+    model = variant.task.model_factory()
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in faulty.task.model_factory()[0].parameters())
+    effect = {"gain": 0.3, "p_value": 1e-4, "metric": "loss"}
+    summary, evidence = fixes._unfrozen_explain(faulty, variant, effect)
+    assert "2 parameter tensors are frozen" in summary and "0.weight" in summary
+    assert evidence["frozen"] == ["0.weight", "0.bias"]
 
 
 def test_pixel_faults_act_after_the_augmentation(tiny_dataset):

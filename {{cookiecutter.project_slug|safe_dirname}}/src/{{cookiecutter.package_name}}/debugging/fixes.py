@@ -229,6 +229,33 @@ def _longer_explain(ctx, v, effect):
     )
 
 
+def _frozen(ctx):
+    return ctx.screen.checks["init"].get("frozen", [])
+
+
+def _unfrozen_variant(ctx):
+    base = ctx.task
+
+    def factory(base_factory=base.model_factory):
+        model = base_factory()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    return Variant("unfrozen", base.replace(model_factory=factory))
+
+
+def _unfrozen_explain(ctx, v, effect):
+    frozen, n = _frozen(ctx), ctx.screen.checks["init"]["n_trainable"]
+    names = ", ".join(frozen[:4]) + (", ..." if len(frozen) > 4 else "")
+    return (
+        f"{len(frozen)} parameter tensors are frozen (requires_grad=False: {names}; {n} train); training them "
+        f"too {_effect(effect)}. A freeze that was meant (a pretrained backbone) is a choice to revisit; one "
+        "that was not (a fine-tuning freeze left in, a `requires_grad_(False)` on the wrong module) is a bug.",
+        {"frozen": frozen, "n_trainable": n, "unfrozen_fix": effect},
+    )
+
+
 # --- plateau: optimizer, regularization ---------------------------------------------------------------------
 
 
@@ -342,6 +369,15 @@ TABLE = (
         variant=_standardized_variant,
         fix=lambda ctx, v: ctx.lab.adapter.fault_fix("standardize the inputs (per-channel training mean/std)"),
         explain=_standardized_explain,
+    ),
+    # A frozen parameter gets no gradient by request, so the init check's `without_gradient` (the parameters
+    # a loss should reach and does not) cannot see it; training it is the fix, and whether it helps decides.
+    Fix(
+        "implementation_bug", "no_learning", BAD,
+        applies=lambda ctx: bool(_frozen(ctx)),
+        variant=_unfrozen_variant,
+        fix=lambda ctx, v: ctx.lab.adapter.fault_fix("train the frozen parameters (requires_grad=True)"),
+        explain=_unfrozen_explain,
     ),
     Fix(
         "not_started", "no_learning", NO_LEARNING,

@@ -147,6 +147,8 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
     ReLU network a ratio far below 1 shrinks the signal layer by layer, far above 1 blows it up).
     `without_gradient`: the trainable parameters the loss does not reach at all (no gradient, not a zero one):
     the part of the network they compute never trains (a detached or missing loss term, an unused head).
+    `frozen`: the parameters with `requires_grad=False`, which no loss can train (a freeze for fine-tuning,
+    intended or left over).
     """
     forward = forward or (lambda m, b: m(get_input(b, input_key)))
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear | nn.Conv1d)]
@@ -186,6 +188,7 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
         "layers": rows,
         "n_trainable": len(trainable),
         "without_gradient": without,
+        "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
     }
 
 
