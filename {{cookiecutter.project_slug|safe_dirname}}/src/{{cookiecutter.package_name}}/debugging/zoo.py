@@ -243,7 +243,8 @@ def _detach_last_output(module, args, out):
 
 def _clamp_outputs(module, args, out):
     # `return F.relu(self.head(x))`: an activation copied onto the output layer. Every negative target
-    # component (half of a rotation's, the left/upper offsets) becomes unreachable; the rest trains normally.
+    # component (half of a rotation's, the left/upper offsets) is out of reach, and an output pushed below zero
+    # passes no gradient (a dead ReLU): on the pose example training stops within the first steps.
     if isinstance(out, dict):
         return {k: torch.relu(v) for k, v in out.items()}
     return torch.relu(out)
