@@ -314,13 +314,16 @@ def test_held_out_faults_do_what_they_say():
         torch.testing.assert_close(clamped[key], clean[key].clamp(min=0))
 
 
+def conv_bn_net(outputs=6):
+    """conv -> batch norm -> linear on PoseLike's 8x8 images: a conv layer to freeze, layers that still train."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, outputs)
+    )
+
+
 def test_frozen_convs_leave_the_convolutions_without_gradient():
     batch = collate([PoseLike(8)[i] for i in range(8)])
-
-    def net():
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 6)
-        )
+    net = conv_bn_net
 
     frozen = zoo.fault_model(fault_cfg("frozen_convs"), net())
     frozen(batch["image"]).sum().backward()
@@ -339,9 +342,7 @@ def test_frozen_parameters_are_listed_and_the_fix_row_trains_them():
 
     def net():
         torch.manual_seed(0)
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 3)
-        )
+        return conv_bn_net(outputs=3)
 
     def mse(out, b):
         return torch.nn.functional.mse_loss(out, b["t"] / 100)

@@ -24,7 +24,7 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     clamped_output     a ReLU after the network's last layers: no output can go negative        (implementation_bug)
     mirrored_images    every other training image mirrored left-right, its pose left as it was  (implementation_bug)
 
-The development part of the zoo (configs/experiment/zoo) uses the first ten but `raw_pixels`, and
+The development part of the zoo (configs/experiment/zoo) uses the first ten but `raw_pixels`, plus
 `frozen_convs` (held out until the doctor's frozen-parameter row was added after it missed it); the held-out
 part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses
 `raw_pixels` and the others.
