@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
-from {{ cookiecutter.package_name }}.debugging import doctor, engine, fixes, leaks, probes, runs, zoo, zoo_benchmark
+from {{ cookiecutter.package_name }}.debugging import causes, doctor, engine, fixes, leaks, probes, runs, zoo, zoo_benchmark
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
@@ -292,26 +293,80 @@ def test_held_out_faults_do_what_they_say():
         assert torch.equal(tr[i]["t"], train[i]["t"])
     assert not torch.equal(tr[1]["image"], train[1]["image"])
 
-    def heads():
-        torch.manual_seed(0)
-        body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 6))
+    clean = two_head_net()(batch["image"])
+    rounded = zoo.fault_model(fault_cfg("rounded_output"), two_head_net())(batch["image"])
+    torch.testing.assert_close(rounded["rot"], clean["rot"])
+    torch.testing.assert_close(rounded["trans"], clean["trans"], atol=0.005, rtol=0)
+    assert not torch.equal(rounded["trans"], clean["trans"])
 
-        class Heads(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.body = body
 
-            def forward(self, x):
-                out = self.body(x)
-                return {"rot": out[:, :4], "trans": out[:, 4:]}
+def two_head_net():
+    """A linear network on PoseLike's 8x8 images with a pose-like dict output: "rot" (4 values), "trans" (2)."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 6))
 
-        return Heads()
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
 
-    clean = heads()(batch["image"])
-    clamped = zoo.fault_model(fault_cfg("clamped_output"), heads())(batch["image"])
+        def forward(self, x):
+            out = self.body(x)
+            return {"rot": out[:, :4], "trans": out[:, 4:]}
+
+    return Heads()
+
+
+def test_clamped_outputs_are_the_clean_outputs_cut_at_zero():
+    batch = collate([PoseLike(64)[i] for i in range(64)])
+    clean = two_head_net()(batch["image"])
+    clamped = zoo.fault_model(fault_cfg("clamped_output"), two_head_net())(batch["image"])
     assert (clean["rot"] < 0).any() and (clean["trans"] < 0).any()
     for key in ("rot", "trans"):
         torch.testing.assert_close(clamped[key], clean[key].clamp(min=0))
+
+
+def test_outputs_no_parameter_can_move_are_found_and_blamed_on_the_code():
+    """The dead-output check: output components whose gradient w.r.t. every parameter is exactly zero on a
+    batch (a ReLU on the output whose input went negative on every sample, as training leaves the clamped
+    fault; a rounded output) are listed, a clean network has none, and the integrity check names
+    implementation_bug with the dead components."""
+    batch = collate([PoseLike(8)[i] for i in range(8)])
+    assert probes.dead_outputs(two_head_net(), batch) == {"n_components": 6, "n_samples": 8, "dead": []}
+
+    clamped = zoo.fault_model(fault_cfg("clamped_output"), two_head_net())
+    with torch.no_grad():
+        clamped.body[1].bias[4:] = -100.0  # the two trans outputs below zero on every sample
+    assert probes.dead_outputs(clamped, batch)["dead"] == ["trans[0]", "trans[1]"]
+    with torch.no_grad():
+        clamped.body[1].bias[4] = 100.0  # alive on every sample again
+    assert probes.dead_outputs(clamped, batch)["dead"] == ["trans[1]"]
+    rounded = zoo.fault_model(fault_cfg("rounded_output"), two_head_net())
+    assert probes.dead_outputs(rounded, batch)["dead"] == ["trans[0]", "trans[1]"]
+    detached = zoo.fault_model(fault_cfg("detached_output"), two_head_net())
+    assert probes.dead_outputs(detached, batch)["dead"] == ["trans[0]", "trans[1]"]
+    diverged = two_head_net()
+    with torch.no_grad():
+        diverged.body[1].weight.fill_(float("nan"))
+    assert probes.dead_outputs(diverged, batch)["dead"] == []  # NaN is not "no gradient"
+
+    checks = {
+        "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
+        "init": {"without_gradient": [], "n_trainable": 2},
+        "shortcut": {"best_single_value_r2": 0.0, "trivial_model_r2": 0.0},
+        "duplicates": {},
+        "test_set": {"n_test": 1000, "relative_half_width": 0.01},
+    }
+    th = OmegaConf.create({"batch_dependency_ratio": 1e-3, "shortcut_r2": 0.9, "duplicate_fraction": 0.5,
+                           "min_test_size": 400})  # fmt: skip
+    lab = SimpleNamespace(th=th, adapter=SimpleNamespace(fault_fix=lambda hint=None: hint))
+    scr = SimpleNamespace(checks=checks | {"dead_outputs": probes.dead_outputs(two_head_net(), batch)})
+    assert causes.integrity(lab, scr) == {}
+    scr.checks["dead_outputs"] = probes.dead_outputs(rounded, batch)
+    bug = causes.integrity(lab, scr)["implementation_bug"]
+    assert bug["present"] and bug["strength"] == pytest.approx(2 / 6)
+    assert "2 of 6 output components (trans[0], trans[1])" in bug["summary"]
+    assert bug["evidence"]["dead_outputs"]["dead"] == ["trans[0]", "trans[1]"]
 
 
 def conv_bn_net(outputs=6):
@@ -491,6 +546,17 @@ def test_the_loss_reaches_every_parameter_but_in_the_detached_output_fault(tiny_
             assert unreached and all(n.startswith("trans_head.") for n in unreached), unreached
         else:
             assert unreached == [], (name, unreached)
+
+
+def test_outputs_that_die_in_training_are_an_implementation_bug(tiny_dataset, tmp_path):
+    """The clamped-output fault (a ReLU after the output layer): the screen's run pushes outputs below zero,
+    where no parameter can move them; the doctor names `implementation_bug` from the dead-output check."""
+    fault = ("debugging.fault=clamped_output", "debugging.doctor.thresholds.min_test_size=1")
+    result, _ = run_doctor(tiny_dataset, tmp_path, *fault)
+    dead = result["checks"]["dead_outputs"]["dead"]
+    assert dead and result["top_cause"] == "implementation_bug", (dead, result["top_cause"])
+    assert "output components" in result["causes"][0]["summary"]
+    assert result["checks"]["init"]["without_gradient"] == []  # not the init check's finding
 
 
 def test_a_detached_loss_term_is_an_implementation_bug(tiny_dataset, tmp_path):

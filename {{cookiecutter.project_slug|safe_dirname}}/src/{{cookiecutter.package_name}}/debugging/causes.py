@@ -1,7 +1,8 @@
 """The causes the doctor decides by a measurement rather than by a fix that helps.
 
 - `integrity(lab, screen)`: the screen's checks that invalidate every comparison of training runs: the model
-  mixes the batch, ignores its input or has parameters the loss never reaches (`implementation_bug`), the answer is in the input
+  mixes the batch, ignores its input, has parameters the loss never reaches or, once trained, outputs no
+  parameter can move (`implementation_bug`), the answer is in the input
   (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
   helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
@@ -43,6 +44,18 @@ def integrity(lab, screen):
             f"The loss does not reach {len(unreached)} of {n} trainable parameter tensors "
             f"({', '.join(unreached[:4])}{', ...' if len(unreached) > 4 else ''}): no gradient flows to them, "
             "so the part of the output they compute never trains, whatever the rest of the loss does.",
+        )  # fmt: skip
+    dead = c.get("dead_outputs", {}).get("dead", [])
+    if dead and "implementation_bug" not in found:
+        n, k = c["dead_outputs"]["n_components"], c["dead_outputs"]["n_samples"]
+        found["implementation_bug"] = finding(
+            "implementation_bug", True, len(dead) / n, {"dead_outputs": c["dead_outputs"]},
+            fault_fix("look at what the model does after its output layer (an activation, clamp or rounding?)"),
+            f"After the short training run, {len(dead)} of {n} output components ({', '.join(dead[:4])}"
+            f"{', ...' if len(dead) > 4 else ''}) cannot be moved by any trainable parameter on {k} training "
+            "samples: their gradient w.r.t. every parameter is exactly zero, so they have stopped training. An "
+            "output layer always passes gradient to its bias; something flat after it (a ReLU or clamp whose "
+            "input left its range, a round, a detach) cuts it off.",
         )  # fmt: skip
     sc, dup = c["shortcut"], c["duplicates"]
     frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)

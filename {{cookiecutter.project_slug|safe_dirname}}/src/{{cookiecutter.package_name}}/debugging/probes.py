@@ -192,6 +192,39 @@ def init_statistics(model, batch, criterion, forward=None, input_key="image"):
     }
 
 
+def dead_outputs(model, batch, forward=None, input_key="image"):
+    """The output components that no trainable parameter can move on `batch` (eval mode, float32): the
+    gradient of the component, summed over the batch, w.r.t. every trainable parameter is exactly zero.
+
+    A network's output layer always passes gradient to its own weights and bias, so a component cut off
+    from all of them has something flat or detached after that layer: a ReLU or clamp whose input went
+    out of range on every sample, a `round`, a `.detach()`. Nothing can train it, whatever the loss says.
+    Run on the trained model (a ReLU output dies during training, not at initialization).
+    """
+    forward = forward or (lambda m, b: m(get_input(b, input_key)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    with torch.enable_grad():
+        out = forward(model, batch)
+    outputs = (
+        out if isinstance(out, dict) else {"output": out} if torch.is_tensor(out) else dict(enumerate(out))
+    )
+    dead, n = [], 0
+    for name, o in outputs.items():
+        if not torch.is_tensor(o) or not o.is_floating_point():
+            continue
+        flat = o.reshape(len(o), -1)
+        for c in range(flat.shape[1]):
+            n += 1
+            if not flat.requires_grad or not params:
+                dead.append(f"{name}[{c}]")
+                continue
+            grads = torch.autograd.grad(flat[:, c].sum(), params, retain_graph=True, allow_unused=True)
+            if sum(float(g.abs().sum()) for g in grads if g is not None) == 0.0:  # NaN (diverged) is not zero
+                dead.append(f"{name}[{c}]")
+    return {"n_components": n, "n_samples": len(get_input(batch, input_key)), "dead": dead}
+
+
 def _step(task, model, batch, optimizer, scaler):
     """The project's training step (looked up at call time, so what breaks it breaks the probes)."""
     return training.train_step(

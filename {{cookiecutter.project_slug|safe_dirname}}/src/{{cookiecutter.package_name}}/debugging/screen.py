@@ -48,6 +48,9 @@ def data_checks(lab, base):
         # zero input gradient: disconnected in the code, or only dead weights? Ask a He-initialized copy.
         checks["batch_dependency_he_init"] = probes.batch_dependency(probes.he_initialized(model), batch)
     checks["init"] = probes.init_statistics(task.model_factory().to(a.device), batch, task.criterion)
+    if base.model is not None and not base.diverged:
+        many = to_device(collate(a.train_items[: min(64, len(a.train_items))]), a.device)
+        checks["dead_outputs"] = probes.dead_outputs(base.model, many, forward=task.forward)
     return checks
 
 

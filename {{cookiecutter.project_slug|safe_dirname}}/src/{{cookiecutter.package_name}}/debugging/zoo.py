@@ -23,9 +23,11 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     broadcast_target   the loss compares every translation with the batch's first target ([1,3] vs [B,3]) (implementation_bug)
     clamped_output     a ReLU after the network's last layers: no output can go negative        (implementation_bug)
     mirrored_images    every other training image mirrored left-right, its pose left as it was  (implementation_bug)
+    rounded_output     the network's last output rounded to two decimals inside forward (zero gradient) (implementation_bug)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten but `raw_pixels`, plus
-`frozen_convs` (held out until the doctor's frozen-parameter row was added after it missed it); the held-out
+`frozen_convs` and `clamped_output` (each held out until the doctor missed it and a check was added for it:
+the frozen-parameter row, the dead-output check); the held-out
 part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses
 `raw_pixels` and the others.
 """
@@ -53,6 +55,7 @@ FAULTS = (
     "broadcast_target",
     "clamped_output",
     "mirrored_images",
+    "rounded_output",
 )
 
 
@@ -250,6 +253,15 @@ def _clamp_outputs(module, args, out):
     return torch.relu(out)
 
 
+def _round_last_output(module, args, out):
+    # `torch.round(t, decimals=2)` added to make logged predictions readable and left in forward: the values
+    # barely change, but the gradient of round is zero everywhere, so what computes that output never trains.
+    if isinstance(out, dict):
+        last = list(out)[-1]
+        return out | {last: torch.round(out[last], decimals=2)}
+    return torch.round(out, decimals=2)
+
+
 def fault_model(cfg, model):
     """Code faults as forward pre-hooks, so the model's state_dict and checkpoints stay unchanged."""
     fault = fault_of(cfg)
@@ -261,6 +273,8 @@ def fault_model(cfg, model):
         model.register_forward_hook(_detach_last_output)
     elif fault == "clamped_output":
         model.register_forward_hook(_clamp_outputs)
+    elif fault == "rounded_output":
+        model.register_forward_hook(_round_last_output)
     elif fault == "frozen_convs":
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
