@@ -1,6 +1,6 @@
 """The doctor's last resort (debugging/causes.residual), with its training runs scripted: `unsolvable` only
-when the model beats no shuffled-target control and the configured setup, trained on twice the doctor's
-budget, still beats no control."""
+when the model beats no shuffled-target control and the configured setup, trained on a grown budget
+(twice the doctor's steps on four times its samples), still beats no control."""
 
 from types import SimpleNamespace
 
@@ -16,10 +16,12 @@ class ScriptedLab:
 
     def __init__(self, learns):
         self.learns = learns
-        self.task = runs.Task(None, None, [], [], epochs=8, max_steps=512)
+        self.task = runs.Task(None, None, ["a", "b", "c"], [], epochs=8, max_steps=512)
         self.d = SimpleNamespace(overfit_samples=8, overfit_steps=150)
         self.th = SimpleNamespace(overfit_drop=0.9)
-        self.adapter = SimpleNamespace(fault_fix=lambda text="fix the data/model code": text)
+        self.adapter = SimpleNamespace(
+            fault_fix=lambda text="fix the data/model code": text, more_train_items=lambda n: list(range(n))
+        )
         self.runs = {"configured": "configured"}
         self.trained = {}
         self.overfit_curve = None
@@ -54,22 +56,24 @@ def no_learning_screen(monkeypatch):
 
 
 def test_a_budget_too_small_to_show_learning_is_not_unsolvable(no_learning_screen):
-    lab = ScriptedLab({"configured_2x_budget": True})
+    lab = ScriptedLab({"configured_grown_budget": True})
     ctx = SimpleNamespace(ref=SimpleNamespace(chance=None))
     found, checks = causes.residual(lab, no_learning_screen, ctx, {})
     assert "unsolvable" not in found
-    grown = lab.trained["configured_2x_budget"]
+    grown = lab.trained["configured_grown_budget"]
     assert (grown.epochs, grown.max_steps) == (16, 1024)  # twice the screen's epochs and steps
+    assert len(grown.train_items) == 12  # on four times its training samples
+    assert checks["grown_budget"]["n_train"] == 12
     assert checks["grown_budget"]["learned"]
 
 
-def test_unsolvable_when_twice_the_budget_learns_nothing_either(no_learning_screen):
+def test_unsolvable_when_a_grown_budget_learns_nothing_either(no_learning_screen):
     lab = ScriptedLab({})
     ctx = SimpleNamespace(ref=SimpleNamespace(chance=None))
     found, checks = causes.residual(lab, no_learning_screen, ctx, {})
     assert found["unsolvable"]["present"]
     assert found["unsolvable"]["evidence"]["grown_budget"]["learned"] is False
-    assert "twice the doctor's budget" in found["unsolvable"]["summary"]
+    assert "on a grown budget (16 epochs, 12 samples)" in found["unsolvable"]["summary"]
 
 
 @pytest.mark.parametrize("wider_passes", [True, False])
@@ -105,7 +109,7 @@ def test_a_part_that_learned_spares_unsolvable_only_if_it_beats_shuffled_targets
 ):
     """Part of the output did not learn (no_learning via terms_not_learning) while the rest beat the
     input-independent control. When the model also beats a model trained on shuffled targets the task is
-    learnable: nothing beyond the overfit test is concluded, even though twice the budget learns no more.
+    learnable: nothing beyond the overfit test is concluded, even though a grown budget learns no more.
     When it does not, the "learning" was against an unconverged control: the unsolvable path goes on."""
     lab = ScriptedLab({"configured vs shuffled_targets": beats_shuffled})
     no_learning_screen.checks = {"learning": {"learned": True}}
@@ -115,6 +119,6 @@ def test_a_part_that_learned_spares_unsolvable_only_if_it_beats_shuffled_targets
     assert checks["overfit"]["passed"] and checks["vs_shuffled_targets"]["learned"] is beats_shuffled
     if beats_shuffled:
         assert found == {}
-        assert "configured_2x_budget" not in lab.trained
+        assert "configured_grown_budget" not in lab.trained
     else:
-        assert found["unsolvable"]["present"] and "configured_2x_budget" in lab.trained
+        assert found["unsolvable"]["present"] and "configured_grown_budget" in lab.trained

@@ -317,6 +317,47 @@ def two_head_net():
     return Heads()
 
 
+def test_a_fix_counts_only_when_the_next_seed_repeats_it():
+    """engine.run trains a fix that helped once more on the next seed, and the finding is present only when
+    that seed's run helps too; a fix that did not help is not repeated, nor is a row measured directly
+    (ALWAYS, the data order)."""
+
+    class Lab:
+        def __init__(self, helps):
+            self.helps, self.trained = helps, []
+
+        def train(self, name, task):
+            self.trained.append((name, task.seed))
+            return SimpleNamespace(seed=task.seed)
+
+        def fix_effect(self, ref, run):
+            gain = 0.1 if self.helps[run.seed] else 0.01
+            return {"helped": self.helps[run.seed], "p_value": 1e-3, "gain": gain, "val_loss_after": 1.0,
+                    "metric": "loss", "unstuck": []}  # fmt: skip
+
+    def row(tried_on):
+        task = runs.Task(None, None, [], [], seed=3)
+        return engine.Fix(
+            "lr_too_high", "loss_bounces", tried_on, applies=lambda ctx: True,
+            variant=lambda ctx: engine.Variant("fixed", task), fix=lambda ctx, v: "training.lr=0.001",
+            explain=lambda ctx, v, effect: (fixes._effect(effect), {"effect": effect}),
+        )  # fmt: skip
+
+    for helps, present in (
+        ({3: True, 4: True}, True),
+        ({3: True, 4: False}, False),
+        ({3: False, 4: True}, False),
+    ):
+        lab = Lab(helps)
+        found = engine.run(SimpleNamespace(lab=lab, ref=None), [row(engine.BAD)])["lr_too_high"]
+        assert found["present"] is present, helps
+        assert lab.trained == ([("fixed", 3), ("fixed_seed+1", 4)] if helps[3] else [("fixed", 3)])
+        assert ("not repeated, seed-to-seed luck" in found["summary"]) is (helps[3] and not helps[4])
+    lab = Lab({3: True, 4: False})
+    assert engine.run(SimpleNamespace(lab=lab, ref=None), [row(engine.ALWAYS)])["lr_too_high"]["present"]
+    assert lab.trained == [("fixed", 3)]
+
+
 def test_clamped_outputs_are_the_clean_outputs_cut_at_zero():
     batch = collate([PoseLike(64)[i] for i in range(64)])
     clean = two_head_net()(batch["image"])

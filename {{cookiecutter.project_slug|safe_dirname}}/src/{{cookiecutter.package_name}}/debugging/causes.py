@@ -7,8 +7,8 @@
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
   helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
   network passes it), then `unsolvable`, but only after the
-  configured setup, trained on twice the doctor's budget, still does not beat its controls (a budget too
-  small to show learning is not evidence against the task).
+  configured setup, trained on a grown budget (twice the steps, four times the samples), still does not beat
+  its controls (a budget too small to show learning is not evidence against the task).
 """
 
 import math
@@ -180,15 +180,19 @@ def residual(lab, screen, ctx, findings):
     longer = findings.get("not_started")
     if longer and longer["evidence"]["longer_learns"]:
         return {}, checks  # it beats the control when trained longer: slow within the doctor's budget
-    # Before blaming the task: the configured setup on twice the doctor's steps and epochs.
+    # Before blaming the task: the configured setup on a grown budget, twice the doctor's steps and epochs on
+    # four times its training samples. More steps show a slow learner; more samples show a model that only
+    # memorized the doctor's few samples (it fits them, and is worse than the control on validation data).
     t = lab.task
-    grown = lab.train(
-        "configured_2x_budget",
-        t.replace(epochs=2 * t.epochs, max_steps=2 * t.max_steps if t.max_steps else None),
+    more = t.replace(
+        epochs=2 * t.epochs,
+        max_steps=2 * t.max_steps if t.max_steps else None,
+        train_items=lab.adapter.more_train_items(4 * len(t.train_items)),
     )
+    grown = lab.train("configured_grown_budget", more)
     grown_learning = lab.learned(grown, ctx.ref.chance or screen.control)
-    checks["grown_budget"] = {"epochs": 2 * t.epochs, "max_steps": 2 * t.max_steps if t.max_steps else None,
-                              **grown_learning}  # fmt: skip
+    checks["grown_budget"] = {"epochs": more.epochs, "max_steps": more.max_steps,
+                              "n_train": len(more.train_items), **grown_learning}  # fmt: skip
     if grown_learning["learned"]:
         return {}, checks  # the doctor's budget was too small to show learning: no evidence against the task
     return {
@@ -205,8 +209,9 @@ def residual(lab, screen, ctx, findings):
             },
             lab.adapter.fault_fix("check that the targets belong to their inputs (would a human solve it?)"),
             f"No variant beat the controls: the configured model is {vs_shuffled.get('gain_vs_control', 0):+.0%} "
-            f"vs a model trained on shuffled targets (p = {vs_shuffled.get('p_value', 1):.3g}), and on twice the "
-            f"doctor's budget {grown_learning['gain_vs_control']:+.0%} vs the input-independent control; yet it "
+            f"vs a model trained on shuffled targets (p = {vs_shuffled.get('p_value', 1):.3g}), and on a grown "
+            f"budget ({more.epochs} epochs, {len(more.train_items)} samples) "
+            f"{grown_learning['gain_vs_control']:+.0%} vs the input-independent control; yet it "
             f"can overfit {over['n']} samples; wider nets, other inits, LRs and longer training did not help.",
             "curves.png",
         )

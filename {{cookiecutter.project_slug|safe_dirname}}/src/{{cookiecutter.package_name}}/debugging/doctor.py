@@ -14,7 +14,7 @@ bottom (`diagnose`):
 3. `engine.run` over the rows of `fixes.TABLE` the symptoms call for: "apply the talk's fix and measure whether
    it helps" with a paired permutation test;
 4. `causes.residual`: for a model that learns nothing and no fix that helped, the overfit test, then
-   `unsolvable` (only if twice the doctor's budget does not learn either);
+   `unsolvable` (only if a grown budget, twice the steps on four times the samples, does not learn either);
 5. rank the causes by evidence and write 4_debugging/doctor/<experiment>/report.md, report.json and plots
    (`report.py`).
 

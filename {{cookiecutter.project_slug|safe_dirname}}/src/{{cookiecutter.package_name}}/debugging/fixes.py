@@ -20,6 +20,12 @@ def _effect(effect):
     text = f"{verb} val {effect['metric']} by {abs(effect['gain']):.0%} (p = {effect['p_value']:.2g})"
     if effect.get("unstuck"):
         text += f", and {', '.join(effect['unstuck'])}, which did not learn, now beat the input-independent control"
+    again = effect.get("replicate")
+    if again:
+        text += (
+            f"; on the next seed it {'lowers' if again['gain'] >= 0 else 'raises'} it by {abs(again['gain']):.0%} "
+            f"(p = {again['p_value']:.2g})" + ("" if again["helped"] else ": not repeated, seed-to-seed luck")
+        )
     return text
 
 

@@ -70,6 +70,10 @@ class TaskAdapter:
         self.criterion = c.criterion
         self.train_loader = c.train_loader
 
+    def more_train_items(self, n):
+        """`n` training items drawn afresh from the training loader (as `train_items` were): a grown budget."""
+        return runs.take_items(self.train_loader, n)
+
     def task(self, cfg=None, **changes):
         cfg = cfg or self.cfg
         t, d = cfg.training, cfg.debugging.doctor

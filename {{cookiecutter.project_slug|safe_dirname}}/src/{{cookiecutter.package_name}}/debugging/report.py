@@ -110,9 +110,10 @@ def markdown(name, result):
         grown = result["checks"].get("grown_budget")
         if grown and grown["learned"]:
             lines.append(
-                f"- it beat no control on the doctor's budget, but on twice that budget ({grown['epochs']} epochs) "
+                f"- it beat no control on the doctor's budget, but on a grown budget ({grown['epochs']} epochs, "
+                f"{grown['n_train']} samples) "
                 f"it beats the input-independent control by {grown['gain_vs_control']:.0%} (p = "
-                f"{grown['p_value']:.2g}): the budget was too short to show learning, which is no evidence "
+                f"{grown['p_value']:.2g}): the budget was too small to show learning, which is no evidence "
                 "against the task."
             )
         lines.append("")
