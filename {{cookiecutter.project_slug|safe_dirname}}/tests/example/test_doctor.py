@@ -16,6 +16,7 @@ from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
 from {{ cookiecutter.package_name }}.debugging import causes, doctor, engine, fixes, leaks, probes, runs, zoo, zoo_benchmark
+from {{ cookiecutter.package_name }}.debugging.lab import TaskAdapter, budget_config
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
@@ -598,6 +599,21 @@ def test_outputs_that_die_in_training_are_an_implementation_bug(tiny_dataset, tm
     assert dead and result["top_cause"] == "implementation_bug", (dead, result["top_cause"])
     assert "output components" in result["causes"][0]["summary"]
     assert result["checks"]["init"]["without_gradient"] == []  # not the init check's finding
+
+
+def test_a_grown_budget_draws_more_training_samples_the_way_the_screen_did(tiny_dataset):
+    """TaskAdapter.more_train_items: `n` items from the training loader (augmented and faulted as the screen's
+    own), as many as the training set has when it has fewer."""
+    overrides = ("logger=none", "debugging.doctor.n_train=6", "debugging.doctor.image_size=32")
+    cfg = compose(*tiny_dataset.overrides, *overrides)
+    adapter = TaskAdapter(budget_config(cfg))
+    assert len(adapter.train_items) == 6
+    more = adapter.more_train_items(12)
+    assert len(more) == 12 and set(more[0]) == set(adapter.train_items[0])
+    assert more[0]["image"].shape == adapter.train_items[0]["image"].shape == (3, 32, 32)
+    # distinct samples, not the screen's six repeated
+    assert len({float(item["t"][2]) for item in more}) == 12
+    assert len(adapter.more_train_items(1000)) == len(training.build(cfg).train_set)
 
 
 def test_a_detached_loss_term_is_an_implementation_bug(tiny_dataset, tmp_path):
