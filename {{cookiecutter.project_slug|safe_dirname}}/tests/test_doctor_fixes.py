@@ -26,11 +26,12 @@ def run(train_loss, val_loss):
 
 
 class ScriptedLab:
-    """Trains nothing: every variant's run is `fixed`, and every fix helps by 11 %."""
+    """Trains nothing: every variant's run (and its repeat on the next seed) is the same, and every fix helps
+    by 11 %."""
 
     def __init__(self):
         self.th, self.d = TH, SimpleNamespace(reference_batch_size=32)
-        self.adapter = SimpleNamespace(task=lambda cfg: SimpleNamespace(cfg=cfg))
+        self.adapter = SimpleNamespace(task=lambda cfg: runs.Task(None, None, [], []))
         self.runs = {}
 
     def train(self, name, task, **kwargs):
@@ -38,7 +39,8 @@ class ScriptedLab:
         return self.runs[name]
 
     def fix_effect(self, ref, fixed):
-        return {"helped": True, "unstuck": [], "metric": "loss", "p_value": 5e-4, "gain": 0.11}
+        return {"helped": True, "unstuck": [], "metric": "loss", "p_value": 5e-4, "gain": 0.11,
+                "val_loss_after": fixed.val_loss}  # fmt: skip
 
 
 def context(model, base=None, init_ratios=(0.4, 0.41)):
@@ -74,6 +76,7 @@ def test_a_wider_network_that_helps_means_architecture_only_without_a_generaliza
     wider one lowers the validation loss by 11 %."""
     ctx = context({"init": "default", "width": 8, "hidden": 32}, base=run(train_loss, 6.6))
     found = engine.run(ctx, [row("architecture")])["architecture"]
+    assert set(ctx.lab.runs) == {"wider", "wider_seed+1"}  # the fix helped, so it was repeated
     assert found["present"] is confirmed
     assert found["evidence"]["generalization_gap"] == pytest.approx(1 - train_loss / 6.6)
     assert ("variance, not a lack of capacity" in found["summary"]) is not confirmed
