@@ -98,6 +98,17 @@ def test_set_precision(val_losses, n_total, target_rel_half_width=0.1, seed=0):
 # --- cause probes: model -------------------------------------------------------------------------------------
 
 
+def named_outputs(out):
+    """A model's output as {name: tensor}: a dict's tensors by key, a list's or tuple's by index, else "output"."""
+    if isinstance(out, dict):
+        items = out.items()
+    elif isinstance(out, list | tuple):
+        items = enumerate(out)
+    else:
+        items = [("output", out)]
+    return {name: o for name, o in items if torch.is_tensor(o)}
+
+
 def batch_dependency(model, batch, forward=None, input_key="image", train_mode=False):
     """Backprop-dependency check (Karpathy): the gradient of sample i's output w.r.t. input j != i must be
     zero, otherwise the model mixes information across the batch (a view/reshape bug, or BatchNorm in train
@@ -107,13 +118,8 @@ def batch_dependency(model, batch, forward=None, input_key="image", train_mode=F
     model.train(train_mode)
     x = get_input(batch, input_key).detach().clone().float().requires_grad_(True)
     out = forward(model, set_input(batch, x, input_key))
-    outputs = [
-        o
-        for o in (out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out])
-        if torch.is_tensor(o)
-    ]
     i = 0
-    scalar = sum(o[i].float().sum() for o in outputs)
+    scalar = sum(o[i].float().sum() for o in named_outputs(out).values())
     (grad,) = torch.autograd.grad(scalar, x, allow_unused=True)
     model.eval()
     if grad is None:
@@ -206,12 +212,9 @@ def dead_outputs(model, batch, forward=None, input_key="image"):
     model.eval()
     with torch.enable_grad():
         out = forward(model, batch)
-    outputs = (
-        out if isinstance(out, dict) else {"output": out} if torch.is_tensor(out) else dict(enumerate(out))
-    )
     dead, n = [], 0
-    for name, o in outputs.items():
-        if not torch.is_tensor(o) or not o.is_floating_point():
+    for name, o in named_outputs(out).items():
+        if not o.is_floating_point():
             continue
         flat = o.reshape(len(o), -1)
         for c in range(flat.shape[1]):
