@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from {{ cookiecutter.package_name }}.debugging import causes, runs
+from {{ cookiecutter.package_name }}.debugging.lab import Lab
 
 
 class ScriptedLab:
@@ -25,6 +26,9 @@ class ScriptedLab:
         self.runs = {"configured": "configured"}
         self.trained = {}
         self.overfit_curve = None
+        self.grown = None
+
+    grown_budget = Lab.grown_budget  # the real one: what the grown budget is, trained through train() below
 
     def lr_range_test(self):
         return {"suggestion": 1e-3, "lr_valley": 1e-2}

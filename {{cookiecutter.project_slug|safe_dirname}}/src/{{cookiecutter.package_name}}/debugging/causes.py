@@ -13,7 +13,7 @@
 
 import math
 
-from . import fixes, probes, runs
+from . import fixes, probes, runs, stats
 from .engine import finding
 
 
@@ -180,16 +180,9 @@ def residual(lab, screen, ctx, findings):
     longer = findings.get("not_started")
     if longer and longer["evidence"]["longer_learns"]:
         return {}, checks  # it beats the control when trained longer: slow within the doctor's budget
-    # Before blaming the task: the configured setup on a grown budget, twice the doctor's steps and epochs on
-    # four times its training samples. More steps show a slow learner; more samples show a model that only
-    # memorized the doctor's few samples (it fits them, and is worse than the control on validation data).
-    t = lab.task
-    more = t.replace(
-        epochs=2 * t.epochs,
-        max_steps=2 * t.max_steps if t.max_steps else None,
-        train_items=lab.adapter.more_train_items(4 * len(t.train_items)),
-    )
-    grown = lab.train("configured_grown_budget", more)
+    # Before blaming the task: the configured setup on a grown budget (a budget too small to show learning is
+    # no evidence against the task; a model that only memorized the doctor's few samples is not either)
+    more, grown = lab.grown_budget()
     grown_learning = lab.learned(grown, ctx.ref.chance or screen.control)
     checks["grown_budget"] = {"epochs": more.epochs, "max_steps": more.max_steps,
                               "n_train": len(more.train_items), **grown_learning}  # fmt: skip
@@ -216,3 +209,101 @@ def residual(lab, screen, ctx, findings):
             "curves.png",
         )
     }, checks
+
+
+# Where to look when a symptom stays unexplained: the talk's causes for its row that no fix the doctor can
+# try tests (labels, a loss term's code, the data pipeline).
+LOOK_NEXT = {
+    "no_learning": "draw a few training samples with their labels (does every augmentation that changes an "
+    "image change its label too?) and read each loss term's code against its target",
+    "loss_bounces": "look for outlier batches (per-batch losses, NaNs, mislabelled samples) and at what the data "
+    "pipeline changes between epochs",
+    "forgetting": "look at how the training data is ordered and sampled",
+    "suspiciously_good": "look for the answer in the inputs and for copies between the splits",
+    "plateau": "look at the worst validation samples (make error-analysis) and their labels, and whether the "
+    "loss measures what the metric needs",
+}
+
+
+def on_grown_budget(lab, screen, grown):
+    """The screen's symptoms measured again on the grown-budget run, by the screen's own statistics: symptom ->
+    {"present": still there?, numbers}. A part of the output that stays stuck is measured against the screen's
+    input-independent control (a low bar for a run with twice the steps); a plateau is gone when the grown run
+    gets `plateau_gain` below chance level or is significantly better than the screen's run (the loss is still
+    falling); a bounce persists only as a training loss that rises between epochs, or divergence (a validation
+    loss that rises and recovers once also happens in healthy runs, e.g. the development part's `healthy`)."""
+    th, s = lab.th, screen.symptoms
+    after = {}
+    if s["no_learning"]["present"]:
+        learning = lab.learned(grown, screen.control)
+        stuck = (
+            stats.terms_not_learning(learning, th.alpha, th.min_learning_gain) if learning["learned"] else []
+        )
+        still = sorted(set(stuck) & set(s["no_learning"]["terms_not_learning"]))
+        after["no_learning"] = {"present": not learning["learned"] or bool(still), "terms_not_learning": still,
+                                "gain_vs_control": learning["gain_vs_control"], "p_value": learning["p_value"]}  # fmt: skip
+    if s["loss_bounces"]["present"]:
+        b = stats.bounce_statistics(grown, th.alpha)
+        after["loss_bounces"] = {"present": bool(b["diverged"] or b["train_rises"] > 0), **b}
+    if s["forgetting"]["present"]:
+        f = stats.forgetting_statistics(grown)
+        forgets = f["ratio"] is not None and f["ratio"] > th.forgetting_ratio and f["p_value"] < th.alpha
+        after["forgetting"] = {"present": bool(forgets), **f}
+    if s["suspiciously_good"]["present"]:
+        after["suspiciously_good"] = {"present": True}  # the data checks do not depend on the budget
+    if s["plateau"]["present"]:
+        chance = lab.chance_level()
+        gain = 1.0 - grown.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
+        falling = stats.compare_runs(screen.base, grown, th.alpha, th.min_fix_gain, parts=False)
+        after["plateau"] = {"present": gain < th.plateau_gain and not falling["better"], "loss_gain_vs_chance": gain,
+                            "better_than_screen": falling["gain"], "p_value": falling["p_value"]}  # fmt: skip
+    return after
+
+
+def _numbers(symptom, before, after):
+    if symptom == "no_learning":
+        parts = f" ({', '.join(after['terms_not_learning'])} stuck)" if after["terms_not_learning"] else ""
+        return (f"{before['gain_vs_control']:+.0%} vs the input-independent control on the doctor's budget, "
+                f"{after['gain_vs_control']:+.0%} on the grown one{parts}")  # fmt: skip
+    if symptom == "plateau":
+        return (f"{before['loss_gain_vs_chance']:.0%} below chance level on the doctor's budget, "
+                f"{after['loss_gain_vs_chance']:.0%} on the grown one ({after['better_than_screen']:+.0%} vs the "
+                f"screen's run, p = {after['p_value']:.2g})")  # fmt: skip
+    if symptom == "loss_bounces":
+        return (f"{after['train_rises']} significant rise(s) of the training loss between epochs on the grown "
+                f"budget (max z = {after['max_rise_z']:.1f}){', diverged' if after['diverged'] else ''}")  # fmt: skip
+    if symptom == "forgetting":
+        return (
+            f"first-quarter loss ratio {after['ratio']:.2f} on the grown budget (p = {after['p_value']:.2g})"
+        )
+    return "the data checks above"
+
+
+def unexplained(lab, screen, findings):
+    """A symptom that no cause explains is a finding of its own, `unexplained_<symptom>`, not health: the screen
+    showed it, no cause is present, and it is still there on the grown budget (`lab.grown_budget`). A symptom
+    that the grown budget does away with is a young run's (the doctor's budget is small): healthy runs stay
+    clean by that evidence. Returns ({cause: finding}, checks)."""
+    shown = [name for name, s in screen.symptoms.items() if s["present"]]
+    if not shown or any(f["present"] for f in findings.values()):
+        return {}, {}
+    more, grown = lab.grown_budget()
+    after = on_grown_budget(lab, screen, grown)
+    budget = f"{more.epochs} epochs, {len(more.train_items)} samples"
+    tried = ", ".join(sorted(findings)) or "none applied"
+    found = {}
+    for name in shown:
+        if not after[name]["present"]:
+            continue
+        cause = f"unexplained_{name}"
+        row = screen.symptoms[name]["row"]
+        found[cause] = finding(
+            cause, True, 1.0,
+            {"screen": screen.symptoms[name], "grown_budget": after[name], "causes_tried": sorted(findings)},
+            LOOK_NEXT[name],
+            f"{row} ({_numbers(name, screen.symptoms[name], after[name])}), unexplained: the causes tried were "
+            f"{tried}, and a grown budget ({budget}) did not do away with it. What to look at next: "
+            f"{LOOK_NEXT[name]}.",
+            "curves.png",
+        )  # fmt: skip
+    return found, {"symptoms_on_grown_budget": after}

@@ -15,7 +15,9 @@ bottom (`diagnose`):
    it helps" with a paired permutation test;
 4. `causes.residual`: for a model that learns nothing and no fix that helped, the overfit test, then
    `unsolvable` (only if a grown budget, twice the steps on four times the samples, does not learn either);
-5. rank the causes by evidence and write 4_debugging/doctor/<experiment>/report.md, report.json and plots
+5. `causes.unexplained`: a symptom that no cause explains and that the grown budget does not do away with is
+   reported as `unexplained_<symptom>`, with what to look at next (never as health);
+6. rank the causes by evidence and write 4_debugging/doctor/<experiment>/report.md, report.json and plots
    (`report.py`).
 
 Causes (the fixed vocabulary of report.json's `top_cause`) and the talk's table are in
@@ -54,15 +56,20 @@ CAUSES = (
     "poor_optimizer",
     "too_much_regularization",
 )
-# Integrity checks first: a leak, a batch-mixing bug or a blocked data order invalidates every comparison of
-# training runs below them. Then the causes whose fix was measured, by effect size. `unsolvable` is what is
-# left when nothing the doctor tried makes the model beat the controls.
+# a symptom the screen showed that no cause explains and a grown budget did not do away with
+UNEXPLAINED = tuple(f"unexplained_{s}" for s in SYMPTOMS)
+# Integrity checks first: a leak or a batch-mixing bug invalidates every comparison of training runs below
+# them. Then the causes a statistic measures directly (data order, test-set size, input scale), then the causes
+# whose fix was measured, by effect size. `unsolvable` is what is left when nothing the doctor tried makes the
+# model beat the controls; an `unexplained_<symptom>` is only ever present when no cause is.
 TIER = {
     "implementation_bug": 0,
     "answer_in_input": 0,
     "data_not_shuffled": 1,
     "test_set_too_small": 1,
+    "poor_input_features": 1,
     "unsolvable": 3,
+    **dict.fromkeys(UNEXPLAINED, 4),
 }
 
 
@@ -83,6 +90,9 @@ def diagnose(lab):
         residual, more = causes.residual(lab, scr, ctx, found)
         checks |= more
         found |= residual
+    unexplained, more = causes.unexplained(lab, scr, found)
+    checks |= more
+    found |= unexplained
     ranked = sorted(found.values(), key=lambda c: (not c["present"], TIER.get(c["id"], 2), -c["strength"]))
     for i, c in enumerate(ranked):
         c["rank"] = i + 1 if c["present"] else None

@@ -142,6 +142,7 @@ class Lab:
         self.lr_range = None  # memo of lr_range_test(), the same whoever asks first
         self.chance = None  # memo of chance_level()
         self.chance_best_epoch = None
+        self.grown = None  # memo of grown_budget()
         self.overfit_curve = None  # the overfit test's loss curve, for its plot
 
     def say(self, text):
@@ -173,6 +174,20 @@ class Lab:
             run.val_parts = {}
             self.chance, self.chance_best_epoch = run, best + 1
         return self.chance
+
+    def grown_budget(self):
+        """The configured setup on a grown budget: twice the doctor's steps and epochs on four times its training
+        samples. More steps show a slow learner; more samples show a model that only memorized the doctor's few
+        samples. Returns (task, run); trained once, for whichever check asks first."""
+        if self.grown is None:
+            t = self.task
+            more = t.replace(
+                epochs=2 * t.epochs,
+                max_steps=2 * t.max_steps if t.max_steps else None,
+                train_items=self.adapter.more_train_items(4 * len(t.train_items)),
+            )
+            self.grown = more, self.train("configured_grown_budget", more)
+        return self.grown
 
     def lr_range_test(self):
         """LR range test at a batch size where gradient noise does not decide the outcome."""

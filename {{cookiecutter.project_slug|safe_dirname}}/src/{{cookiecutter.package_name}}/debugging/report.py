@@ -91,7 +91,7 @@ def markdown(name, result):
         lines += [
             f"- the model beats the input-independent control by {ln['gain_vs_control']:.0%} "
             f"(paired permutation test p = {ln['p_value']:.2g})"
-            + (f", but not on {', '.join(stuck)} (no fix the doctor tried changed that);" if stuck else ";"),
+            + (f", but not on {', '.join(stuck)} on the doctor's budget;" if stuck else ";"),
             f"- training loss never rose significantly between epochs (max rise z = "
             f"{result['symptoms']['loss_bounces']['max_rise_z']:.2f});",
             f"- no shortcut (best single input value R^2 = {result['checks']['shortcut']['best_single_value_r2']:.2f}, "
@@ -103,9 +103,9 @@ def markdown(name, result):
         seen = [s["row"] for s in result["symptoms"].values() if s["present"]]
         if seen:
             lines.append(
-                f"- the screen, on the doctor's reduced budget, looked like: {'; '.join(seen)}; but no fix the "
-                "doctor tried was significantly better (table below), which is how a healthy run that is "
-                "still young looks."
+                f"- the screen, on the doctor's reduced budget, looked like: {'; '.join(seen)}; no fix the doctor "
+                "tried was significantly better (table below), and on a grown budget the symptom went away "
+                "(report.json: checks.symptoms_on_grown_budget): a healthy run that was still young."
             )
         grown = result["checks"].get("grown_budget")
         if grown and grown["learned"]:
