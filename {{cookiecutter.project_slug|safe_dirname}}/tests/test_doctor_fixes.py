@@ -5,9 +5,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from {{ cookiecutter.package_name }}.debugging import causes, engine, fixes, runs
+from {{ cookiecutter.package_name }}.debugging import causes, engine, fixes, probes, runs
 
 TH = SimpleNamespace(init_std_factor=3.0, generalization_gap=0.1)
 
@@ -121,3 +122,42 @@ def test_a_leak_only_a_trivial_model_finds_is_answer_in_input(after, carrier):
     assert "4x4 thumbnail" in summary and "component 2" in summary and carrier in summary
     shortcut["trivial_model_r2"] = 0.5
     assert causes.integrity(lab, SimpleNamespace(checks=checks)) == {}
+
+
+class NoHelpLab(ScriptedLab):
+    """Every fix changes nothing."""
+
+    def fix_effect(self, ref, fixed):
+        return {"helped": False, "unstuck": [], "metric": "loss", "p_value": 0.6, "gain": 0.0,
+                "val_loss_after": fixed.val_loss}  # fmt: skip
+
+
+@pytest.mark.parametrize("scale, off", [(255.0, True), (1 / 255, True), (1.0, False)])
+def test_inputs_far_from_standardized_are_poor_input_features_whatever_the_curves_show(scale, off):
+    """The input statistics decide, like the data order: images at 0..255 (a batch normalization after the
+    first layer can absorb that on a short run, so standardizing helps nothing there) or at 0..1/255 are
+    `poor_input_features` with no training symptom at all; images in [0, 1] are not."""
+    th = SimpleNamespace(input_mean_max=3.0, input_std_factor=10.0)
+    rng = np.random.default_rng(0)
+    items = [
+        {"image": torch.as_tensor(rng.random((3, 8, 8)) * scale, dtype=torch.float32)} for _ in range(16)
+    ]
+    task = runs.Task(None, None, items, [])
+    lab = NoHelpLab()
+    lab.th, lab.cfg = th, OmegaConf.create({"model": {"width": 8}, "training": {"epochs": 8}})
+    lab.adapter.cfg, lab.adapter.fault_fix = lab.cfg, lambda text: text
+    lab.task = task
+    no_symptoms = SimpleNamespace(present=lambda *names: False, base=run(6.0, 6.0),
+                                  checks={"input_statistics": probes.input_statistics(task)})  # fmt: skip
+    ctx = engine.Context(lab, no_symptoms, ref=None)
+    tried = engine.rows(fixes.TABLE, no_symptoms, training_fixes=False)
+    assert row("poor_input_features") in tried  # no training symptom needed
+    found = engine.run(ctx, [row("poor_input_features")])
+    if not off:
+        assert "poor_input_features" not in found
+        return
+    f = found["poor_input_features"]
+    assert f["present"]
+    assert "standardized_input_seed+1" not in lab.runs  # decided by the statistic, not repeated
+    assert "raises" not in f["summary"] and "lowers val loss by 0%" in f["summary"]
+    assert f["fix"] == "standardize the inputs (per-channel training mean/std)"

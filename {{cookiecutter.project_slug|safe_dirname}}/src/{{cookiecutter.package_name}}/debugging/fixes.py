@@ -187,8 +187,9 @@ def _standardized_variant(ctx):
 def _standardized_explain(ctx, v, effect):
     st = ctx.screen.checks["input_statistics"]
     return (
-        f"Inputs have channel means {_fmt(st['channel_mean'])} and stds {_fmt(st['channel_std'])}; "
-        f"standardizing them {_effect(effect)}.",
+        f"Inputs have channel means {_fmt(st['channel_mean'])} and stds {_fmt(st['channel_std'])}, far from the "
+        f"mean 0 and std 1 a network's initialization assumes; on the doctor's budget standardizing them "
+        f"{_effect(effect)} (a normalization layer can absorb a scale on a short run).",
         {"input_statistics": st, "standardize_fix": effect},
     )
 
@@ -333,6 +334,18 @@ TABLE = (
         confirm=lambda ctx, v, effect, run: True,
         strength=lambda effect: max(0.0, effect["gain"]),
     ),
+    # The input statistics measure the cause itself too: inputs far from mean 0 and std 1 are what a network's
+    # initialization and its one learning rate for every layer do not expect, whether or not a normalization
+    # layer absorbs them on the doctor's short budget; the standardized run shows what it costs there.
+    Fix(
+        "poor_input_features", "no_learning", ALWAYS,
+        applies=_inputs_off,
+        variant=_standardized_variant,
+        fix=lambda ctx, v: ctx.lab.adapter.fault_fix("standardize the inputs (per-channel training mean/std)"),
+        explain=_standardized_explain,
+        confirm=lambda ctx, v, effect, run: True,
+        strength=lambda effect: max(0.0, effect["gain"]),
+    ),
     Fix(
         "lr_too_high", "loss_bounces", BAD,
         applies=lambda ctx: ctx.task.lr > ctx.lr["lr_valley"],
@@ -368,13 +381,6 @@ TABLE = (
         variant=_init_variant,
         fix=lambda ctx, v: f"model.init={v.info['init']}",
         explain=_init_explain,
-    ),
-    Fix(
-        "poor_input_features", "no_learning", NO_LEARNING,
-        applies=_inputs_off,
-        variant=_standardized_variant,
-        fix=lambda ctx, v: ctx.lab.adapter.fault_fix("standardize the inputs (per-channel training mean/std)"),
-        explain=_standardized_explain,
     ),
     # A frozen parameter gets no gradient by request, so the init check's `without_gradient` (the parameters
     # a loss should reach and does not) cannot see it; training it is the fix, and whether it helps decides.

@@ -24,12 +24,12 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     clamped_output     a ReLU after the network's last layers: no output can go negative        (implementation_bug)
     mirrored_images    every other training image mirrored left-right, its pose left as it was  (implementation_bug)
     rounded_output     the network's last output rounded to two decimals inside forward (zero gradient) (implementation_bug)
+    double_scaled      images divided by 255 twice: values in [0, 1/255]                       (poor_input_features)
 
-The development part of the zoo (configs/experiment/zoo) uses the first ten but `raw_pixels`, plus
-`frozen_convs` and `clamped_output` (each held out until the doctor missed it and a check was added for it:
-the frozen-parameter row, the dead-output check); the held-out
-part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses
-`raw_pixels` and the others.
+The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
+`clamped_output` and `raw_pixels` (each held out until the doctor missed it and a check was added for it:
+the frozen-parameter row, the dead-output check, the input statistics deciding); the held-out part
+(configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
 
 import functools
@@ -56,6 +56,7 @@ FAULTS = (
     "clamped_output",
     "mirrored_images",
     "rounded_output",
+    "double_scaled",
 )
 
 
@@ -180,8 +181,9 @@ def pixel_fault(cfg):
         return answer_in_input
     if fault == "distance_overlay":
         return distance_overlay
-    if fault in ("raw_pixels", "black_level"):
-        factor, offset = (255.0, 0.0) if fault == "raw_pixels" else (1.0, 1000.0)
+    scales = {"raw_pixels": (255.0, 0.0), "black_level": (1.0, 1000.0), "double_scaled": (1 / 255, 0.0)}
+    if fault in scales:
+        factor, offset = scales[fault]
         return functools.partial(scaled_pixels, factor=factor, offset=offset)
     return None
 
