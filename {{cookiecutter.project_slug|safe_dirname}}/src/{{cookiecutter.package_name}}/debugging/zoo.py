@@ -26,10 +26,11 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     rounded_output     the network's last output rounded to two decimals inside forward (zero gradient) (implementation_bug)
     double_scaled      images divided by 255 twice: values in [0, 1/255]                       (poor_input_features)
 
-The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
-`clamped_output` and `raw_pixels` (each held out until the doctor missed it and a check was added for it:
-the frozen-parameter row, the dead-output check, the input statistics deciding); the held-out part
-(configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
+The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs` and
+`clamped_output`; `raw_pixels`, `frozen_convs` and `clamped_output` were each held out until the doctor missed
+them and a check was added for them (the input statistics deciding, the frozen-parameter row, the dead-output
+check). The held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by
+looking at, uses the others.
 """
 
 import functools
