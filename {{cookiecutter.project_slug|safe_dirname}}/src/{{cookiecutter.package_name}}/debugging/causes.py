@@ -15,6 +15,7 @@ import math
 
 from . import fixes, probes, runs, stats
 from .engine import finding
+from .screen import forgetting_present, gain_vs_chance, stuck_terms
 
 
 def integrity(lab, screen):
@@ -236,10 +237,7 @@ def on_grown_budget(lab, screen, grown):
     after = {}
     if s["no_learning"]["present"]:
         learning = lab.learned(grown, screen.control)
-        stuck = (
-            stats.terms_not_learning(learning, th.alpha, th.min_learning_gain) if learning["learned"] else []
-        )
-        still = sorted(set(stuck) & set(s["no_learning"]["terms_not_learning"]))
+        still = sorted(set(stuck_terms(learning, th)) & set(s["no_learning"]["terms_not_learning"]))
         after["no_learning"] = {"present": not learning["learned"] or bool(still), "terms_not_learning": still,
                                 "gain_vs_control": learning["gain_vs_control"], "p_value": learning["p_value"]}  # fmt: skip
     if s["loss_bounces"]["present"]:
@@ -247,13 +245,11 @@ def on_grown_budget(lab, screen, grown):
         after["loss_bounces"] = {"present": bool(b["diverged"] or b["train_rises"] > 0), **b}
     if s["forgetting"]["present"]:
         f = stats.forgetting_statistics(grown)
-        forgets = f["ratio"] is not None and f["ratio"] > th.forgetting_ratio and f["p_value"] < th.alpha
-        after["forgetting"] = {"present": bool(forgets), **f}
+        after["forgetting"] = {"present": bool(forgetting_present(f, th)), **f}
     if s["suspiciously_good"]["present"]:
         after["suspiciously_good"] = {"present": True}  # the data checks do not depend on the budget
     if s["plateau"]["present"]:
-        chance = lab.chance_level()
-        gain = 1.0 - grown.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
+        gain = gain_vs_chance(grown, lab.chance_level())
         falling = stats.compare_runs(screen.base, grown, th.alpha, th.min_fix_gain, parts=False)
         after["plateau"] = {"present": gain < th.plateau_gain and not falling["better"], "loss_gain_vs_chance": gain,
                             "better_than_screen": falling["gain"], "p_value": falling["p_value"]}  # fmt: skip
@@ -290,7 +286,7 @@ def unexplained(lab, screen, findings):
     more, grown = lab.grown_budget()
     after = on_grown_budget(lab, screen, grown)
     budget = f"{more.epochs} epochs, {len(more.train_items)} samples"
-    tried = ", ".join(sorted(findings)) or "none applied"
+    tried = sorted(findings)
     found = {}
     for name in shown:
         if not after[name]["present"]:
@@ -299,10 +295,10 @@ def unexplained(lab, screen, findings):
         row = screen.symptoms[name]["row"]
         found[cause] = finding(
             cause, True, 1.0,
-            {"screen": screen.symptoms[name], "grown_budget": after[name], "causes_tried": sorted(findings)},
+            {"screen": screen.symptoms[name], "grown_budget": after[name], "causes_tried": tried},
             LOOK_NEXT[name],
             f"{row} ({_numbers(name, screen.symptoms[name], after[name])}), unexplained: the causes tried were "
-            f"{tried}, and a grown budget ({budget}) did not do away with it. What to look at next: "
+            f"{', '.join(tried) or 'none applied'}, and a grown budget ({budget}) did not do away with it. What to look at next: "
             f"{LOOK_NEXT[name]}.",
             "curves.png",
         )  # fmt: skip

@@ -54,6 +54,21 @@ def data_checks(lab, base):
     return checks
 
 
+def stuck_terms(learning, th):
+    """The named parts of the output that do not beat the control while the model as a whole does."""
+    return stats.terms_not_learning(learning, th.alpha, th.min_learning_gain) if learning["learned"] else []
+
+
+def forgetting_present(forgetting, th):
+    ratio = forgetting["ratio"]
+    return ratio is not None and ratio > th.forgetting_ratio and forgetting["p_value"] < th.alpha
+
+
+def gain_vs_chance(run, chance):
+    """How far `run`'s validation loss is below chance level, relative (the plateau's measure)."""
+    return 1.0 - run.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
+
+
 def screen(lab):
     th, task = lab.th, lab.task
     base = lab.train("configured", task)
@@ -72,14 +87,10 @@ def screen(lab):
         **data_checks(lab, base),
     }
     # "won't go above random" for the whole output, or for a named part of it while the rest learns
-    stuck = stats.terms_not_learning(learning, th.alpha, th.min_learning_gain) if learning["learned"] else []
+    stuck = stuck_terms(learning, th)
     no_learning = not learning["learned"] or bool(stuck)
     bounces = bounce["diverged"] or bounce["train_rises"] > 0 or bounce["val_rises_undone"] > 0
-    forgets = (
-        forgetting["ratio"] is not None
-        and forgetting["ratio"] > th.forgetting_ratio
-        and forgetting["p_value"] < th.alpha
-    )
+    forgets = forgetting_present(forgetting, th)
     # Plateau: it learned, but its validation loss is little below chance level, the best loss any
     # input-independent model reaches. Chance, not the control above: the control shares the configured
     # recipe, so too much regularization or a poor optimizer handicaps it as much as the model and hides
@@ -91,7 +102,7 @@ def screen(lab):
     if learning["learned"]:
         chance = lab.chance_level()
         checks["chance_level"] = {"val_loss": chance.val_loss, "best_epoch": lab.chance_best_epoch}
-        gain = 1.0 - base.val_loss / chance.val_loss if chance.val_loss > 0 else 0.0
+        gain = gain_vs_chance(base, chance)
     plateau = gain is not None and gain < th.plateau_gain
     shortcut_r2 = max(checks["shortcut"]["best_single_value_r2"], checks["shortcut"]["trivial_model_r2"])
     dup = max(
