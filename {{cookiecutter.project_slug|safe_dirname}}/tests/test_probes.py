@@ -90,6 +90,36 @@ def test_the_doctors_runs_take_the_projects_training_step(monkeypatch):
     assert len(calls) == 8 + 5 + len(lr["lrs"])
 
 
+class MseWithPerSample:
+    """mse with named parts and a per_sample method; `scale` != 1 makes per_sample disagree with the loss."""
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def __call__(self, out, batch):
+        err = ((out - batch[1]) ** 2).mean(1)
+        return err.mean(), {"first": ((out[:, 0] - batch[1][:, 0]) ** 2).mean()}
+
+    def per_sample(self, out, batch):
+        return self.scale * ((out - batch[1]) ** 2).mean(1), {"first": (out[:, 0] - batch[1][:, 0]) ** 2}
+
+
+def test_a_criterions_per_sample_gives_the_one_sample_loop_values_and_a_wrong_one_is_named():
+    task = make_task(items=regression_items(n=400))
+    model = task.model_factory()
+    criterion = MseWithPerSample()
+    slow_parts, fast_parts = {}, {}
+    slow = runs.per_sample_losses(
+        task.replace(criterion=lambda o, b: criterion(o, b)), model, task.val_items, parts=slow_parts
+    )
+    fast = runs.per_sample_losses(task.replace(criterion=criterion), model, task.val_items, parts=fast_parts)
+    assert len(fast) == len(task.val_items) == 144
+    np.testing.assert_allclose(fast, slow, rtol=1e-5)
+    np.testing.assert_allclose(fast_parts["first"], slow_parts["first"], rtol=1e-5)
+    with pytest.raises(ValueError, match="criterion.per_sample"):
+        runs.per_sample_losses(task.replace(criterion=MseWithPerSample(scale=2.0)), model, task.val_items)
+
+
 def test_input_independent_model_is_flagged(healthy_runs):
     task, _, control = healthy_runs
     lazy = make_task(model_factory=IgnoresInput)
@@ -259,7 +289,7 @@ class HalfBlind(nn.Module):
 
 
 def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
-    from {{ cookiecutter.package_name }}.debugging.lab import Lab, Reference
+    from zoo.debugging.lab import Lab, Reference
 
     items = two_target_items()
     task = runs.Task(mlp, two_terms, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0)
@@ -285,7 +315,7 @@ def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
 def test_the_chance_level_trains_at_the_reference_batch_at_least(batch, chance_batch):
     """The converged chance level is a neutral recipe: a tiny configured batch (the batch_too_small fault) must
     not keep it from converging, or a model that learns nothing looks better than "random"."""
-    from {{ cookiecutter.package_name }}.debugging.lab import Lab
+    from zoo.debugging.lab import Lab
 
     lab = object.__new__(Lab)
     lab.task = make_task(batch_size=batch, max_steps=40)

@@ -34,7 +34,9 @@ class Task:
         raise NotImplementedError
 
     def build_loss(self, cfg, train_set):
-        """criterion(out, batch) -> (loss, {term: value}); called after build_datasets, before build_model."""
+        """criterion(out, batch) -> (loss, {term: value}); called after build_datasets, before build_model.
+        Optional: criterion.per_sample(out, batch) -> (losses [B], {term: [B]}), the same per sample in one
+        call (the doctor scores each validation sample; without it, one criterion call per sample)."""
         raise NotImplementedError
 
     def build_model(self, cfg):

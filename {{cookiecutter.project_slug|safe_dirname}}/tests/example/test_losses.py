@@ -175,6 +175,29 @@ def test_weights_scale_the_terms():
     assert loss.item() == pytest.approx(2.0 * float(parts["rot"]) + 0.5 * float(parts["trans"]), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("name", "symmetric"), [*((n, False) for n in losses.LOSSES), ("point_matching", True)]
+)
+def test_per_sample_is_the_loss_of_each_one_sample_batch(name, symmetric):
+    # the doctor scores validation samples with per_sample; it must give what the criterion gives on each one
+    batch = make_batch(n=6, seed=3)
+    config = dict(LOSS_CONFIGS[name], rotation_weight=2.0, translation_weight=0.5)
+    criterion = losses.build_criterion(OmegaConf.create(config), box_points(), symmetric)
+    generator = torch.Generator().manual_seed(4)
+    out = {
+        k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in gt_output(criterion, batch).items()
+    }
+    values, parts = criterion.per_sample(out, batch)
+    for i in range(len(values)):
+        one = criterion(
+            {k: v[i : i + 1] for k, v in out.items()}, {k: v[i : i + 1] for k, v in batch.items()}
+        )
+        assert values[i].item() == pytest.approx(one[0].item(), rel=1e-5)
+        for term, value in one[1].items():
+            assert parts[term][i].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), term
+    assert values.mean().item() == pytest.approx(criterion(out, batch)[0].item(), rel=1e-5)
+
+
 def test_shipped_configs_build(tmp_path):
     from pathlib import Path
 

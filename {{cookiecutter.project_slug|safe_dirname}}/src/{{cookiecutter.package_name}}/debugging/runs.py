@@ -168,17 +168,26 @@ def grad_scaler(task):
 
 @torch.no_grad()
 def per_sample_losses(task, model, items, batch_size=64, parts=None):
-    """Eval-mode loss of every item (the criterion applied to one-sample slices of a batched forward).
+    """Eval-mode loss of every item: the criterion applied to one-sample slices of a batched forward, or, when
+    the criterion offers `per_sample(out, batch) -> (losses [B], {name: [B]})`, the same values in one call
+    per batch (checked against the criterion's batch loss: their mean must be it).
 
     With a dict `parts`, the criterion's scalar parts (when it returns `(loss, parts)`) are appended to
     parts[name], one value per item: the probes treat every part as lower-is-better (errors, loss terms).
     """
     model.eval()
     losses = []
+    per_sample = getattr(task.criterion, "per_sample", None)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = to_device(collate(chunk), task.device)
         out = task.forward(model, batch)
+        if per_sample is not None:
+            values, named = _per_sample_call(task.criterion, out, batch, len(chunk))
+            losses.extend(values)
+            for name, column in named.items() if parts is not None else ():
+                parts.setdefault(name, []).extend(column)
+            continue
         n = len(chunk)
         for i in range(n):
             one = _slice(out, slice(i, i + 1), n)
@@ -189,6 +198,24 @@ def per_sample_losses(task, model, items, batch_size=64, parts=None):
                     if name != "loss" and (not torch.is_tensor(value) or value.numel() == 1):
                         parts.setdefault(name, []).append(float(value))
     return np.asarray(losses, dtype=np.float64)
+
+
+def _per_sample_call(criterion, out, batch, n):
+    """criterion.per_sample on a batch of n, as lists of floats: (losses, {part name: values})."""
+    values, named = criterion.per_sample(out, batch)
+    values = torch.as_tensor(values).detach().float().reshape(-1)
+    batch_loss = float(loss_value(criterion(out, batch)))
+    if len(values) != n or not math.isclose(float(values.mean()), batch_loss, rel_tol=1e-4, abs_tol=1e-6):
+        raise ValueError(
+            f"criterion.per_sample returned {len(values)} losses with mean {float(values.mean()):.6g} for a batch "
+            f"of {n} whose loss is {batch_loss:.6g}: it must return the criterion's loss of each sample"
+        )
+    columns = {}
+    for name, value in dict(named).items():
+        value = torch.as_tensor(value).detach().float().reshape(-1)
+        if name != "loss" and len(value) == n:
+            columns[name] = value.tolist()
+    return values.tolist(), columns
 
 
 # --- training runs --------------------------------------------------------------------------------------------

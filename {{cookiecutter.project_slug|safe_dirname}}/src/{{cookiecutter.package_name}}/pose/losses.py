@@ -8,7 +8,8 @@
 (the image only supplies (H, W) for the translation modes "centre_depth" and "centre_focal_depth", or pass image_size).
 `loss` is a scalar tensor to backpropagate; `parts` maps names to detached 0-dim tensors (use float(v)):
 "loss", "rot" and "trans" (the unweighted terms), "rot_err_deg" and "trans_err_mm" (batch means of the
-decoded pose's errors, for monitoring). The criterion also exposes `.rotation` (representation the network
+decoded pose's errors, for monitoring). `criterion.per_sample(out, batch)` gives the same per sample ([B]
+tensors, no gradient), for the doctor. The criterion also exposes `.rotation` (representation the network
 must output) and `.translation` (translation mode) so the model can be built to match.
 
 Config keys: name, rotation (point_matching only: euler | quaternion | sixd; the other losses fix it, see
@@ -84,44 +85,70 @@ class PoseCriterion:
             return tuple(batch["image"].shape[-2:])
         return None
 
-    def rotation_loss(self, raw_rot, R_gt):
+    def rotation_terms(self, raw_rot, R_gt):
+        """The rotation term before the batch mean: [B] (one value per sample), or [B, N] (per model point)."""
         if self.name == "euler_l2":
             target = geometry.rotmat_to_target(R_gt, "euler")
-            return ((raw_rot - target) ** 2).sum(-1).mean()
+            return ((raw_rot - target) ** 2).sum(-1)
         if self.name == "quaternion":
             q_hat = torch.nn.functional.normalize(raw_rot, dim=-1, eps=1e-8)
             q = geometry.rotmat_to_target(R_gt, "quaternion")
-            return torch.minimum(((q_hat - q) ** 2).sum(-1), ((q_hat + q) ** 2).sum(-1)).mean()
+            return torch.minimum(((q_hat - q) ** 2).sum(-1), ((q_hat + q) ** 2).sum(-1))
         R_hat = geometry.raw_to_rotmat(raw_rot, self.rotation)
         if self.name == "sixd":
-            return ((R_hat - R_gt) ** 2).sum((-1, -2)).mean()
+            return ((R_hat - R_gt) ** 2).sum((-1, -2))
         if self.points.device != R_gt.device or self.points.dtype != R_gt.dtype:
             self.points = self.points.to(device=R_gt.device, dtype=R_gt.dtype)  # once, not every step
         points = self.points
         pred = points @ R_hat.transpose(-1, -2)  # [B, N, 3]
         gt = points @ R_gt.transpose(-1, -2)
         if self.symmetric:
-            return _squared_distances(pred, gt).min(-1).values.mean()
-        return ((pred - gt) ** 2).sum(-1).mean()
+            return _squared_distances(pred, gt).min(-1).values
+        return ((pred - gt) ** 2).sum(-1)
 
-    def __call__(self, out, batch):
-        R_gt, t_gt, K = batch["R"], batch["t"], batch["K"]
+    def _terms(self, out, batch):
+        """(rotation terms [B] or [B, N], translation terms [B], image size)."""
         raw_rot, raw_trans = out["rot"], out["trans"]
         image_size = self._image_size(batch)
-        rot = self.rotation_loss(raw_rot, R_gt)
-        target_trans = geometry.encode_translation(t_gt, K, self.translation, image_size)
-        trans = ((raw_trans - target_trans) ** 2).sum(-1).mean()
+        target_trans = geometry.encode_translation(batch["t"], batch["K"], self.translation, image_size)
+        return self.rotation_terms(raw_rot, batch["R"]), ((raw_trans - target_trans) ** 2).sum(-1), image_size
+
+    @torch.no_grad()
+    def _errors(self, out, batch, image_size):
+        """The decoded pose's errors per sample: rotation (degrees) and translation (mm)."""
+        R_hat = geometry.raw_to_rotmat(out["rot"].detach(), self.rotation)
+        t_hat = geometry.decode_translation(out["trans"].detach(), batch["K"], self.translation, image_size)
+        return geometry.geodesic_angle_deg(R_hat, batch["R"]), (t_hat - batch["t"]).norm(dim=-1)
+
+    def __call__(self, out, batch):
+        rot_terms, trans_terms, image_size = self._terms(out, batch)
+        rot, trans = rot_terms.mean(), trans_terms.mean()
         loss = self.rotation_weight * rot + self.translation_weight * trans
-        with torch.no_grad():
-            R_hat = geometry.raw_to_rotmat(raw_rot.detach(), self.rotation)
-            t_hat = geometry.decode_translation(raw_trans.detach(), K, self.translation, image_size)
-            parts = {
-                "loss": loss.detach(),
-                "rot": rot.detach(),
-                "trans": trans.detach(),
-                "rot_err_deg": geometry.geodesic_angle_deg(R_hat, R_gt).mean(),
-                "trans_err_mm": (t_hat - t_gt).norm(dim=-1).mean(),
-            }
+        rot_err, trans_err = self._errors(out, batch, image_size)
+        parts = {
+            "loss": loss.detach(),
+            "rot": rot.detach(),
+            "trans": trans.detach(),
+            "rot_err_deg": rot_err.mean(),
+            "trans_err_mm": trans_err.mean(),
+        }
+        return loss, parts
+
+    @torch.no_grad()
+    def per_sample(self, out, batch):
+        """(losses [B], parts {name: [B]}): what `criterion` gives on each one-sample slice of the batch, in
+        one call (the doctor scores every validation sample; one call per sample was most of its time)."""
+        rot_terms, trans_terms, image_size = self._terms(out, batch)
+        rot = rot_terms.reshape(len(rot_terms), -1).mean(1)
+        loss = self.rotation_weight * rot + self.translation_weight * trans_terms
+        rot_err, trans_err = self._errors(out, batch, image_size)
+        parts = {
+            "loss": loss,
+            "rot": rot,
+            "trans": trans_terms,
+            "rot_err_deg": rot_err,
+            "trans_err_mm": trans_err,
+        }
         return loss, parts
 
 
