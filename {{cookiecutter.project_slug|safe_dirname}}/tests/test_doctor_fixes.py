@@ -1,6 +1,7 @@
 """Rows of the doctor's fix table (debugging/fixes.TABLE) that decide by a measurement as well as by a fix
 that helps, run through the engine with the training runs scripted."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 
 from {{ cookiecutter.package_name }}.debugging import causes, engine, fixes, probes, runs
 
-TH = SimpleNamespace(init_std_factor=3.0, generalization_gap=0.1)
+TH = SimpleNamespace(init_std_factor=3.0, generalization_gap=0.1, alpha=0.01, min_fix_gain=0.05)
 
 
 def row(cause):
@@ -44,11 +45,12 @@ class ScriptedLab:
                 "val_loss_after": fixed.val_loss}  # fmt: skip
 
 
-def context(model, base=None, init_ratios=(0.4, 0.41)):
+def context(model, base=None, init_ratios=(0.4, 0.41), whole_schedule=True):
     cfg = OmegaConf.create({"model": model, "training": {"epochs": 8}})
     screen = SimpleNamespace(
         base=base or run(6.3, 6.6),
         checks={"init": {"layers": [{"weight_std_over_he": r} for r in init_ratios]}},
+        symptoms={"plateau": {"screen_ran_whole_schedule": whole_schedule}},
     )
     lab = ScriptedLab()
     lab.cfg = cfg
@@ -81,6 +83,52 @@ def test_a_wider_network_that_helps_means_architecture_only_without_a_generaliza
     assert found["present"] is confirmed
     assert found["evidence"]["generalization_gap"] == pytest.approx(1 - train_loss / 6.6)
     assert ("variance, not a lack of capacity" in found["summary"]) is not confirmed
+
+
+def noisy_run(val_loss, seed):
+    """A run whose 64 per-sample validation losses scatter around `val_loss` (what a paired test sees)."""
+    r = run(val_loss - 0.5, val_loss)
+    r.val_losses = val_loss + np.random.default_rng(seed).normal(0.0, 0.3, 64)
+    return r
+
+
+@pytest.mark.parametrize(
+    "cause, longer_val, whole_schedule, present",
+    [
+        ("architecture", 6.6, False, True),  # the fix (6.0) beats training longer by 9 %
+        ("architecture", 5.9, False, False),  # training longer does as well: a slow run, not a cause
+        ("architecture", 5.9, True, True),  # the screen ran the whole schedule: longer is a config change
+        ("too_much_regularization", 6.1, False, False),  # 2 % better than longer: under min_fix_gain
+        ("poor_optimizer", 6.1, False, False),
+    ],
+)
+def test_a_knob_fix_must_help_more_than_training_longer_when_the_budget_cut_the_schedule(
+    cause, longer_val, whole_schedule, present
+):
+    """A healthy run that is slow on the doctor's budget gains from a wider network, no regularization and Adam
+    on both seeds; the fix names a cause only if it also beats the same setup trained longer."""
+    ctx = context(
+        {"width": 8, "hidden": 32, "dropout": 0.5}, base=run(6.5, 6.6), whole_schedule=whole_schedule
+    )
+    ctx.lab.cfg.training.optimizer = "sgd"
+    ctx.lab.cfg.training.momentum = 0.9
+    ctx.lab.cfg.training.weight_decay = 0.0
+    ctx.lab.task = runs.Task(None, None, [], [], epochs=8)
+    ctx.lab.train = lambda name, task, **kw: ctx.lab.runs.setdefault(name, noisy_run(6.0, seed=1))
+    longer_calls = []
+
+    def longer():
+        longer_calls.append(1)
+        return ctx.lab.task.replace(epochs=16), noisy_run(longer_val, seed=2)
+
+    ctx.lab.longer = longer
+    variant = row(cause).variant
+    if cause == "poor_optimizer":  # its variant runs an LR range test: script the variant instead
+        variant = lambda c: engine.Variant("adam", c.lab.task, {"lr_range": {}, "lr": 1e-3})  # noqa: E731
+    found = engine.run(ctx, [dataclasses.replace(row(cause), variant=variant)])[cause]
+    assert found["present"] is present
+    assert bool(longer_calls) is not whole_schedule
+    assert ("no more than training longer" in found["summary"]) is (not present)
 
 
 @pytest.mark.parametrize("lr, fixed_lr, fix", [(0.02, 0.012, "training.batch_size=32 training.lr=0.012"),

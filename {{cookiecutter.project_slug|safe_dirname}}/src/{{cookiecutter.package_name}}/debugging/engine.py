@@ -48,6 +48,7 @@ class Variant:
     name: str  # the run's name in the report
     task: object  # the runs.Task to train
     info: dict = dataclasses.field(default_factory=dict)  # what the fix and the summary quote
+    trained: object = None  # the variant's run when another check has trained it already (lab.longer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,9 @@ class Fix:
     explain: object  # (ctx, variant, effect) -> (summary, evidence)
     confirm: object = None  # (ctx, variant, effect, run) -> present; default: the fix helped
     strength: object = None  # effect -> float; default: the fix's relative gain
+    # a knob that speeds up any slow run (width, regularization, optimizer): its fix must also beat training
+    # longer when the doctor's budget cut the configured schedule short (`against_longer`)
+    beat_longer: bool = False
 
 
 def context(lab, screen, training_fixes):
@@ -109,10 +113,12 @@ def run(ctx, rows):
         if not row.applies(ctx):
             continue
         v = row.variant(ctx)
-        fixed = ctx.lab.train(v.name, v.task)
+        fixed = v.trained if v.trained is not None else ctx.lab.train(v.name, v.task)
         effect = ctx.lab.fix_effect(ctx.ref, fixed)
         if effect["helped"] and row.tried_on != ALWAYS:
             effect = replicated(ctx, v, effect)
+        if effect["helped"] and row.beat_longer:
+            effect = against_longer(ctx, effect, fixed)
         summary, evidence = row.explain(ctx, v, effect)
         present = row.confirm(ctx, v, effect, fixed) if row.confirm else effect["helped"]
         findings[row.cause] = finding(
@@ -136,6 +142,21 @@ def replicated(ctx, v, effect):
     second = ctx.lab.fix_effect(ctx.ref, again)
     keep = ("helped", "p_value", "gain", "val_loss_after")
     return effect | {"helped": second["helped"], "replicate": {k: second[k] for k in keep}}
+
+
+def against_longer(ctx, effect, fixed):
+    """A wider network, no regularization or Adam speeds up any run that is slow, and the doctor's budget cuts
+    the configured schedule short: a healthy run that is merely slow there gains from each of them, on both
+    seeds. Such a fix says something about the config only when it also beats the same setup trained longer
+    (lab.longer; paired test, the same bar as against the configured run). Not applied when the screen ran the
+    whole schedule (training longer is then itself a change to the config: `not_started`), nor to a fix that
+    helped by making a stuck part of the output learn."""
+    if ctx.screen.symptoms["plateau"]["screen_ran_whole_schedule"] or effect.get("unstuck"):
+        return effect
+    task, longer = ctx.lab.longer()
+    r = stats.compare_runs(longer, fixed, ctx.lab.th.alpha, ctx.lab.th.min_fix_gain, parts=False)
+    versus = {"better": r["better"], "p_value": r["p_value"], "gain": r["gain"], "epochs": task.epochs}
+    return effect | {"helped": r["better"], "vs_longer": versus}
 
 
 def finding(cause, present, strength, evidence, fix, summary, plot=None):

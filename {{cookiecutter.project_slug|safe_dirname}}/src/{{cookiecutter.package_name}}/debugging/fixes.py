@@ -26,6 +26,18 @@ def _effect(effect):
             f"; on the next seed it {'lowers' if again['gain'] >= 0 else 'raises'} it by {abs(again['gain']):.0%} "
             f"(p = {again['p_value']:.2g})" + ("" if again["helped"] else ": not repeated, seed-to-seed luck")
         )
+    versus = effect.get("vs_longer")
+    if versus:
+        text += (
+            f"; compared with training longer ({versus['epochs']} epochs) the fix "
+            f"{'lowers' if versus['gain'] >= 0 else 'raises'} val loss by {abs(versus['gain']):.0%} "
+            f"(p = {versus['p_value']:.2g})"
+            + (
+                ""
+                if versus["better"]
+                else ": no more than training longer, a run that is slow on the doctor's budget"
+            )
+        )
     return text
 
 
@@ -195,9 +207,8 @@ def _standardized_explain(ctx, v, effect):
 
 
 def _longer_variant(ctx):
-    t, d = ctx.task, ctx.lab.d
-    epochs = min(d.longer_epochs, max(3 * t.epochs, d.epochs))
-    return Variant("longer", t.replace(epochs=epochs), {"epochs": epochs})
+    task, run = ctx.lab.longer()
+    return Variant("longer", task, {"epochs": task.epochs}, trained=run)
 
 
 def _longer_learns(ctx, run):
@@ -374,6 +385,7 @@ TABLE = (
         fix=lambda ctx, v: " ".join(f"{k}={x}" for k, x in v.info["fix"].items()),
         explain=_wider_explain,
         confirm=_wider_confirm,
+        beat_longer=True,
     ),
     Fix(
         "poor_init", "no_learning", NO_LEARNING,
@@ -405,6 +417,7 @@ TABLE = (
         variant=_adam_variant,
         fix=lambda ctx, v: f"training.optimizer=adam training.lr={v.info['lr']:.2g}",
         explain=_adam_explain,
+        beat_longer=True,
     ),
     Fix(
         "too_much_regularization", "plateau", BAD,
@@ -412,5 +425,6 @@ TABLE = (
         variant=_unregularized_variant,
         fix=lambda ctx, v: "model.dropout=0.0 training.weight_decay=0.0",
         explain=_unregularized_explain,
+        beat_longer=True,
     ),
 )  # fmt: skip

@@ -143,6 +143,7 @@ class Lab:
         self.chance = None  # memo of chance_level()
         self.chance_best_epoch = None
         self.grown = None  # memo of grown_budget()
+        self.long = None  # memo of longer()
         self.overfit_curve = None  # the overfit test's loss curve, for its plot
 
     def say(self, text):
@@ -188,6 +189,15 @@ class Lab:
             )
             self.grown = more, self.train("configured_grown_budget", more)
         return self.grown
+
+    def longer(self):
+        """The configured setup trained longer (3x the screen's epochs, at most `longer_epochs`): the not_started
+        row's fix, and what a knob's fix must beat (engine.against_longer). Returns (task, run); trained once."""
+        if self.long is None:
+            t = self.task
+            more = t.replace(epochs=min(self.d.longer_epochs, max(3 * t.epochs, self.d.epochs)))
+            self.long = more, self.train("longer", more)
+        return self.long
 
     def lr_range_test(self):
         """LR range test at a batch size where gradient noise does not decide the outcome."""
