@@ -11,6 +11,7 @@ from torch import nn
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
 from {{ cookiecutter.package_name }}.debugging import leaks, probes, runs, stats
+from {{ cookiecutter.package_name }}.debugging.lab import Lab, Reference
 
 torch.set_num_threads(1)
 
@@ -289,8 +290,6 @@ class HalfBlind(nn.Module):
 
 
 def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
-    from {{ cookiecutter.package_name }}.debugging.lab import Lab, Reference
-
     items = two_target_items()
     task = runs.Task(mlp, two_terms, items[:256], items[256:], lr=1e-2, epochs=4, input_key=0)
     control = runs.train(task, items=lambda it: runs.zero_inputs(it, 0))
@@ -315,8 +314,6 @@ def test_a_term_that_does_not_learn_is_named_and_a_fix_that_unsticks_it_helps():
 def test_the_chance_level_trains_at_the_reference_batch_at_least(batch, chance_batch):
     """The converged chance level is a neutral recipe: a tiny configured batch (the batch_too_small fault) must
     not keep it from converging, or a model that learns nothing looks better than "random"."""
-    from {{ cookiecutter.package_name }}.debugging.lab import Lab
-
     lab = object.__new__(Lab)
     lab.task = make_task(batch_size=batch, max_steps=40)
     lab.d = SimpleNamespace(longer_epochs=16, reference_batch_size=32, verbose=False)
