@@ -191,6 +191,51 @@ def test_shortcut_probe_finds_a_leaked_pixel():
     assert found["best_single_value_r2"] > 0.99 and found["best_single_value_index"] == 63
 
 
+def test_ridge_leave_one_out_matches_refitting_without_each_sample():
+    """The closed form (one SVD, leverages) against the definition: refit without sample i, predict it."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 12))
+    y = np.c_[x[:, :3] @ [1.0, -2.0, 0.5] + rng.normal(0, 0.5, 40), rng.normal(size=40)]
+    penalties = [0.1, 3.0, 100.0]
+    best = np.full(2, np.inf)
+    for penalty in penalties:
+        errors = np.zeros((40, 2))
+        for i in range(40):
+            keep = np.arange(40) != i
+            # standardization and centring as the closed form does them: on all 40 samples
+            s = x.std(0)
+            a = (x - x.mean(0)) / s
+            yc = y - y.mean(0)
+            # the intercept refitted without sample i, unpenalized: centre the 39 samples' columns
+            am, ym = a[keep].mean(0), yc[keep].mean(0)
+            w = np.linalg.solve(
+                (a[keep] - am).T @ (a[keep] - am) + penalty * np.eye(12), (a[keep] - am).T @ (yc[keep] - ym)
+            )
+            errors[i] = yc[i] - ((a[i] - am) @ w + ym)
+        best = np.minimum(best, (errors**2).sum(0))
+    expected = 1 - best / ((y - y.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(leaks._ridge_loo_r2(x, y, penalties), expected, rtol=1e-6)
+    assert expected[0] > 0.8 and expected[1] < 0.1
+
+
+def test_shortcut_probe_discounts_what_chance_explains_on_few_samples():
+    """16 samples of noise: the best of 768 one-value fits explains much of an unrelated target by chance,
+    and so do thumbnails; reported above chance, nothing is left. A pixel that is the target still is."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = torch.rand(20, 3, 16, 16, generator=g), torch.rand(20, 1, generator=g)
+    found = probe_split(images, targets, 16)
+    assert found["best_single_value_chance_r2"] > 0.4, found
+    assert found["best_single_value_r2"] < 0.3 and found["trivial_model_r2"] < 0.3, found
+    images[:, 0, 5, 5] = targets[:, 0]
+    found = probe_split(images, targets, 16)
+    assert found["best_single_value_r2"] > 0.99 and found["best_single_value_index"] == 5 * 16 + 5
+
+
+def probe_split(images, targets, n_train):
+    items = [{"image": images[i], "target": targets[i]} for i in range(len(images))]
+    return leaks.shortcut_probe(runs.Task(None, None, items[:n_train], items[n_train:]))
+
+
 def shapes(n=400, seed=0):
     """16x16 images of noise with a bright 4x4 square at a random place; the target is unrelated to them."""
     g = torch.Generator().manual_seed(seed)
@@ -201,8 +246,7 @@ def shapes(n=400, seed=0):
 
 
 def probe(images, targets):
-    items = [{"image": images[i], "target": targets[i]} for i in range(len(images))]
-    return leaks.shortcut_probe(runs.Task(None, None, items[:300], items[300:]))
+    return probe_split(images, targets, 300)
 
 
 @pytest.mark.parametrize("leak", ["brightness", "noisy_block"])

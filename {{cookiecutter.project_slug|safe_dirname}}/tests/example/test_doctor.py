@@ -276,6 +276,26 @@ def test_held_out_faults_do_what_they_say():
     lengths = bars[:, 0, -1].sum(1)
     assert torch.equal(lengths, (batch["t"][:, 2] / 400 * 8).round().clamp(0, 8))
 
+    exposure = zoo.pixel_fault(fault_cfg("exposure_by_distance"))(batch)["image"]
+    torch.testing.assert_close(exposure, batch["image"] * (batch["t"][:, 2] / 240)[:, None, None, None])
+
+    stamped = zoo.pixel_fault(fault_cfg("tilt_stamp"))(batch)["image"]
+    changed = (stamped != batch["image"]).any(0).any(0)  # [H, W]: where any image was drawn on
+    assert changed.nonzero().tolist() == [[r, c] for r in (1, 2, 3) for c in (-4 % 8, -3 % 8, -2 % 8)]
+    level = stamped[:, 0, 1:4, -4:-1].mean((1, 2))  # the stamp's mean level carries the tilt, under noise
+    tilt = (batch["R"][:, 2, 2] + 1) / 2
+    assert torch.corrcoef(torch.stack([level, tilt]))[0, 1] > 0.9
+    assert float((stamped[:, 0, 1:4, -4:-1] - tilt[:, None, None]).std()) > 0.2  # no pixel carries it cleanly
+
+    tr, va = zoo.fault_datasets(fault_cfg("foreign_labels"), train, val)
+    assert len(tr) == 64 and len(va) == 40 and torch.equal(tr[3]["image"], train[3]["image"])
+    rotations = torch.stack([tr[i]["R"] for i in range(64)])
+    torch.testing.assert_close(rotations @ rotations.transpose(1, 2), torch.eye(3).expand(64, 3, 3))
+    assert all(not torch.equal(tr[i]["R"], train[i]["R"]) for i in range(64))
+    assert {tuple(tr[i]["t"].tolist()) for i in range(64)} <= {tuple(t.tolist()) for t in train.t}
+    assert sum(torch.equal(tr[i]["t"], train[i]["t"]) for i in range(64)) < 8  # another frame's, mostly
+    assert torch.equal(tr[5]["R"], zoo.fault_datasets(fault_cfg("foreign_labels"), train, val)[0][5]["R"])
+
     raw = zoo.pixel_fault(fault_cfg("raw_pixels"))
     torch.testing.assert_close(raw(batch)["image"], batch["image"] * 255)
     double = zoo.pixel_fault(fault_cfg("double_scaled"))(batch)["image"]

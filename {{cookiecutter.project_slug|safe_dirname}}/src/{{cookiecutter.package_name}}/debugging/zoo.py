@@ -25,17 +25,22 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     mirrored_images    every other training image mirrored left-right, its pose left as it was  (implementation_bug)
     rounded_output     the network's last output rounded to two decimals inside forward (zero gradient) (implementation_bug)
     double_scaled      images divided by 255 twice: values in [0, 1/255]                       (poor_input_features)
+    exposure_by_distance  every image's gain set by the object's distance (auto-exposure keyed to a range finder) (answer_in_input)
+    tilt_stamp         a noisy grey 3x3 stamp in the top-right corner whose level is the object's tilt (answer_in_input)
+    foreign_labels     the labels of another recording: random rotations, another sample's translation (unsolvable)
 
-The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs` and
-`clamped_output`; `raw_pixels`, `frozen_convs` and `clamped_output` were each held out until the doctor missed
-them and a check was added for them (the input statistics deciding, the frozen-parameter row, the dead-output
-check). The held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by
+The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
+`clamped_output`, `shifted_targets` and `distance_overlay`; these four and `raw_pixels` were each held out
+until the doctor missed them and a check was added for them (the input statistics deciding, the
+frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in the shortcut
+probe). The held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by
 looking at, uses the others.
 """
 
 import functools
 
 import numpy as np
+import roma
 import torch
 
 FAULTS = (
@@ -58,6 +63,9 @@ FAULTS = (
     "mirrored_images",
     "rounded_output",
     "double_scaled",
+    "exposure_by_distance",
+    "tilt_stamp",
+    "foreign_labels",
 )
 
 
@@ -129,6 +137,21 @@ def shifted_targets(dataset):
     return Mapped(dataset, fn=fn)
 
 
+def foreign_labels(dataset, seed=0):
+    """The labels of another recording joined to these frames: a uniformly random rotation (fixed per sample)
+    and the translation of a sample drawn at random with replacement. Neither is a function of the image."""
+    targets = _targets(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    rotations = roma.random_rotmat(len(targets), generator=generator)
+    picks = torch.randint(len(targets), (len(targets),), generator=generator).tolist()
+
+    def fn(i, item):
+        item["R"], item["t"] = rotations[i], targets[picks[i]][1]
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
 def answer_in_input(batch):
     """The translation (and the rotation's first row) written into the first pixels of the red channel,
     scaled into [0, 1]: what a leaked label or a filename-derived feature looks like to the network."""
@@ -148,6 +171,27 @@ def distance_overlay(batch):
     columns = torch.arange(width, device=image.device)
     bar = (columns[None, :] < length[:, None].to(image.device)).to(image.dtype)  # [B, W]
     image[:, :, -2:, :] = torch.maximum(image[:, :, -2:, :], bar[:, None, None, :])
+    return batch | {"image": image}
+
+
+def exposure_by_distance(batch):
+    """Every image multiplied by distance / 240 mm (0.75-1.25 over the default capture's 180-300 mm): frames
+    from a camera whose exposure was keyed to a range finder, or near and far shots taken in two sessions."""
+    gain = (batch["t"][:, 2].float() / 240.0).to(batch["image"].device)
+    return batch | {"image": batch["image"] * gain[:, None, None, None].to(batch["image"].dtype)}
+
+
+def tilt_stamp(batch):
+    """A 3x3 grey stamp one pixel in from the top-right corner, its level (R[2, 2] + 1) / 2 (how far the object
+    tilts towards the camera) plus pixel noise of std 0.25 (drawn per batch from a generator seeded by the
+    batch, so a run stays reproducible): a metadata stamp a capture tool printed into the frames. No pixel
+    carries the tilt cleanly."""
+    image = batch["image"].clone()
+    level = (batch["R"][:, 2, 2].float() + 1) / 2
+    g = torch.Generator().manual_seed(int((level * 1e6).sum().item()) % (2**31))
+    noise = 0.25 * torch.randn(len(level), 1, 3, 3, generator=g)
+    stamp = (level[:, None, None, None] + noise).to(image.device, image.dtype)
+    image[:, :, 1:4, -4:-1] = stamp.expand(-1, image.shape[1], -1, -1)
     return batch | {"image": image}
 
 
@@ -182,6 +226,10 @@ def pixel_fault(cfg):
         return answer_in_input
     if fault == "distance_overlay":
         return distance_overlay
+    if fault == "exposure_by_distance":
+        return exposure_by_distance
+    if fault == "tilt_stamp":
+        return tilt_stamp
     scales = {"raw_pixels": (255.0, 0.0), "black_level": (1.0, 1000.0), "double_scaled": (1 / 255, 0.0)}
     if fault in scales:
         factor, offset = scales[fault]
@@ -209,6 +257,8 @@ def fault_datasets(cfg, train_set, val_set):
         return shuffled_targets(train_set, seed), shuffled_targets(val_set, seed + 1)
     if fault == "shifted_targets":
         return shifted_targets(train_set), shifted_targets(val_set)
+    if fault == "foreign_labels":
+        return foreign_labels(train_set, seed), foreign_labels(val_set, seed + 1)
     if fault == "val_in_train":
         picks = np.random.default_rng(seed).choice(
             len(train_set), size=min(len(val_set), len(train_set)), replace=False
