@@ -217,9 +217,9 @@ class Lab:
 
     def learned_vs_shuffled(self, run):
         """`learned` against both shuffled-target controls: the weaker of the two comparisons. Per-sample tests
-        see only the samples' noise, not the model's: on the example's `unsolvable` zoo fault (seed 0) two
-        shuffled-target controls differ from each other by 17 % on the translation error at p = 1e-4, so a
-        gain over one such model that the other erases is no evidence of learning."""
+        see only the samples' noise, not the model's: with labels paired with the wrong images, two
+        shuffled-target controls have differed from each other by 17 % on a translation error at p = 1e-4 on
+        the example, so a gain over one such model that the other erases is no evidence of learning."""
         results = [self.learned(run, control) for control in self.shuffled_controls()]
         return min(results, key=lambda r: (r["learned"], r["gain_vs_control"]))
 
