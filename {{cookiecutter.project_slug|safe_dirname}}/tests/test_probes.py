@@ -197,15 +197,14 @@ def test_ridge_leave_one_out_matches_refitting_without_each_sample():
     x = rng.normal(size=(40, 12))
     y = np.c_[x[:, :3] @ [1.0, -2.0, 0.5] + rng.normal(0, 0.5, 40), rng.normal(size=40)]
     penalties = [0.1, 3.0, 100.0]
+    # standardization and centring as the closed form does them: on all 40 samples
+    a = (x - x.mean(0)) / x.std(0)
+    yc = y - y.mean(0)
     best = np.full(2, np.inf)
     for penalty in penalties:
         errors = np.zeros((40, 2))
         for i in range(40):
             keep = np.arange(40) != i
-            # standardization and centring as the closed form does them: on all 40 samples
-            s = x.std(0)
-            a = (x - x.mean(0)) / s
-            yc = y - y.mean(0)
             # the intercept refitted without sample i, unpenalized: centre the 39 samples' columns
             am, ym = a[keep].mean(0), yc[keep].mean(0)
             w = np.linalg.solve(

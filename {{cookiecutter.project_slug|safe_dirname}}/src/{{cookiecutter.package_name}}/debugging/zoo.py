@@ -222,14 +222,9 @@ def pixel_fault(cfg):
     loaders apply it after the augmentation: a leak or a sensor offset is in every image the model gets,
     and an in-plane rotation would otherwise turn the leaked pixels away or pad the offset with zeros."""
     fault = fault_of(cfg)
-    if fault == "answer_in_input":
-        return answer_in_input
-    if fault == "distance_overlay":
-        return distance_overlay
-    if fault == "exposure_by_distance":
-        return exposure_by_distance
-    if fault == "tilt_stamp":
-        return tilt_stamp
+    drawn = {f.__name__: f for f in (answer_in_input, distance_overlay, exposure_by_distance, tilt_stamp)}
+    if fault in drawn:
+        return drawn[fault]
     scales = {"raw_pixels": (255.0, 0.0), "black_level": (1.0, 1000.0), "double_scaled": (1 / 255, 0.0)}
     if fault in scales:
         factor, offset = scales[fault]
