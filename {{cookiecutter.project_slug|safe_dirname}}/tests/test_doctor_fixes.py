@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from {{ cookiecutter.package_name }}.debugging import causes, engine, fixes, probes, runs
 
-TH = SimpleNamespace(init_std_factor=3.0, generalization_gap=0.1, alpha=0.01, min_fix_gain=0.05)
+TH = SimpleNamespace(
+    init_std_factor=3.0, generalization_gap=0.1, alpha=0.01, min_fix_gain=0.05, noise_batch_factor=1
+)
 
 
 def row(cause):
@@ -209,3 +211,58 @@ def test_inputs_far_from_standardized_are_poor_input_features_whatever_the_curve
     assert "standardized_input_seed+1" not in lab.runs  # decided by the statistic, not repeated
     assert "raises" not in f["summary"] and "lowers val loss by 0%" in f["summary"]
     assert f["fix"] == "standardize the inputs (per-channel training mean/std)"
+
+
+class HelpsOnlyLab(ScriptedLab):
+    """Every fix helps by 11 % except the runs named in `fail` (they raise the loss by 2 %)."""
+
+    def __init__(self, fail):
+        super().__init__()
+        self.fail = fail
+
+    def fix_effect(self, ref, fixed):
+        name = next(n for n, r in self.runs.items() if r is fixed)
+        gain = -0.02 if name in self.fail else 0.11
+        return {"helped": gain > 0, "unstuck": [], "metric": "loss", "p_value": 5e-4 if gain > 0 else 0.9,
+                "gain": gain, "val_loss_after": fixed.val_loss}  # fmt: skip
+
+    def train(self, name, task, **kwargs):
+        self.runs[name] = run(5.0, 6.0)  # a new object per run: fix_effect tells them apart
+        return self.runs[name]
+
+
+@pytest.mark.parametrize(
+    "cause, lr, fail, runs_trained, present, fix",
+    [
+        # the suggestion did not help, a third of it did (and again on the next seed)
+        ("batch_too_small", 0.02, {"larger_batch"}, {"larger_batch", "larger_batch_third",
+         "larger_batch_third_seed+1"}, True, "training.batch_size=32 training.lr=0.004"),
+        ("lr_too_high", 0.5, {"lr_suggested"}, {"lr_suggested", "lr_suggested_third",
+         "lr_suggested_third_seed+1"}, True, "training.lr=0.004"),
+        # neither helped: the first try is the one reported
+        ("batch_too_small", 0.02, {"larger_batch", "larger_batch_third"},
+         {"larger_batch", "larger_batch_third"}, False, "training.batch_size=32 training.lr=0.012"),
+        # the suggestion helped: nothing more to try
+        ("lr_too_high", 0.5, set(), {"lr_suggested", "lr_suggested_seed+1"}, True, "training.lr=0.012"),
+        # the larger batch kept the configured LR (below the suggestion): no LR of the range test's to doubt
+        ("batch_too_small", 0.003, {"larger_batch"}, {"larger_batch"}, False, "training.batch_size=32"),
+    ],
+)  # fmt: skip
+def test_an_lr_from_the_range_test_that_did_not_help_is_tried_again_at_a_third(
+    cause, lr, fail, runs_trained, present, fix
+):
+    """The range test's suggestion (valley / 10) is read off one short noisy curve: a loss-bounces fix at it
+    that does not help is tried once more at a third of it, and the report keeps the try that helped, with
+    the other try's numbers beside it."""
+    ctx = context({"width": 8})
+    lab = HelpsOnlyLab(fail)
+    lab.cfg, lab.adapter.cfg = ctx.lab.cfg, ctx.lab.cfg
+    lab.task = runs.Task(None, None, list(range(2048)), [], lr=lr, batch_size=2, epochs=8, max_steps=512)
+    ctx = engine.Context(lab, ctx.screen, ref=None, lr={"suggestion": 0.012, "lr_valley": 0.12},
+                         noise={"b_simple": 39.0})  # fmt: skip
+    found = engine.run(ctx, [row(cause)])[cause]
+    assert set(lab.runs) == runs_trained
+    assert found["present"] is present
+    assert found["fix"] == fix
+    retried = any(name.endswith("_third") for name in runs_trained)
+    assert ("the other try" in found["summary"]) is retried

@@ -65,6 +65,8 @@ class Fix:
     # a knob that speeds up any slow run (width, regularization, optimizer): its fix must also beat training
     # longer when the doctor's budget cut the configured schedule short (`against_longer`)
     beat_longer: bool = False
+    # (ctx, variant) -> a second Variant to try when the first did not help, or None (`retry`)
+    retry: object = None
 
 
 def context(lab, screen, training_fixes):
@@ -115,6 +117,8 @@ def run(ctx, rows):
         v = row.variant(ctx)
         fixed = v.trained if v.trained is not None else ctx.lab.train(v.name, v.task)
         effect = ctx.lab.fix_effect(ctx.ref, fixed)
+        if not effect["helped"] and row.retry:
+            v, fixed, effect = retry(ctx, row, v, fixed, effect)
         if effect["helped"] and row.tried_on != ALWAYS:
             effect = replicated(ctx, v, effect)
         if effect["helped"] and row.beat_longer:
@@ -131,6 +135,25 @@ def run(ctx, rows):
             "lr_range_test.png" if row.cause.startswith("lr_") else "curves.png",
         )
     return findings
+
+
+def retry(ctx, row, v, fixed, effect):
+    """The row's second variant, when it has one for this first try, trained and measured like the first.
+    Returns the variant, run and effect to keep: the second's when it helped, else the first's; either way the
+    other try's numbers (and its LR) are under `other_try`, so the report shows both."""
+    second = row.retry(ctx, v)
+    if second is None:
+        return v, fixed, effect
+    fixed2 = ctx.lab.train(second.name, second.task)
+    effect2 = ctx.lab.fix_effect(ctx.ref, fixed2)
+
+    def other(variant, e):
+        keep = ("helped", "p_value", "gain", "val_loss_after")
+        return {"other_try": {"variant": variant.name, "lr": variant.task.lr} | {k: e[k] for k in keep}}
+
+    if effect2["helped"]:
+        return second, fixed2, effect2 | other(v, effect)
+    return v, fixed, effect | other(second, effect2)
 
 
 def replicated(ctx, v, effect):
