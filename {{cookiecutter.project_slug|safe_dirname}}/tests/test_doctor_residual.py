@@ -19,7 +19,7 @@ class ScriptedLab:
         self.learns = learns
         self.task = runs.Task(None, None, ["a", "b", "c"], [], epochs=8, max_steps=512)
         self.d = SimpleNamespace(overfit_samples=8, overfit_steps=150)
-        self.th = SimpleNamespace(overfit_drop=0.9)
+        self.th = SimpleNamespace(overfit_drop=0.9, overfit_part_ratio=0.7)
         self.adapter = SimpleNamespace(
             fault_fix=lambda text="fix the data/model code": text, more_train_items=lambda n: list(range(n))
         )
@@ -54,10 +54,22 @@ class ScriptedLab:
         }
 
 
+def memorizing(parts, control=None):
+    """An overfit test (probes.overfit_subset) that passes with these parts at the end; the input-independent
+    control (called with the zeroed items) ends at `control` (default 1.0 for every part)."""
+
+    def overfit(task, items=None, **kwargs):
+        ends = parts if items is None else (control or dict.fromkeys(parts, 1.0))
+        return {"passed": True, "drop": 0.97, "n": 8, "steps": 150, "required_drop": 0.9, "curve": [1.0, 0.03],
+                "final_parts": dict(ends)}  # fmt: skip
+
+    return overfit
+
+
 @pytest.fixture
 def no_learning_screen(monkeypatch):
-    passed = {"passed": True, "drop": 0.97, "n": 8, "steps": 150, "required_drop": 0.9, "curve": [1.0, 0.03]}
-    monkeypatch.setattr(causes.probes, "overfit_subset", lambda *args, **kwargs: dict(passed))
+    monkeypatch.setattr(causes.probes, "overfit_subset", memorizing({"rot": 0.01, "trans": 0.2}))
+    monkeypatch.setattr(causes.runs, "zero_inputs", lambda items, input_key: ["zeroed"] * len(items))
     return SimpleNamespace(
         present=lambda *names: "no_learning" in names,
         base="configured",
@@ -150,3 +162,26 @@ def test_a_grown_budget_that_beats_only_an_unconverged_control_is_still_unsolvab
         lab, no_learning_screen, SimpleNamespace(ref=SimpleNamespace(chance=None)), {}
     )
     assert found["unsolvable"]["present"] and checks["grown_budget"]["learned"] is False
+
+
+@pytest.mark.parametrize("trans_end, stuck", [(0.2, False), (0.65, False), (0.98, True), (1.9, True)])
+def test_a_part_the_overfit_test_cannot_memorize_is_an_implementation_bug(
+    monkeypatch, no_learning_screen, trans_end, stuck
+):
+    """The loss as a whole falls by 97 % on the memorized samples, but the translation part ends near (or
+    above) the level the input-independent control reaches on the same samples: its loss term does not pair
+    each prediction with its own target. That is a code bug, found before unsolvable is considered."""
+    monkeypatch.setattr(causes.probes, "overfit_subset", memorizing({"rot": 0.01, "trans": trans_end}))
+    lab = ScriptedLab({})
+    found, checks = causes.residual(
+        lab, no_learning_screen, SimpleNamespace(ref=SimpleNamespace(chance=None)), {}
+    )
+    assert checks["overfit_parts"]["trans"]["ratio"] == pytest.approx(trans_end)
+    assert checks["overfit_parts"]["rot"]["ratio"] == pytest.approx(0.01)
+    if stuck:
+        assert list(found) == ["implementation_bug"]
+        assert found["implementation_bug"]["evidence"]["not_memorized"] == ["trans"]
+        assert "trans ended at" in found["implementation_bug"]["summary"]
+        assert "shuffled_targets" not in lab.trained  # decided before the unsolvable path's controls
+    else:
+        assert list(found) == ["unsolvable"]

@@ -16,7 +16,7 @@ from conftest import capture_dataset, compose
 from {{ cookiecutter.package_name }} import training
 from {{ cookiecutter.package_name }}.batches import collate
 from {{ cookiecutter.package_name }}.debugging import causes, doctor, engine, fixes, leaks, probes, runs, zoo, zoo_benchmark
-from {{ cookiecutter.package_name }}.debugging.lab import TaskAdapter, budget_config
+from {{ cookiecutter.package_name }}.debugging.lab import Lab, TaskAdapter, budget_config
 from {{ cookiecutter.package_name }}.paths import CONFIG_DIR
 from {{ cookiecutter.package_name }}.pose.task import PoseTask
 
@@ -306,6 +306,10 @@ def test_held_out_faults_do_what_they_say():
     criterion = zoo.fault_loss(fault_cfg("broadcast_target"), lambda out, b: calls.append(b["t"]) or 0.0)
     criterion(None, batch)
     assert torch.equal(calls[0], batch["t"][:1].expand(64, 3)) and torch.equal(batch["t"], train.t[:64])
+    criterion = zoo.fault_loss(fault_cfg("rolled_target"), lambda out, b: calls.append(b) or 0.0)
+    criterion(None, batch)
+    assert torch.equal(calls[1]["R"][1:], batch["R"][:-1]) and torch.equal(calls[1]["R"][0], batch["R"][-1])
+    assert torch.equal(calls[1]["t"], batch["t"])
     plain = object()
     assert zoo.fault_loss(fault_cfg("shifted_targets"), plain) is plain
 
@@ -647,6 +651,28 @@ def test_a_detached_loss_term_is_an_implementation_bug(tiny_dataset, tmp_path):
     assert result["top_cause"] == "implementation_bug", result["top_cause"]
     top = result["causes"][0]
     assert top["id"] == "implementation_bug" and "trans_head.weight" in top["evidence"]["without_gradient"]
+
+
+@pytest.mark.parametrize(
+    "fault, not_memorized",
+    [
+        ("null", []),
+        ("broadcast_target", ["trans", "trans_err_mm"]),
+        ("rolled_target", ["rot", "rot_err_deg"]),
+    ],
+)
+def test_the_overfit_test_finds_a_part_whose_loss_term_pairs_another_target(
+    tiny_dataset, fault, not_memorized
+):
+    """The real overfit test on rendered images: a clean model memorizes every part of 8 samples; a loss term
+    that compares each prediction with another sample's target (the batch's first, or the previous one) leaves
+    that part, measured against each sample's own target, at the level of a constant prediction."""
+    cfg = compose(*tiny_dataset.overrides, "logger=none", "debugging.doctor.verbose=false",
+                  "debugging.doctor.image_size=32", f"debugging.fault={fault}")  # fmt: skip
+    lab = Lab(cfg, TaskAdapter(budget_config(cfg)))
+    over = causes.overfit_test(lab)
+    parts, stuck = causes.overfit_parts(lab, over)
+    assert stuck == not_memorized, {k: round(v["ratio"], 3) for k, v in parts.items()}
 
 
 def test_doctor_refuses_an_unknown_fault(tiny_dataset, tmp_path):

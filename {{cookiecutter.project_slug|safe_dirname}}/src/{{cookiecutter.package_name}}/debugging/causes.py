@@ -6,14 +6,15 @@
   (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
   helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
-  network passes it), then `unsolvable`, but only when the model beats neither of two shuffled-target
+  network passes it; `implementation_bug` too when some part of the output stays near the level of a constant
+  prediction on the memorized samples), then `unsolvable`, but only when the model beats neither of two shuffled-target
   controls and the configured setup, trained on a grown budget (twice the steps, four times the samples),
   still does not beat the chance level (a budget too small to show learning is not evidence against the task).
 """
 
 import math
 
-from . import fixes, probes, stats
+from . import fixes, probes, runs, stats
 from .engine import finding
 from .screen import forgetting_present, gain_vs_chance, stuck_terms
 
@@ -109,17 +110,33 @@ def overfit_test(lab, task=None):
     code bug)."""
     t, d = task or lab.task, lab.d
     lr = lab.lr_range_test()
+    lr = min(t.lr, lr["suggestion"]) if t.lr > lr["lr_valley"] else t.lr
     over = probes.overfit_subset(
-        t,
-        n=d.overfit_samples,
-        steps=d.overfit_steps,
-        lr=min(t.lr, lr["suggestion"]) if t.lr > lr["lr_valley"] else None,
-        required_drop=lab.th.overfit_drop,
+        t, n=d.overfit_samples, steps=d.overfit_steps, lr=lr, required_drop=lab.th.overfit_drop
     )
     curve = over.pop("curve")
     if task is None:
         lab.overfit_curve = curve
-    return over
+    return over | {"lr": lr}
+
+
+def overfit_parts(lab, over):
+    """Each named part of the output on the overfit test's samples, against the input-independent control
+    overfit the same way on them (inputs zeroed, so the best it can do is one constant per part). A model that
+    memorizes its samples takes every part far below that level, whichever part dominates the loss; a part
+    that stays near it (ratio above `overfit_part_ratio`) is a loss term that does not compare each prediction
+    with its own target, or an output the network cannot move. Returns {part: numbers}, the parts not
+    memorized."""
+    t, d = lab.task, lab.d
+    items = runs.zero_inputs(t.train_items[: d.overfit_samples], t.input_key)
+    control = probes.overfit_subset(t, n=d.overfit_samples, steps=d.overfit_steps, lr=over["lr"], items=items)
+    parts = {}
+    for name, value in over["final_parts"].items():
+        level = control["final_parts"].get(name)
+        if level is not None and level > 0 and math.isfinite(value):
+            parts[name] = {"model": value, "control": level, "ratio": value / level}
+    stuck = sorted(k for k, v in parts.items() if v["ratio"] > lab.th.overfit_part_ratio)
+    return parts, stuck
 
 
 def capacity(lab, ctx, over):
@@ -170,6 +187,22 @@ def residual(lab, screen, ctx, findings):
                 "overfit.png",
             )  # fmt: skip
         }, checks
+    parts, stuck = overfit_parts(lab, over)
+    checks["overfit_parts"] = parts
+    if stuck:
+        worst = max(stuck, key=lambda k: parts[k]["ratio"])
+        return {
+            "implementation_bug": finding(
+                "implementation_bug", True, parts[worst]["ratio"], {"overfit": over, "overfit_parts": parts, "not_memorized": stuck},
+                lab.adapter.fault_fix("read the loss terms behind " + ", ".join(stuck) + " against their targets"),
+                f"Part of the output cannot be overfit: on {over['n']} samples the loss fell by {over['drop']:.0%}, "
+                f"but {worst} ended at {parts[worst]['ratio']:.0%} of what a constant (input-independent) prediction "
+                f"reaches on the same samples (pass: <= {lab.th.overfit_part_ratio:.0%}; not memorized: "
+                f"{', '.join(stuck)}). A working model memorizes every part of a handful of samples: this part's "
+                "loss term does not compare each prediction with its own target, or the network cannot move it.",
+                "overfit.png",
+            )
+        }, checks  # fmt: skip
     # unsolvable: does the model beat the models trained on shuffled targets (two: the gain must exceed
     # what separates two such models)?
     vs_shuffled = lab.learned_vs_shuffled(screen.base)

@@ -235,13 +235,15 @@ def _step(task, model, batch, optimizer, scaler):
     )
 
 
-def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9):
+def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9, items=None):
     """Karpathy's "overfit one batch": train on `n` fixed samples for `steps` steps (no shuffling).
 
     Pass = the loss falls by at least `required_drop` (default 90%) of its initial value. Any working model
-    and loss memorizes a handful of samples; failing this points at the code, not at the data.
+    and loss memorizes a handful of samples; failing this points at the code, not at the data. `items`
+    replaces the first `n` training items (the input-independent control passes them with zeroed inputs);
+    `final_parts` holds the criterion's named parts on them at the end (mean per part).
     """
-    items = task.train_items[:n]
+    items = task.train_items[:n] if items is None else items
     torch.manual_seed(task.seed)
     model = task.model_factory().to(task.device)
     optimizer = task.optimizer_factory(model, task.lr if lr is None else lr)
@@ -253,13 +255,15 @@ def overfit_subset(task, n=8, steps=200, lr=None, required_drop=0.9):
         losses.append(value)
         if not math.isfinite(value):
             break
-    final = float(np.mean(per_sample_losses(task, model, items)))
+    parts = {}
+    final = float(np.mean(per_sample_losses(task, model, items, parts=parts)))
     initial = losses[0]
     drop = 1 - final / initial if initial > 0 and math.isfinite(final) else 0.0
     return {
         "passed": bool(drop >= required_drop),
         "initial_loss": initial,
         "final_loss": final,
+        "final_parts": {name: float(np.mean(values)) for name, values in parts.items()},
         "drop": float(drop),
         "required_drop": required_drop,
         "n": n,

@@ -28,12 +28,13 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     exposure_by_distance  every image's gain set by the object's distance (auto-exposure keyed to a range finder) (answer_in_input)
     tilt_stamp         a noisy grey 3x3 stamp in the top-right corner whose level is the object's tilt (answer_in_input)
     foreign_labels     the labels of another recording: random rotations, another sample's translation (unsolvable)
+    rolled_target      the loss compares every rotation with the previous sample's in the batch (`R.roll(1, 0)`) (implementation_bug)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
-`clamped_output`, `shifted_targets` and `distance_overlay`; these four and `raw_pixels` were each held out
-until the doctor missed them and a check was added for them (the input statistics deciding, the
-frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in the shortcut
-probe). The held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by
+`clamped_output`, `shifted_targets`, `distance_overlay` and `broadcast_target`; these five and `raw_pixels`
+were each held out until the doctor missed them and a check was added for them (the input statistics
+deciding, the frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in
+the shortcut probe, the overfit test's check of each part of the output). The held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by
 looking at, uses the others.
 """
 
@@ -66,6 +67,7 @@ FAULTS = (
     "exposure_by_distance",
     "tilt_stamp",
     "foreign_labels",
+    "rolled_target",
 )
 
 
@@ -332,11 +334,19 @@ def fault_model(cfg, model):
 
 def fault_loss(cfg, criterion):
     """Code faults in the loss: a wrapper around `criterion(out, batch)` (the criterion itself for the others)."""
-    if fault_of(cfg) != "broadcast_target":
-        return criterion
+    fault = fault_of(cfg)
+    if fault == "broadcast_target":
 
-    def first_target_for_all(out, batch):
-        # `t_gt = batch["t"][:1]` where `batch["t"]` was meant: [1, 3] broadcasts against [B, 3] without an error
-        return criterion(out, batch | {"t": batch["t"][:1].expand_as(batch["t"])})
+        def first_target_for_all(out, batch):
+            # `t_gt = batch["t"][:1]` where `batch["t"]` was meant: [1, 3] broadcasts against [B, 3], no error
+            return criterion(out, batch | {"t": batch["t"][:1].expand_as(batch["t"])})
 
-    return first_target_for_all
+        return first_target_for_all
+    if fault == "rolled_target":
+
+        def previous_rotation(out, batch):
+            # `R_gt = batch["R"].roll(1, 0)`, a next-frame target left over from a sequence model
+            return criterion(out, batch | {"R": batch["R"].roll(1, 0)})
+
+        return previous_rotation
+    return criterion
