@@ -6,10 +6,11 @@
   (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
   helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
-  network passes it; `implementation_bug` too when some part of the output stays near the level of a constant
-  prediction on the memorized samples), then `unsolvable`, but only when the model beats neither of two shuffled-target
-  controls and the configured setup, trained on a grown budget (twice the steps, four times the samples),
-  still does not beat the chance level (a budget too small to show learning is not evidence against the task).
+  network passes it; `implementation_bug` too when some part of the output stays near the level of a
+  constant prediction on the memorized samples), then `unsolvable`, but only when the model beats neither of
+  two shuffled-target controls and the configured setup, trained on a grown budget (twice the steps, four
+  times the samples), still does not beat the chance level (a budget too small to show learning is not
+  evidence against the task).
 """
 
 import math

@@ -13,8 +13,9 @@ bottom (`diagnose`):
 2. `causes.integrity`: the checks that invalidate every comparison of runs (a leak, a batch-mixing model);
 3. `engine.run` over the rows of `fixes.TABLE` the symptoms call for: "apply the talk's fix and measure whether
    it helps" with a paired permutation test;
-4. `causes.residual`: for a model that learns nothing and no fix that helped, the overfit test, then
-   `unsolvable` (only if a grown budget, twice the steps on four times the samples, does not learn either);
+4. `causes.residual`: for a model that learns nothing and no fix that helped, the overfit test (of the loss
+   and of each part of the output), then `unsolvable` (only if a grown budget, twice the steps on four times
+   the samples, does not learn either);
 5. `causes.unexplained`: a symptom that no cause explains and that the grown budget does not do away with is
    reported as `unexplained_<symptom>`, with what to look at next (never as health);
 6. rank the causes by evidence and write 4_debugging/doctor/<experiment>/report.md, report.json and plots

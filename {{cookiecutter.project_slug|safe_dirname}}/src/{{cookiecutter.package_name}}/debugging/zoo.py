@@ -34,8 +34,8 @@ The development part of the zoo (configs/experiment/zoo) uses the first ten, plu
 `clamped_output`, `shifted_targets`, `distance_overlay` and `broadcast_target`; these five and `raw_pixels`
 were each held out until the doctor missed them and a check was added for them (the input statistics
 deciding, the frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in
-the shortcut probe, the overfit test's check of each part of the output). The held-out part (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by
-looking at, uses the others.
+the shortcut probe, the overfit test's check of each part of the output). The held-out part
+(configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
 
 import functools
