@@ -106,7 +106,11 @@ def _batch_fix(ctx, v):
 def _batch_explain(ctx, v, effect):
     lr = ""
     if v.info["lr"] < ctx.task.lr:
-        what = "the LR range test's suggestion" if v.info["lr"] == ctx.lr["suggestion"] else "a third of it"
+        what = (
+            "the LR range test's suggestion"
+            if v.info["lr"] == ctx.lr["suggestion"]
+            else "a third of its suggestion"
+        )
         lr = f" at lr {v.info['lr']:.2g} ({what})"
     return (
         f"At batch size {ctx.task.batch_size} the gradient is noise-dominated (noise scale B_simple = "
