@@ -110,8 +110,8 @@ def overfit_test(lab, task=None):
     range test's suggestion when the configured LR is above its valley (a too-high LR must not pass for a
     code bug)."""
     t, d = task or lab.task, lab.d
-    lr = lab.lr_range_test()
-    lr = min(t.lr, lr["suggestion"]) if t.lr > lr["lr_valley"] else t.lr
+    found = lab.lr_range_test()
+    lr = min(t.lr, found["suggestion"]) if t.lr > found["lr_valley"] else t.lr
     over = probes.overfit_subset(
         t, n=d.overfit_samples, steps=d.overfit_steps, lr=lr, required_drop=lab.th.overfit_drop
     )

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from . import probes, stats
 from .lab import Reference
 
+# what a second run's effect (a retry, a repeat on the next seed) keeps beside the first's
+SECOND_RUN_KEYS = ("helped", "p_value", "gain", "val_loss_after")
 ALWAYS = ()  # tried_on for a row whose cause is measured directly (tried whenever it applies)
 BAD = ("no_learning", "loss_bounces", "plateau")  # a training run that is not right
 NO_LEARNING = ("no_learning", "plateau")
@@ -148,8 +150,9 @@ def retry(ctx, row, v, fixed, effect):
     effect2 = ctx.lab.fix_effect(ctx.ref, fixed2)
 
     def other(variant, e):
-        keep = ("helped", "p_value", "gain", "val_loss_after")
-        return {"other_try": {"variant": variant.name, "lr": variant.task.lr} | {k: e[k] for k in keep}}
+        return {
+            "other_try": {"variant": variant.name, "lr": variant.task.lr} | {k: e[k] for k in SECOND_RUN_KEYS}
+        }
 
     if effect2["helped"]:
         return second, fixed2, effect2 | other(v, effect)
@@ -163,8 +166,7 @@ def replicated(ctx, v, effect):
     seeds by itself. `effect` with `helped` from both seeds and the second seed's numbers under `replicate`."""
     again = ctx.lab.train(f"{v.name}_seed+1", v.task.replace(seed=v.task.seed + 1))
     second = ctx.lab.fix_effect(ctx.ref, again)
-    keep = ("helped", "p_value", "gain", "val_loss_after")
-    return effect | {"helped": second["helped"], "replicate": {k: second[k] for k in keep}}
+    return effect | {"helped": second["helped"], "replicate": {k: second[k] for k in SECOND_RUN_KEYS}}
 
 
 def against_longer(ctx, effect, fixed):

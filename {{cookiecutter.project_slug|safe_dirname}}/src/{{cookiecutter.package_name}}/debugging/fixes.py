@@ -16,31 +16,30 @@ from .lab import with_overrides
 from .screen import input_mean_std
 
 
+def _change(result, what="it"):
+    """'lowers <what> by 23% (p = 0.0001)' for anything with a relative `gain` and a `p_value`."""
+    verb = "lowers" if result["gain"] >= 0 else "raises"
+    return f"{verb} {what} by {abs(result['gain']):.0%} (p = {result['p_value']:.2g})"
+
+
 def _effect(effect):
-    """'lowers val loss by 23% (p = 0.0001)' for a fix_effect result."""
-    verb = "lowers" if effect["gain"] >= 0 else "raises"
-    text = f"{verb} val {effect['metric']} by {abs(effect['gain']):.0%} (p = {effect['p_value']:.2g})"
+    """'lowers val loss by 23% (p = 0.0001)' for a fix_effect result, with its repeat, other try and comparison
+    with training longer when it has them."""
+    text = _change(effect, f"val {effect['metric']}")
     if effect.get("unstuck"):
         text += f", and {', '.join(effect['unstuck'])}, which did not learn, now beat the input-independent control"
     again = effect.get("replicate")
     if again:
-        text += (
-            f"; on the next seed it {'lowers' if again['gain'] >= 0 else 'raises'} it by {abs(again['gain']):.0%} "
-            f"(p = {again['p_value']:.2g})" + ("" if again["helped"] else ": not repeated, seed-to-seed luck")
+        text += f"; on the next seed it {_change(again)}" + (
+            "" if again["helped"] else ": not repeated, seed-to-seed luck"
         )
     other = effect.get("other_try")
     if other:
-        text += (
-            f"; the other try ({other['variant']}, lr {other['lr']:.2g}) "
-            f"{'lowers' if other['gain'] >= 0 else 'raises'} it by {abs(other['gain']):.0%} "
-            f"(p = {other['p_value']:.2g})"
-        )
+        text += f"; the other try ({other['variant']}, lr {other['lr']:.2g}) {_change(other)}"
     versus = effect.get("vs_longer")
     if versus:
         text += (
-            f"; compared with training longer ({versus['epochs']} epochs) the fix "
-            f"{'lowers' if versus['gain'] >= 0 else 'raises'} val loss by {abs(versus['gain']):.0%} "
-            f"(p = {versus['p_value']:.2g})"
+            f"; compared with training longer ({versus['epochs']} epochs) the fix {_change(versus, 'val loss')}"
             + (
                 ""
                 if versus["better"]
