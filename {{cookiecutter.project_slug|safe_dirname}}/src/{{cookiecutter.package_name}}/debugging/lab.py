@@ -159,12 +159,6 @@ class Lab:
         self.say(f"{name}: val loss {run.val_loss:.4g} ({run.seconds:.1f} s)")
         return run
 
-    def item_losses(self, task, run, items):
-        """Eval-mode losses of `run`'s model on `items`: (per-sample losses, {part: per-sample values})."""
-        parts = {}
-        losses = runs.per_sample_losses(task, run.model, items, parts=parts)
-        return losses, {k: np.asarray(v) for k, v in parts.items()}
-
     def chance_level(self):
         """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch,
         at a batch of at least `reference_batch_size`: a tiny configured batch must not keep the chance level
