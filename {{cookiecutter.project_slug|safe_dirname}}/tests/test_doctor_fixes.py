@@ -266,3 +266,92 @@ def test_an_lr_from_the_range_test_that_did_not_help_is_tried_again_at_a_third(
     assert found["fix"] == fix
     retried = any(name.endswith("_third") for name in runs_trained)
     assert ("the other try" in found["summary"]) is retried
+
+
+AUGMENTATION = next(r for r in fixes.TABLE if r.variant is fixes._unaugmented_variant)
+
+
+class AugmentationLab(ScriptedLab):
+    """The configured run beats the chance level or not; the run without the augmentation helps or not, and
+    makes the parts in `unstuck` learn."""
+
+    def __init__(self, beats_chance, helped, unstuck=()):
+        super().__init__()
+        self.beats_chance, self.helped, self.unstuck = beats_chance, helped, list(unstuck)
+        self.adapter.augmentation = object()
+        self.adapter.unaugmented_train_items = lambda: ["plain"] * 4
+        self.adapter.fault_fix = lambda text: f"debugging.fault=null  # {text}"
+        self.task = runs.Task(None, None, ["turned"] * 4, [])
+        self.trained_on = {}
+
+    def train(self, name, task, **kwargs):
+        self.trained_on[name] = task.train_items
+        return super().train(name, task)
+
+    def chance_level(self):
+        return run(8.0, 8.0)
+
+    def learned(self, run, control):
+        gain = 0.22 if self.beats_chance else 0.01
+        return {
+            "learned": self.beats_chance,
+            "gain_vs_control": gain,
+            "p_value": 1e-4 if self.beats_chance else 0.4,
+        }
+
+    def fix_effect(self, ref, fixed):
+        return {"helped": self.helped, "unstuck": self.unstuck if self.helped else [], "metric": "loss",
+                "p_value": 1e-4 if self.helped else 0.5, "gain": 0.25 if self.helped else 0.0,
+                "val_loss_after": fixed.val_loss}  # fmt: skip
+
+
+def augmentation_context(lab):
+    screen = SimpleNamespace(present=lambda *names: "plateau" in names, base=run(7.9, 7.9), checks={})
+    return engine.Context(lab, screen, ref=SimpleNamespace(base=screen.base))
+
+
+@pytest.mark.parametrize(
+    "beats_chance, helped, unstuck, present",
+    [
+        (False, True, (), True),  # at chance with it, learns without it on both seeds: the label update
+        (True, True, (), False),  # learns with it, faster without: an augmentation that slows learning
+        (False, False, (), False),  # no better without it: not the augmentation
+        (True, True, ("rot",), True),  # a part that stayed at the control's level learns without it
+    ],
+)
+def test_an_augmentation_is_the_cause_only_when_the_run_with_it_learns_nothing(
+    beats_chance, helped, unstuck, present
+):
+    """The augmentation row (last in the table): a label-consistent augmentation can make a healthy run on the
+    doctor's budget slower, so training without it helping is not enough; the configured run must not beat
+    the chance level (or leave a part of the output at the control's level) while the run without it does."""
+    lab = AugmentationLab(beats_chance, helped, unstuck)
+    assert AUGMENTATION.cause == "implementation_bug" and AUGMENTATION in engine.rows(
+        fixes.TABLE, augmentation_context(lab).screen, training_fixes=True
+    )
+    found = engine.run(augmentation_context(lab), [AUGMENTATION])["implementation_bug"]
+    assert found["present"] is present
+    assert lab.trained_on["no_augmentation"] == ["plain"] * 4  # the same items, not augmented
+    assert ("no_augmentation_seed+1" in lab.runs) is helped  # a fix that helped is repeated
+    assert found["evidence"]["configured_vs_chance"]["learned"] is beats_chance
+    assert found["fix"].startswith("debugging.fault=null")
+    lab.adapter.augmentation = None
+    assert not AUGMENTATION.applies(augmentation_context(lab))  # nothing to turn off
+
+
+def test_the_augmentation_row_is_a_last_resort_and_a_present_finding_is_kept():
+    """Tried only when no cause found before it is present (the knobs of the table explain a run at chance
+    first: a too-low LR learns nothing with or without an augmentation); and of two rows with one cause, an
+    absent finding does not replace a present one."""
+    lab = AugmentationLab(False, True)
+    before = {"lr_too_low": engine.finding("lr_too_low", True, 0.3, {}, "training.lr=0.01", "")}
+    assert engine.run(augmentation_context(lab), [AUGMENTATION], before) == {} and not lab.runs
+    assert engine.run(
+        augmentation_context(lab), [AUGMENTATION], {"lr_too_low": before["lr_too_low"] | {"present": False}}
+    )
+    found_first = dataclasses.replace(AUGMENTATION, last_resort=False, confirm=lambda *a: True)
+    absent_next = dataclasses.replace(AUGMENTATION, last_resort=False, confirm=lambda *a: False)
+    found = engine.run(augmentation_context(AugmentationLab(False, True)), [found_first, absent_next])
+    assert found["implementation_bug"]["present"]
+    found = engine.run(augmentation_context(AugmentationLab(False, True)), [absent_next, found_first])
+    assert found["implementation_bug"]["present"]

@@ -1,5 +1,6 @@
 """The doctor and its bug zoo: fault injection, the report's contract, and a reduced zoo end to end."""
 
+import functools
 import json
 import os
 import subprocess
@@ -329,6 +330,34 @@ def test_held_out_faults_do_what_they_say():
     assert not torch.equal(rounded["trans"], clean["trans"])
 
 
+def test_augmentation_faults_turn_the_labels_the_wrong_way():
+    """The in-plane rotation with a wrong label update: `labels_turned_back` turns the pose by Q^T where the
+    image turned by Q, `turned_in_object_frame` sets the orientation to R Q instead of Q R (translation right);
+    both leave the images as the correct augmentation turns them, and neither touches a run without it."""
+    from {{ cookiecutter.package_name }}.pose.task import rotate_in_plane
+
+    batch = collate([PoseLike(64, 0)[i] for i in range(64)])
+    K = torch.tensor([[8.0, 0.0, 4.0], [0.0, 8.0, 4.0], [0.0, 0.0, 1.0]]).expand(64, 3, 3)
+    batch = batch | {"K": K}
+    augment = functools.partial(rotate_in_plane, max_deg=180)
+    assert zoo.fault_augment(fault_cfg("mirrored_images"), augment) is augment
+    torch.manual_seed(3)
+    right = augment(batch)
+    Q = right["R"] @ batch["R"].transpose(1, 2)  # the turn the image got
+    torch.testing.assert_close(Q @ Q.transpose(1, 2), torch.eye(3).expand(64, 3, 3))  # a rotation
+    for fault, R, t in (
+        ("labels_turned_back", Q.transpose(1, 2) @ batch["R"], Q.transpose(1, 2) @ batch["t"].unsqueeze(-1)),
+        ("turned_in_object_frame", batch["R"] @ Q, Q @ batch["t"].unsqueeze(-1)),
+    ):
+        assert zoo.fault_augment(fault_cfg(fault), None) is None
+        torch.manual_seed(3)
+        wrong = zoo.fault_augment(fault_cfg(fault), augment)(batch)
+        assert torch.equal(wrong["image"], right["image"]) and not torch.equal(right["image"], batch["image"])
+        torch.testing.assert_close(wrong["R"], R)
+        torch.testing.assert_close(wrong["t"], t.squeeze(-1), rtol=1e-4, atol=1e-3)  # mm
+        assert float((wrong["R"] - right["R"]).abs().amax()) > 0.5, fault
+
+
 def two_head_net():
     """A linear network on PoseLike's 8x8 images with a pose-like dict output: "rot" (4 values), "trans" (2)."""
     torch.manual_seed(0)
@@ -642,6 +671,37 @@ def test_a_grown_budget_draws_more_training_samples_the_way_the_screen_did(tiny_
     # distinct samples, not the screen's six repeated
     assert len({float(item["t"][2]) for item in more}) == 12
     assert len(adapter.more_train_items(1000)) == len(training.build(cfg).train_set)
+
+
+def test_the_training_items_without_augmentation_are_the_same_samples_unturned(tiny_dataset):
+    """TaskAdapter.unaugmented_train_items: the screen's training items in the same order, as a loader without
+    the augmentation yields them (a batch fault still applied): each one's pose is the augmented item's turned
+    back about the camera axis."""
+    overrides = ("logger=none", "debugging.doctor.n_train=12", "debugging.doctor.image_size=32")
+    cfg = compose(
+        *tiny_dataset.overrides, *overrides, "training.augment.rotate_deg=180", "debugging.fault=black_level"
+    )
+    adapter = TaskAdapter(budget_config(cfg))
+    assert adapter.augmentation is not None
+    plain = adapter.unaugmented_train_items()
+    assert len(plain) == len(adapter.train_items) == 12
+    train_set = adapter.sets[0]
+    stored = {float(train_set[i]["t"].norm()): train_set[i]["R"] for i in range(len(train_set))}
+    for turned, item in zip(adapter.train_items, plain, strict=True):
+        Q = turned["R"] @ item["R"].T
+        torch.testing.assert_close(Q @ Q.T, torch.eye(3))  # turned, not changed otherwise
+        assert torch.allclose(turned["t"].norm(), item["t"].norm())  # the same sample
+        torch.testing.assert_close(item["R"], stored[float(item["t"].norm())])  # as stored: not turned
+        assert float(item["image"].min()) >= 1000.0  # the batch fault still applies
+    assert (
+        sum(
+            float((t["R"] - p["R"]).abs().amax()) > 0.1
+            for t, p in zip(adapter.train_items, plain, strict=True)
+        )
+        >= 10
+    )
+    off = compose(*tiny_dataset.overrides, *overrides, "training.augment.rotate_deg=0")
+    assert TaskAdapter(budget_config(off)).augmentation is None
 
 
 def test_a_detached_loss_term_is_an_implementation_bug(tiny_dataset, tmp_path):

@@ -87,7 +87,7 @@ def diagnose(lab):
         if scr.present(*engine.BAD):
             ctx, more = engine.context(lab, scr, training_fixes=True)
             checks |= more
-            found |= engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=True))
+            found |= engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=True), found)
         residual, more = causes.residual(lab, scr, ctx, found)
         checks |= more
         found |= residual

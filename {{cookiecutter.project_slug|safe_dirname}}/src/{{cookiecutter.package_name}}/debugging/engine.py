@@ -69,6 +69,8 @@ class Fix:
     beat_longer: bool = False
     # (ctx, variant) -> a second Variant to try when the first did not help, or None (`retry`)
     retry: object = None
+    # tried only when no cause found so far is present: a suspect for what the table's knobs do not explain
+    last_resort: bool = False
 
 
 def context(lab, screen, training_fixes):
@@ -109,11 +111,15 @@ def rows(table, screen, training_fixes):
     return [r for r in table if r.tried_on != ALWAYS and screen.present(*r.tried_on)]
 
 
-def run(ctx, rows):
+def run(ctx, rows, found=None):
     """The engine: for every row that applies, train its variant, measure the effect, record the evidence.
-    Returns {cause: finding}, a finding as in report.json's `causes`."""
+    `found`: the findings made before (a `last_resort` row is skipped when one of them is present). Returns
+    {cause: finding}, a finding as in report.json's `causes`; of two rows with one cause, a present finding
+    is kept over an absent one."""
     findings = {}
     for row in rows:
+        if row.last_resort and any(f["present"] for f in [*(found or {}).values(), *findings.values()]):
+            continue
         if not row.applies(ctx):
             continue
         v = row.variant(ctx)
@@ -127,6 +133,8 @@ def run(ctx, rows):
             effect = against_longer(ctx, effect, fixed)
         summary, evidence = row.explain(ctx, v, effect)
         present = row.confirm(ctx, v, effect, fixed) if row.confirm else effect["helped"]
+        if findings.get(row.cause, {}).get("present") and not present:
+            continue
         findings[row.cause] = finding(
             row.cause,
             present,

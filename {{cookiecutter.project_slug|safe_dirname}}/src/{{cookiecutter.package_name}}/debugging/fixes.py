@@ -362,6 +362,37 @@ def _shuffled_explain(ctx, v, effect):
     )
 
 
+# --- no learning: the training augmentation ------------------------------------------------------------------
+
+
+def _unaugmented_variant(ctx):
+    configured = ctx.lab.learned(ctx.ref.base, ctx.lab.chance_level())
+    items = ctx.lab.adapter.unaugmented_train_items()
+    return Variant(
+        "no_augmentation", ctx.task.replace(train_items=items), {"configured_vs_chance": configured}
+    )
+
+
+def _augmentation_confirm(ctx, v, effect, run):
+    """An augmentation that keeps each label consistent with its image slows learning at most: the cause is
+    the augmentation only when the configured run does not beat the chance level (or leaves a part of the
+    output at the input-independent control's level) and the same run without it does, on two seeds."""
+    return effect["helped"] and (not v.info["configured_vs_chance"]["learned"] or bool(effect["unstuck"]))
+
+
+def _augmentation_explain(ctx, v, effect):
+    configured = v.info["configured_vs_chance"]
+    stuck = f"; {', '.join(effect['unstuck'])} now learn" if effect.get("unstuck") else ""
+    return (
+        f"With the training augmentation the model is {configured['gain_vs_control']:+.0%} vs the chance level's "
+        f"loss (p = {configured['p_value']:.2g}); on the same items without it, training {_effect(effect)}{stuck}. "
+        "An augmentation that changes an image and its label in ways that disagree (a sign, an axis order, a "
+        "label update forgotten) leaves the labels inconsistent with the images: draw a few augmented samples "
+        "with their labels. If they agree, the augmentation is too strong for this model to learn through.",
+        {"configured_vs_chance": configured, "no_augmentation_fix": effect},
+    )
+
+
 TABLE = (
     # The order statistic measures the cause itself (data presented sequentially), so it decides; the shuffled
     # run shows how much it costs on the doctor's budget (often more on a full run).
@@ -457,5 +488,16 @@ TABLE = (
         fix=lambda ctx, v: "model.dropout=0.0 training.weight_decay=0.0",
         explain=_unregularized_explain,
         beat_longer=True,
+    ),
+    # Last: a model that learns nothing while the table's knobs do not explain it, trained on the same items
+    # without the augmentation (Task.train_transform). Its label update is code the other rows never test.
+    Fix(
+        "implementation_bug", "no_learning", NO_LEARNING,
+        applies=lambda ctx: ctx.lab.adapter.augmentation is not None,
+        variant=_unaugmented_variant,
+        fix=lambda ctx, v: ctx.lab.adapter.fault_fix("make the augmentation change each label as it changes the image"),
+        explain=_augmentation_explain,
+        confirm=_augmentation_confirm,
+        last_resort=True,
     ),
 )  # fmt: skip

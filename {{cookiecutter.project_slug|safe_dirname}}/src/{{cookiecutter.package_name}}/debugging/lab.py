@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 
 from .. import training
+from ..loaders import build_loaders
 from . import probes, runs, stats
 
 
@@ -70,10 +71,19 @@ class TaskAdapter:
         self.n_val_total = len(c.val_set)
         self.criterion = c.criterion
         self.train_loader = c.train_loader
+        self.sets = c.train_set, c.val_set
+        # the task's training augmentation (Task.train_transform), or None
+        self.augmentation = self.spec.train_transform(cfg)
 
     def more_train_items(self, n):
         """`n` training items drawn afresh from the training loader (as `train_items` were): a grown budget."""
         return runs.take_items(self.train_loader, n)
+
+    def unaugmented_train_items(self):
+        """The training items, in the same order, as a training loader without the augmentation yields them
+        (an injected batch fault still applied): what the doctor trains on to see what the augmentation costs."""
+        loader, _ = build_loaders(self.cfg, *self.sets, None, self.spec.fault_batch(self.cfg))
+        return runs.take_items(loader, len(self.train_items))
 
     def task(self, cfg=None, **changes):
         cfg = cfg or self.cfg

@@ -29,12 +29,15 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     tilt_stamp         a noisy grey 3x3 stamp in the top-right corner whose level is the object's tilt (answer_in_input)
     foreign_labels     the labels of another recording: random rotations, another sample's translation (unsolvable)
     rolled_target      the loss compares every rotation with the previous sample's in the batch (`R.roll(1, 0)`) (implementation_bug)
+    labels_turned_back the in-plane rotation augmentation turns each image one way and its pose the other (implementation_bug)
+    turned_in_object_frame  the augmentation multiplies the turn on the wrong side of the rotation (R Q, not Q R) (implementation_bug)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
-`clamped_output`, `shifted_targets`, `distance_overlay` and `broadcast_target`; these five and `raw_pixels`
-were each held out until the doctor missed them and a check was added for them (the input statistics
-deciding, the frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in
-the shortcut probe, the overfit test's check of each part of the output). The held-out part
+`clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target` and `labels_turned_back`; these
+five and `raw_pixels` were each held out until the doctor missed them and a check was added for them (the
+input statistics deciding, the frozen-parameter row, the dead-output check, two shuffled-target controls, finer
+thumbnails in the shortcut probe, the overfit test's check of each part of the output), and
+`labels_turned_back` was built beside the fix table's augmentation row. The held-out part
 (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
 
@@ -68,6 +71,8 @@ FAULTS = (
     "tilt_stamp",
     "foreign_labels",
     "rolled_target",
+    "labels_turned_back",
+    "turned_in_object_frame",
 )
 
 
@@ -244,6 +249,41 @@ def mirrored_images(dataset):
         return item
 
     return Mapped(dataset, fn=fn)
+
+
+def labels_turned_back(augment):
+    """The in-plane rotation augmentation with a sign error: each image turned by Q about the camera axis and
+    its pose by Q's inverse (R' = Q^T R, t' = Q^T t), as when the image warp and the pose update disagree on
+    which way a positive angle turns. Q is read back from the correct augmentation's output."""
+
+    def fn(batch):
+        out = augment(batch)
+        back = batch["R"] @ out["R"].transpose(-1, -2)  # (Q R)^T = R^T Q^T, so R (Q R)^T = Q^T
+        return out | {"R": back @ batch["R"], "t": (back @ batch["t"].unsqueeze(-1)).squeeze(-1)}
+
+    return fn
+
+
+def turned_in_object_frame(augment):
+    """The in-plane rotation augmentation with the turn multiplied on the wrong side: each image turned by Q
+    about the camera axis, its orientation set to R Q (a turn about the object's own axis) instead of Q R; the
+    translation is turned right (t' = Q t). Q is read back from the correct augmentation's output."""
+
+    def fn(batch):
+        out = augment(batch)
+        turn = out["R"] @ batch["R"].transpose(-1, -2)  # (Q R) R^T = Q
+        return out | {"R": batch["R"] @ turn}
+
+    return fn
+
+
+AUGMENT_FAULTS = {"labels_turned_back": labels_turned_back, "turned_in_object_frame": turned_in_object_frame}
+
+
+def fault_augment(cfg, augment):
+    """The training batches' augmentation (batch -> batch, or None), broken when a fault is in it."""
+    fault = AUGMENT_FAULTS.get(fault_of(cfg))
+    return fault(augment) if fault and augment is not None else augment
 
 
 def fault_datasets(cfg, train_set, val_set):

@@ -47,7 +47,8 @@ class PoseTask(task.Task):
 
     def train_transform(self, cfg):
         max_deg = cfg.training.augment.rotate_deg
-        return functools.partial(rotate_in_plane, max_deg=max_deg) if max_deg else None
+        augment = functools.partial(rotate_in_plane, max_deg=max_deg) if max_deg else None
+        return zoo.fault_augment(cfg, augment)  # the augmentation itself unless a fault is injected in it
 
     def val_errors(self, model, out, batch):
         R, t = model.decode(out, batch["K"], batch["image"].shape[-2:])
