@@ -46,7 +46,9 @@ class Task:
     def train_transform(self, cfg):
         """An augmentation applied to each collated training batch (batch -> batch), or None. It draws from
         torch's, numpy's or Python's global generators, which the loader seeds per batch (loaders.py): a
-        resumed run repeats its random numbers with any number of workers."""
+        resumed run repeats its random numbers with any number of workers. Change the labels here too when an
+        augmentation changes what they describe: the doctor trains a run that learns nothing without it, to
+        test that label update (debugging/fixes.py, the augmentation row)."""
         return None
 
     def val_errors(self, model, out, batch):
