@@ -341,8 +341,8 @@ def test_an_augmentation_is_the_cause_only_when_the_run_with_it_learns_nothing(
 
 def test_the_augmentation_row_is_a_last_resort_and_a_present_finding_is_kept():
     """Tried only when no cause found before it is present (the knobs of the table explain a run at chance
-    first: a too-low LR learns nothing with or without an augmentation); and of two rows with one cause, an
-    absent finding does not replace a present one."""
+    first: a too-low LR learns nothing with or without an augmentation); and of two rows with one cause, a
+    later absent finding replaces neither a present nor an absent earlier one (whose evidence it would drop)."""
     lab = AugmentationLab(False, True)
     before = {"lr_too_low": engine.finding("lr_too_low", True, 0.3, {}, "training.lr=0.01", "")}
     assert engine.run(augmentation_context(lab), [AUGMENTATION], before) == {} and not lab.runs
@@ -355,3 +355,6 @@ def test_the_augmentation_row_is_a_last_resort_and_a_present_finding_is_kept():
     assert found["implementation_bug"]["present"]
     found = engine.run(augmentation_context(AugmentationLab(False, True)), [absent_next, found_first])
     assert found["implementation_bug"]["present"]
+    first = dataclasses.replace(absent_next, explain=lambda ctx, v, effect: ("the first row's", {}))
+    found = engine.run(augmentation_context(AugmentationLab(False, True)), [first, absent_next])
+    assert found["implementation_bug"]["summary"] == "the first row's"  # its evidence stays in the report

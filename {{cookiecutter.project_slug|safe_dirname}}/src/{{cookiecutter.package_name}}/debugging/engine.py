@@ -114,8 +114,8 @@ def rows(table, screen, training_fixes):
 def run(ctx, rows, found=None):
     """The engine: for every row that applies, train its variant, measure the effect, record the evidence.
     `found`: the findings made before (a `last_resort` row is skipped when one of them is present). Returns
-    {cause: finding}, a finding as in report.json's `causes`; of two rows with one cause, a present finding
-    is kept over an absent one."""
+    {cause: finding}, a finding as in report.json's `causes`; of two rows with one cause, the later replaces
+    the earlier only when it is present."""
     findings = {}
     for row in rows:
         if row.last_resort and any(f["present"] for f in [*(found or {}).values(), *findings.values()]):
@@ -133,8 +133,8 @@ def run(ctx, rows, found=None):
             effect = against_longer(ctx, effect, fixed)
         summary, evidence = row.explain(ctx, v, effect)
         present = row.confirm(ctx, v, effect, fixed) if row.confirm else effect["helped"]
-        if findings.get(row.cause, {}).get("present") and not present:
-            continue
+        if row.cause in findings and not present:
+            continue  # an earlier row's finding of this cause keeps its evidence (a later absent one adds none)
         findings[row.cause] = finding(
             row.cause,
             present,
