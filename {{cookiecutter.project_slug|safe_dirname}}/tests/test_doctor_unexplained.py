@@ -11,7 +11,12 @@ from {{ cookiecutter.package_name }}.debugging import causes, doctor, runs, scre
 from {{ cookiecutter.package_name }}.debugging.lab import Lab
 
 TH = SimpleNamespace(
-    alpha=0.01, min_learning_gain=0.05, min_fix_gain=0.05, plateau_gain=0.25, forgetting_ratio=1.5
+    alpha=0.01,
+    min_learning_gain=0.05,
+    min_fix_gain=0.05,
+    plateau_gain=0.25,
+    forgetting_ratio=1.5,
+    train_worse_ratio=1.1,
 )
 N = 300  # validation samples
 
@@ -34,15 +39,38 @@ def run(val, parts=None, epochs=((5.0,) * 64,) * 4, seed=0, val_levels=None):
     )  # fmt: skip
 
 
-def lab_with(grown):
-    """A real Lab (its learning test, statistics and grown-budget memo) whose one training run is `grown`."""
+def lab_with(grown, train_items_fit=None):
+    """A real Lab (its learning test, statistics and grown-budget memo) whose one training run is `grown`.
+    Its model's losses on its own training items are `train_items_fit` {part or "loss": level} (default: 10 %
+    below the validation losses, as training fits its own items); on validation items put through the training
+    pipeline they are the grown run's validation losses."""
     lab = Lab.__new__(Lab)
     lab.th, lab.runs, lab.log, lab.grown = TH, {}, [], None
     lab.d = SimpleNamespace(verbose=False)
     lab.task = runs.Task(None, None, list(range(8)), [], epochs=8, max_steps=512)
-    lab.adapter = SimpleNamespace(more_train_items=lambda n: list(range(n)))
+    augmented_val = ["validation items, augmented"]
+    lab.adapter = SimpleNamespace(
+        more_train_items=lambda n: list(range(n)),
+        augmented_val_items=lambda: augmented_val,
+        fault_fix=lambda text: text,
+    )
     lab.chance = run(8.0, seed=7)  # the converged chance level, memoized as chance_level() keeps it
     lab.train = lambda name, task, **kwargs: lab.runs.setdefault(name, grown)
+
+    def item_losses(task, run_, items):
+        assert run_ is grown
+        lab.measured.append("validation" if items is augmented_val else "training")
+        if items is augmented_val:
+            return run_.val_losses, run_.val_parts
+        assert items == task.train_items and len(items) == 32  # the grown run's own training items
+        if train_items_fit is None:
+            return 0.9 * run_.val_losses, {k: 0.9 * v for k, v in run_.val_parts.items()}
+        levels = dict(train_items_fit)
+        return losses(levels.pop("loss"), 11), {
+            k: losses(v, 12 + i) for i, (k, v) in enumerate(levels.items())
+        }
+
+    lab.item_losses, lab.measured = item_losses, []
     return lab
 
 
@@ -124,3 +152,38 @@ def test_a_bounce_counts_on_the_grown_budget_only_as_a_training_loss_that_rises(
     after = checks["symptoms_on_grown_budget"]["loss_bounces"]
     assert after["train_rises"] == int(rises) and after["val_rises_undone"] == 1
     assert ("unexplained_loss_bounces" in found) is unexplained
+
+
+@pytest.mark.parametrize(
+    "fit, gate, worse",
+    [
+        ({"loss": 6.5, "rot": 2.0, "trans": 1.5}, 1.1, ["loss", "trans"]),  # a part and the total, ~1.4x
+        ({"loss": 6.5, "rot": 2.0, "trans": 1.5}, 1.6, []),  # the same under a higher ratio gate
+        ({"loss": 4.5, "rot": 2.0, "trans": 1.0}, 1.1, []),  # as well as unseen items: not significant
+        ({"loss": 4.0, "rot": 1.6, "trans": 0.8}, 1.1, []),  # fits its own items better, as training does
+    ],
+)
+def test_a_model_that_fits_its_training_items_worse_than_unseen_ones_is_an_implementation_bug(
+    fit, gate, worse, monkeypatch
+):
+    """A plateau that the grown budget does away with, so far a young run. But when the grown run's model is
+    significantly worse (ratio >= `train_worse_ratio`, p < 0.01) on the samples it trained on than on
+    validation samples it never saw, the training pipeline feeds it inputs or labels that validation does
+    not: `implementation_bug`, naming the parts. A model that fits its items as well or better is healthy."""
+    monkeypatch.setattr(TH, "train_worse_ratio", gate)
+    lab = lab_with(run(4.5, {"rot": 2.0, "trans": 1.0}, seed=2), train_items_fit=fit)
+    base = run(7.0, seed=1)
+    found, checks = causes.unexplained(lab, screened(base, run(8.0, seed=3), plateau=True), {})
+    assert sorted(lab.measured) == ["training", "validation"]  # both sides measured the same way
+    fitted = checks["training_items_fit"]
+    ratios = {k: v["ratio"] for k, v in fitted.items()}
+    assert set(ratios) == {"loss", "rot", "trans"}
+    if not worse:
+        assert found == {}, ratios
+        return
+    f = found["implementation_bug"]
+    assert f["present"] and list(found) == ["implementation_bug"]
+    assert f["evidence"]["worse"] == worse and all(fitted[k]["p_value"] < 0.01 for k in worse)
+    top = max(worse, key=ratios.get)
+    assert f"worse than samples it never saw: {top} is {ratios[top]:.2f}x" in f["summary"], f["summary"]
+    assert "worse: loss, trans)" in f["summary"] and f["fix"].startswith("draw training samples")

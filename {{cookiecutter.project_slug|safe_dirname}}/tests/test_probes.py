@@ -283,6 +283,31 @@ def test_statistics_behave():
     assert small["ci95_half_width"] > 10 * big["ci95_half_width"] / 2
 
 
+def test_two_sample_test_against_every_split():
+    """The permutation p-value of mean(a) > mean(b) against the exact one: the share of all C(10, 4) ways to
+    pick a's 4 values from the pooled 10 whose mean difference is at least the observed one."""
+    import itertools
+
+    a, b = np.array([3.0, 4.5, 2.2, 5.1]), np.array([1.0, 2.5, 3.3, 0.7, 2.0, 1.9])
+    pooled = np.concatenate([a, b])
+    observed = a.mean() - b.mean()
+    splits = [
+        pooled[list(i)].mean() - np.delete(pooled, list(i)).mean()
+        for i in itertools.combinations(range(10), 4)
+    ]
+    exact = np.mean(np.asarray(splits) >= observed - 1e-12)
+    p, ratio = stats.two_sample_test(a, b, n_perm=20000)
+    assert abs(p - exact) < 0.006 and exact < 0.05, (p, exact)
+    assert ratio == pytest.approx(a.mean() / b.mean())
+    assert stats.two_sample_test(b, a)[0] > 0.9
+    rng = np.random.default_rng(1)
+    null = [
+        stats.two_sample_test(rng.gamma(4, 1, 300), rng.gamma(4, 1, 50), n_perm=500, seed=s)[0]
+        for s in range(200)
+    ]
+    assert np.mean(np.asarray(null) < 0.05) <= 0.1  # calibrated: about 5 % of same-distribution pairs
+
+
 def test_runs_test_on_a_class_indicator():
     """A 0/1 target (one class of a classifier) is mostly ties at its median: shuffled it is not "in blocks",
     sorted it is."""

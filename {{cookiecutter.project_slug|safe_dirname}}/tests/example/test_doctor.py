@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import roma
 import torch
 from omegaconf import OmegaConf
 
@@ -322,6 +323,25 @@ def test_held_out_faults_do_what_they_say():
         assert torch.equal(tr[i]["image"], image) and torch.equal(tr[i]["R"], train[i]["R"])
         assert torch.equal(tr[i]["t"], train[i]["t"])
     assert not torch.equal(tr[1]["image"], train[1]["image"])
+
+    def from_xyzw(x, y, z, w):  # the unit quaternion's rotation matrix, written out (not roma's)
+        return torch.tensor([
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ])  # fmt: skip
+
+    tr, va = zoo.fault_datasets(fault_cfg("quaternion_order"), train, val)
+    assert va is val and len(tr) == 64
+    for i in range(64):
+        assert torch.equal(tr[i]["image"], train[i]["image"]) and torch.equal(tr[i]["t"], train[i]["t"])
+        if i < 32:
+            assert torch.equal(tr[i]["R"], train[i]["R"])
+            continue
+        x, y, z, w = roma.rotmat_to_unitquat(train[i]["R"]).tolist()
+        torch.testing.assert_close(from_xyzw(x, y, z, w), train[i]["R"], atol=1e-5, rtol=0)  # the formula
+        torch.testing.assert_close(tr[i]["R"], from_xyzw(w, x, y, z), atol=1e-5, rtol=0)  # w,x,y,z as x,y,z,w
+        assert float((tr[i]["R"] - train[i]["R"]).abs().amax()) > 0.1
 
     clean = two_head_net()(batch["image"])
     rounded = zoo.fault_model(fault_cfg("rounded_output"), two_head_net())(batch["image"])
@@ -673,10 +693,11 @@ def test_a_grown_budget_draws_more_training_samples_the_way_the_screen_did(tiny_
     assert len(adapter.more_train_items(1000)) == len(training.build(cfg).train_set)
 
 
-def test_the_training_items_without_augmentation_are_the_same_samples_unturned(tiny_dataset):
+def test_training_items_without_the_augmentation_and_validation_items_with_it(tiny_dataset):
     """TaskAdapter.unaugmented_train_items: the screen's training items in the same order, as a loader without
     the augmentation yields them (a batch fault still applied): each one's pose is the augmented item's turned
-    back about the camera axis."""
+    back about the camera axis. TaskAdapter.augmented_val_items: validation samples turned by the augmentation,
+    the batch fault applied after it, as the training pipeline gives its samples."""
     overrides = ("logger=none", "debugging.doctor.n_train=12", "debugging.doctor.image_size=32")
     cfg = compose(
         *tiny_dataset.overrides, *overrides, "training.augment.rotate_deg=180", "debugging.fault=black_level"
@@ -700,6 +721,21 @@ def test_the_training_items_without_augmentation_are_the_same_samples_unturned(t
         )
         >= 10
     )
+    # validation samples through the training pipeline: every one a validation sample, turned, the batch fault on
+    val_set = adapter.sets[1]
+    stored_val = [(val_set[i]["t"], val_set[i]["R"]) for i in range(len(val_set))]
+    augmented = adapter.augmented_val_items()
+    assert 0 < len(augmented) <= len(adapter.val_items)
+    turned = 0
+    for item in augmented:
+        t, R = min(stored_val, key=lambda s: abs(float(s[0].norm() - item["t"].norm())))
+        assert abs(float(t.norm() - item["t"].norm())) < 1e-3  # a validation sample
+        Q = item["R"] @ R.T
+        torch.testing.assert_close(Q @ Q.T, torch.eye(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(item["t"], Q @ t, atol=1e-3, rtol=0)  # turned as a whole
+        assert float(item["image"].min()) >= 1000.0
+        turned += float((Q - torch.eye(3)).abs().amax()) > 0.1
+    assert turned >= len(augmented) - 1
     off = compose(*tiny_dataset.overrides, *overrides, "training.augment.rotate_deg=0")
     assert TaskAdapter(budget_config(off)).augmentation is None
 

@@ -15,6 +15,8 @@
 
 import math
 
+import numpy as np
+
 from . import fixes, probes, runs, stats
 from .engine import finding
 from .screen import forgetting_present, gain_vs_chance, stuck_terms
@@ -245,6 +247,48 @@ def residual(lab, screen, ctx, findings):
     }, checks
 
 
+def training_items_fit(lab, task, run):
+    """The model's eval-mode loss, and each named part, on (up to 2048 of) the items it trained on, as it
+    trained on them, against validation items it never saw put through the same training pipeline
+    (`TaskAdapter.augmented_val_items`: an augmentation makes samples harder, and a model that trained on
+    fixed augmented views fits other views of its training images worse than unseen images). Training fits
+    its own items at least as well as unseen ones, so a part that is significantly worse on them (ratio >=
+    `train_worse_ratio`, two-sample permutation test p < `alpha`) says the training split gives the model
+    inputs or labels that validation does not: images mirrored or labels of another convention in it.
+    Returns ({part: numbers}, the parts fit worse)."""
+    train, train_parts = lab.item_losses(task, run, task.train_items[:2048])
+    val, val_parts = lab.item_losses(task, run, lab.adapter.augmented_val_items())
+    pairs = {"loss": (train, val)}
+    pairs |= {k: (v, val_parts[k]) for k, v in train_parts.items() if k in val_parts}
+    fit = {}
+    for name, (a, b) in pairs.items():
+        p, ratio = stats.two_sample_test(a, b)
+        fit[name] = {
+            "train_items": float(np.mean(a)),
+            "val_items": float(np.mean(b)),
+            "ratio": ratio,
+            "p_value": p,
+        }
+    worse = sorted(
+        k for k, v in fit.items() if v["ratio"] >= lab.th.train_worse_ratio and v["p_value"] < lab.th.alpha
+    )
+    return fit, worse
+
+
+def worse_on_training_items(lab, fit, worse):
+    """The `implementation_bug` finding of `training_items_fit`."""
+    w = max(worse, key=lambda k: fit[k]["ratio"])
+    return finding(
+        "implementation_bug", True, fit[w]["ratio"], {"training_items_fit": fit, "worse": worse},
+        lab.adapter.fault_fix("draw training samples as the training loader gives them, with their labels"),
+        f"The model fits the samples it trained on worse than samples it never saw: {w} is {fit[w]['ratio']:.2f}x "
+        f"as high on its training items as on the validation items (p = {fit[w]['p_value']:.2g}; worse: "
+        f"{', '.join(worse)}). Training fits its own samples at least as well as unseen ones: the training "
+        "pipeline gives the model inputs or labels that validation does not.",
+        "curves.png",
+    )  # fmt: skip
+
+
 # Where to look when a symptom stays unexplained: the talk's causes for its row that no fix the doctor can
 # try tests (labels, a loss term's code, the data pipeline).
 LOOK_NEXT = {
@@ -312,12 +356,19 @@ def unexplained(lab, screen, findings):
     """A symptom that no cause explains is a finding of its own, `unexplained_<symptom>`, not health: the screen
     showed it, no cause is present, and it is still there on the grown budget (`lab.grown_budget`). A symptom
     that the grown budget does away with is a young run's (the doctor's budget is small): healthy runs stay
-    clean by that evidence. Returns ({cause: finding}, checks)."""
+    clean by that evidence. Before either, the grown run must fit its own training items at least as well as
+    the validation items (`training_items_fit`), else the training pipeline is an `implementation_bug`.
+    Returns ({cause: finding}, checks)."""
     shown = [name for name, s in screen.symptoms.items() if s["present"]]
     if not shown or any(f["present"] for f in findings.values()):
         return {}, {}
     more, grown = lab.grown_budget()
     after = on_grown_budget(lab, screen, grown)
+    # before calling the run young or the symptom unexplained: does the model fit its own training items?
+    fit, worse = training_items_fit(lab, more, grown)
+    if worse:
+        return {"implementation_bug": worse_on_training_items(lab, fit, worse)}, {
+            "symptoms_on_grown_budget": after, "training_items_fit": fit}  # fmt: skip
     budget = f"{more.epochs} epochs, {len(more.train_items)} samples"
     tried = sorted(findings)
     found = {}
@@ -335,4 +386,4 @@ def unexplained(lab, screen, findings):
             f"{LOOK_NEXT[name]}.",
             "curves.png",
         )  # fmt: skip
-    return found, {"symptoms_on_grown_budget": after}
+    return found, {"symptoms_on_grown_budget": after, "training_items_fit": fit}

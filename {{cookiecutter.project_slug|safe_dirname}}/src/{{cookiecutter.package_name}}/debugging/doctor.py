@@ -17,7 +17,9 @@ bottom (`diagnose`):
    and of each part of the output), then `unsolvable` (only if a grown budget, twice the steps on four times
    the samples, does not learn either);
 5. `causes.unexplained`: a symptom that no cause explains and that the grown budget does not do away with is
-   reported as `unexplained_<symptom>`, with what to look at next (never as health);
+   reported as `unexplained_<symptom>`, with what to look at next (never as health); first, a grown-budget
+   model that fits its own training items worse than the unseen validation items is an `implementation_bug`
+   in the training pipeline;
 6. rank the causes by evidence and write 4_debugging/doctor/<experiment>/report.md, report.json and plots
    (`report.py`).
 

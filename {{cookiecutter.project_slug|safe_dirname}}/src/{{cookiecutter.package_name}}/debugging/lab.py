@@ -85,6 +85,13 @@ class TaskAdapter:
         loader, _ = build_loaders(self.cfg, *self.sets, None, self.spec.fault_batch(self.cfg))
         return runs.take_items(loader, len(self.train_items))
 
+    def augmented_val_items(self):
+        """Validation samples as the training pipeline gives them (the augmentation, then an injected batch
+        fault), from a training loader over the validation set (whole batches: up to `n_val` samples)."""
+        loader, _ = build_loaders(self.cfg, self.sets[1], self.sets[1], self.augmentation,
+                                  self.spec.fault_batch(self.cfg))  # fmt: skip
+        return runs.take_items(loader, len(self.val_items))
+
     def task(self, cfg=None, **changes):
         cfg = cfg or self.cfg
         t, d = cfg.training, cfg.debugging.doctor
@@ -168,6 +175,12 @@ class Lab:
         self.runs[name] = run
         self.say(f"{name}: val loss {run.val_loss:.4g} ({run.seconds:.1f} s)")
         return run
+
+    def item_losses(self, task, run, items):
+        """Eval-mode losses of `run`'s model on `items`: (per-sample losses, {part: per-sample values})."""
+        parts = {}
+        losses = runs.per_sample_losses(task, run.model, items, parts=parts)
+        return losses, {k: np.asarray(v) for k, v in parts.items()}
 
     def chance_level(self):
         """The input-independent control trained to convergence (Adam at its default LR, longer, best epoch,

@@ -1,6 +1,6 @@
-"""The doctor's statistics: paired sign-flip permutation tests, permutation tests for trends, percentile
-bootstrap CIs, the Wald-Wolfowitz runs test (normal approx.), and the symptom measures built on them (did a
-run learn, beat another, bounce, forget?). Written with numpy on purpose: no scipy dependency.
+"""The doctor's statistics: paired sign-flip and two-sample permutation tests, permutation tests for trends,
+percentile bootstrap CIs, the Wald-Wolfowitz runs test (normal approx.), and the symptom measures built on them
+(did a run learn, beat another, bounce, forget?). Written with numpy on purpose: no scipy dependency.
 
 The symptom measures take `runs.Run`s: per-sample validation losses, per-epoch step losses.
 """
@@ -34,6 +34,25 @@ def paired_test(a, b, n_perm=10000, seed=0):
     p = (1 + np.sum(null >= observed - 1e-12)) / (n_perm + 1)
     scale = abs(a.mean()) if a.mean() != 0 else 1.0
     return float(p), float(observed / scale)
+
+
+def two_sample_test(a, b, n_perm=10000, seed=0):
+    """One-sided permutation test of mean(a) > mean(b) for two independent samples (losses of different
+    items). Returns (p_value, ratio mean(a) / mean(b)). Exact under the null that the pooled values are
+    exchangeable; no normality assumption."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if not len(a) or not len(b):
+        return 1.0, math.nan
+    pooled, k = np.concatenate([a, b]), len(a)
+    observed = a.mean() - b.mean()
+    rng, exceed, chunk = np.random.default_rng(seed), 0, max(1, 2_000_000 // len(pooled))
+    for start in range(0, n_perm, chunk):
+        shuffled = rng.permuted(np.tile(pooled, (min(chunk, n_perm - start), 1)), axis=1)
+        null = shuffled[:, :k].mean(axis=1) - shuffled[:, k:].mean(axis=1)
+        exceed += int(np.sum(null >= observed - 1e-12))
+    ratio = float(a.mean() / b.mean()) if b.mean() != 0 else math.inf
+    return float((1 + exceed) / (n_perm + 1)), ratio
 
 
 def trend_test(values, n_perm=10000, seed=0):

@@ -31,13 +31,15 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     rolled_target      the loss compares every rotation with the previous sample's in the batch (`R.roll(1, 0)`) (implementation_bug)
     labels_turned_back the in-plane rotation augmentation turns each image one way and its pose the other (implementation_bug)
     turned_in_object_frame  the augmentation multiplies the turn on the wrong side of the rotation (R Q, not Q R) (implementation_bug)
+    quaternion_order   the second half of the training set (another recording) stores w,x,y,z, read as x,y,z,w (implementation_bug)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
-`clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target` and `labels_turned_back`; these
-five and `raw_pixels` were each held out until the doctor missed them and a check was added for them (the
-input statistics deciding, the frozen-parameter row, the dead-output check, two shuffled-target controls, finer
-thumbnails in the shortcut probe, the overfit test's check of each part of the output), and
-`labels_turned_back` was built beside the fix table's augmentation row. The held-out part
+`clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target`, `labels_turned_back` and
+`mirrored_images`; these six and `raw_pixels` were each held out until the doctor missed them and a check was
+added for them (the input statistics deciding, the frozen-parameter row, the dead-output check, two
+shuffled-target controls, finer thumbnails in the shortcut probe, the overfit test's check of each part of the
+output, the fit of the training items against the validation items), and `labels_turned_back` was built beside
+the fix table's augmentation row. The held-out part
 (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
 
@@ -73,6 +75,7 @@ FAULTS = (
     "rolled_target",
     "labels_turned_back",
     "turned_in_object_frame",
+    "quaternion_order",
 )
 
 
@@ -251,6 +254,21 @@ def mirrored_images(dataset):
     return Mapped(dataset, fn=fn)
 
 
+def quaternion_order(dataset):
+    """A training set joined from two recordings whose rotations are stored as quaternions in different orders:
+    the second half's w,x,y,z read as x,y,z,w (roma's order), so its rotation labels are other rotations; the
+    translations are right."""
+    half = len(dataset) // 2
+
+    def fn(i, item):
+        if i >= half:
+            q = roma.rotmat_to_unitquat(item["R"])  # x, y, z, w
+            item["R"] = roma.unitquat_to_rotmat(q.roll(1, -1))  # its w, x, y, z taken for x, y, z, w
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
 def labels_turned_back(augment):
     """The in-plane rotation augmentation with a sign error: each image turned by Q about the camera axis and
     its pose by Q's inverse (R' = Q^T R, t' = Q^T t), as when the image warp and the pose update disagree on
@@ -307,6 +325,8 @@ def fault_datasets(cfg, train_set, val_set):
         return sorted_by_tilt(train_set), val_set
     if fault == "mirrored_images":
         return mirrored_images(train_set), val_set
+    if fault == "quaternion_order":
+        return quaternion_order(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
     return train_set, val_set
