@@ -78,10 +78,11 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
     answers = {"lr_too_high": "lr_too_high", "not_started": "lr_too_low", "healthy/seed0": "none",
                "healthy/seed1": "poor_init", "zoo_test/lr_too_high_0p3": "lr_too_high",
                "zoo_test/healthy_quaternion/seed0": "architecture", "zoo_test/healthy_quaternion/seed1": "none"}  # fmt: skip
-    seen = []
+    seen, amp = [], set()
 
     def scripted_doctor(cfg, name):
         seen.append((name, cfg.seed, cfg.debugging.fault, cfg.debugging.doctor.verbose))
+        amp.add(cfg.training.amp)
         label = name.removeprefix("zoo/")
         if label == "implementation_bug":
             raise RuntimeError("probe crashed")
@@ -89,9 +90,8 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(doctor, "run_doctor", scripted_doctor)
     configs = "benchmark.configs=[lr_too_high,not_started,zoo/implementation_bug,healthy,zoo_test/lr_too_high_0p3,zoo_test/healthy_quaternion]"
-    zoo_benchmark.main(
-        [f"paths.root={tmp_path}", "logger=none", configs, "benchmark.seeds=2", "benchmark.faulty_seeds=1"]
-    )
+    zoo_benchmark.main([f"paths.root={tmp_path}", "logger=none", "training.amp=false", configs,
+                        "benchmark.seeds=2", "benchmark.faulty_seeds=1"])  # fmt: skip
     faults = {name: compose(f"experiment=zoo/{name}").debugging.fault for name in ("lr_too_high", "healthy")}
     assert [(n, s) for n, s, _, _ in seen] == [
         ("zoo/lr_too_high", 0), ("zoo/not_started", 0), ("zoo/implementation_bug", 0),
@@ -102,7 +102,12 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
     assert seen[0][2] == faults["lr_too_high"] and seen[3][2] == faults["healthy"] and not seen[0][3]
 
     out = tmp_path / "4_debugging" / "doctor"
-    parts = json.loads((out / "benchmark.json").read_text())["parts"]
+    written = json.loads((out / "benchmark.json").read_text())
+    parts, cond = written["parts"], written["conditions"]
+    # the conditions say what the doctors ran with: float32 forced here reached every doctor
+    assert amp == {False} and cond["precision"] == "float32"
+    assert cond["overrides"] == [f"paths.root={tmp_path}", "logger=none", "training.amp=false"]
+    assert cond["jobs"] == 1 and cond["cpu_model"] and cond["started"] <= cond["finished"]
     assert list(parts) == ["zoo", "zoo_test"]
     summary, held_out = parts["zoo"], parts["zoo_test"]
     assert (held_out["correct"], held_out["faulty_configs"], held_out["false_alarms"], held_out["healthy_runs"]) == (
@@ -124,7 +129,11 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
         label: int(label in ("none", "poor_init")) for label in summary["confusion"]["none"]
     }
     report = (out / "benchmark.md").read_text()
-    assert report == zoo_benchmark.report(parts) and report in capsys.readouterr().out
+    assert report == zoo_benchmark.report(parts, cond) and report in capsys.readouterr().out
+    assert (
+        f"in float32, torch {torch.__version__}" in report
+        and "`" + " ".join(cond["overrides"]) + "`" in report
+    )
     development, test = report.split("## Test (held out) part: configs/experiment/zoo_test")
     assert "## Development part: configs/experiment/zoo" in development
     assert "Top-1 accuracy on faulty runs: **1/3 = 33%**" in development

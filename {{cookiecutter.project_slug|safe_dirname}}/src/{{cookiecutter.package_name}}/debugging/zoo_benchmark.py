@@ -12,8 +12,8 @@ cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds
 faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each in its own process
 (on `debugging.doctor.threads` torch threads); the table keeps the configs' order. Prints, per part, the
 confusion table, top-1 accuracy over the faulty runs, false alarms on the healthy ones and the wall time per
-run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings depend on the machine and on how
-many doctors share it: report them as measured, with `jobs`.
+run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings and verdicts depend on the machine,
+the precision and how many doctors share it: both files record these conditions (CPU, precision, jobs, times).
 """
 
 import multiprocessing
@@ -22,14 +22,19 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import hydra
+import torch
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
+from ..benchmark import cpu_model
+from ..checkpoints import pick_device
 from ..files import write_json, write_text
+from ..loop_benchmark import precision
 from ..paths import CONFIG_DIR
 from . import doctor
 
@@ -222,7 +227,25 @@ def markdown(summary, title="Doctor benchmark on the bug zoo", level=1):
     return "\n".join(lines) + "\n"
 
 
-def report(parts):
+def conditions(cfg, overrides, started):
+    """What the numbers depend on besides the code: the machine, the precision of the doctor's runs (bfloat16
+    on a CPU with native bf16, else float32: verdicts can differ between the two), the doctors side by side,
+    the overrides every doctor ran with, and when."""
+    bench = cfg.get("benchmark") or {}
+    return {
+        "cpu_model": cpu_model(),
+        "cpus": os.cpu_count(),
+        "precision": precision(cfg, pick_device(cfg)),
+        "jobs": int(bench.get("jobs", 1)),
+        "torch_threads_per_doctor": int(cfg.debugging.doctor.threads or torch.get_num_threads()),
+        "torch": torch.__version__,
+        "overrides": list(overrides),
+        "started": started,
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def report(parts, cond=None):
     """The whole benchmark.md: one table per part, the held-out one last."""
     lines = [
         "# Doctor benchmark on the bug zoo",
@@ -231,6 +254,11 @@ def report(parts):
         "looking at. Test part: configs/experiment/zoo_test, held out (no rule or threshold was chosen by "
         "looking at it); its score is the one that says how the doctor does on faults it has not seen.",
     ]
+    if cond:
+        lines += ["", f"Measured on {cond['cpu_model']} ({cond['cpus']} cores; {cond['jobs']} doctor(s) side by side, "
+                      f"{cond['torch_threads_per_doctor']} torch thread(s) each) in {cond['precision']}, torch "
+                      f"{cond['torch']}, {cond['started']} to {cond['finished']}; every doctor's overrides: "
+                      f"`{' '.join(cond['overrides']) or 'none'}`."]  # fmt: skip
     for part, summary in parts.items():
         title = f"{PARTS[part].capitalize()} part: configs/experiment/{part}"
         lines += ["", markdown(summary, title=title, level=2).rstrip()]
@@ -241,6 +269,7 @@ def main(argv=None):
     overrides = list(sys.argv[1:] if argv is None else argv)
     bench_overrides = [o for o in overrides if o.startswith("benchmark.")]
     overrides = [o for o in overrides if not o.startswith("benchmark.")]
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     try:
         GlobalHydra.instance().clear()
         with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -250,13 +279,14 @@ def main(argv=None):
             base.benchmark = bench
         rows = run(base, overrides)
         parts = summarize_parts(rows)
+        cond = conditions(base, overrides, started)
         out = Path(base.debugging.doctor.output)
-        write_json(out / "benchmark.json", {"parts": parts})
-        write_text(out / "benchmark.md", report(parts))
+        write_json(out / "benchmark.json", {"conditions": cond, "parts": parts})
+        write_text(out / "benchmark.md", report(parts, cond))
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    print(report(parts))
+    print(report(parts, cond))
     print(f"written: {out / 'benchmark.md'}, {out / 'benchmark.json'}")
 
 
