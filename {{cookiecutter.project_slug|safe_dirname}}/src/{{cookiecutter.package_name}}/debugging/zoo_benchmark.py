@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -241,7 +241,7 @@ def conditions(cfg, overrides, started):
         "torch": torch.__version__,
         "overrides": list(overrides),
         "started": started,
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (UTC needs 3.11)
     }
 
 
@@ -269,7 +269,7 @@ def main(argv=None):
     overrides = list(sys.argv[1:] if argv is None else argv)
     bench_overrides = [o for o in overrides if o.startswith("benchmark.")]
     overrides = [o for o in overrides if not o.startswith("benchmark.")]
-    started = datetime.now(UTC).isoformat(timespec="seconds")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (UTC needs 3.11)
     try:
         GlobalHydra.instance().clear()
         with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
