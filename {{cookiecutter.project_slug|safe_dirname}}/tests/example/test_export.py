@@ -1,6 +1,7 @@
 """ONNX export: checker, dynamic batch, parity with eager PyTorch, metadata, atomic write, latency report."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -47,6 +48,15 @@ def exported(tmp_path_factory):
     path = tmp / "model.onnx"
     export.export_onnx(estimator, path, SIZE, 18, metadata(tmp))
     return estimator, path
+
+
+def test_the_exporter_logs_no_info_lines(tmp_path, caplog):
+    """`make export` runs under Hydra's INFO root logger: the exporter's graph passes must not log every
+    rewrite there (they did, over a hundred lines per export)."""
+    caplog.set_level(logging.INFO)
+    export.export_onnx(tiny_estimator(), tmp_path / "model.onnx", SIZE, 18, metadata(tmp_path))
+    noisy = [r for r in caplog.records if r.levelno < logging.WARNING and r.name.startswith(("onnx", "torch"))]
+    assert not noisy, f"{len(noisy)} INFO lines, e.g. {noisy[0].name}: {noisy[0].getMessage()}"
 
 
 def test_onnx_checker_passes_and_the_batch_axis_is_dynamic(exported):

@@ -25,6 +25,7 @@ Checklist: 5_deployment/CHECKLIST.md (export + parity, latency vs requirement).
 
 import contextlib
 import io
+import logging
 import subprocess
 import sys
 import warnings
@@ -85,6 +86,10 @@ def export_onnx(estimator, path, input_size, opset=18, metadata=None):
     K = torch.tensor([[width, 0.0, (width - 1) / 2], [0.0, width, (height - 1) / 2], [0.0, 0.0, 1.0]])
     batch = torch.export.Dim("batch", min=1, max=4096)
     progress = io.StringIO()  # the exporter prints its steps; keep them out of the command's output
+    # and its graph passes log each rewrite at INFO (onnxscript 0.7, onnx_ir 1.1): under Hydra's INFO root
+    # logger that is over a hundred lines in `make export`
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with torch.no_grad(), contextlib.redirect_stdout(progress), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
         program = torch.onnx.export(
