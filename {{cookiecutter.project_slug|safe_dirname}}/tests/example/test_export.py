@@ -55,7 +55,9 @@ def test_the_exporter_logs_no_info_lines(tmp_path, caplog):
     rewrite there (they did, over a hundred lines per export)."""
     caplog.set_level(logging.INFO)
     export.export_onnx(tiny_estimator(), tmp_path / "model.onnx", SIZE, 18, metadata(tmp_path))
-    noisy = [r for r in caplog.records if r.levelno < logging.WARNING and r.name.startswith(("onnx", "torch"))]
+    noisy = [
+        r for r in caplog.records if r.levelno < logging.WARNING and r.name.startswith(("onnx", "torch"))
+    ]
     assert not noisy, f"{len(noisy)} INFO lines, e.g. {noisy[0].name}: {noisy[0].getMessage()}"
 
 
