@@ -373,23 +373,51 @@ def _unaugmented_variant(ctx):
     )
 
 
+def _freed_by_training_longer(ctx, parts):
+    """The stuck parts among `parts` that the configured setup, augmentation on, frees when trained longer
+    (lab.longer; the same test as for any fix)."""
+    if not parts:
+        return []
+    _, longer = ctx.lab.longer()
+    return [p for p in ctx.lab.fix_effect(ctx.ref, longer)["unstuck"] if p in parts]
+
+
 def _augmentation_confirm(ctx, v, effect, run):
     """An augmentation that keeps each label consistent with its image slows learning at most: the cause is
     the augmentation only when the configured run does not beat the chance level (or leaves a part of the
-    output at the input-independent control's level) and the same run without it does, on two seeds."""
-    return effect["helped"] and (not v.info["configured_vs_chance"]["learned"] or bool(effect["unstuck"]))
+    output at the input-independent control's level) and the same run without it does, on two seeds. A part
+    that training longer with the augmentation frees too was slowed, not blocked: it is no evidence (a healthy
+    run's translation, stuck on the doctor's budget, is freed both ways)."""
+    if not effect["helped"]:
+        return False
+    if not v.info["configured_vs_chance"]["learned"]:
+        return True
+    freed = _freed_by_training_longer(ctx, effect["unstuck"])
+    return any(p not in freed for p in effect["unstuck"])
 
 
 def _augmentation_explain(ctx, v, effect):
     configured = v.info["configured_vs_chance"]
     stuck = f"; {', '.join(effect['unstuck'])} now learn" if effect.get("unstuck") else ""
+    freed = _freed_by_training_longer(ctx, effect.get("unstuck")) if effect["helped"] else []
+    slowed = (
+        f" Trained longer with the augmentation, {', '.join(freed)} learn too: the augmentation slows "
+        f"{'them' if len(freed) > 1 else 'it'}, it does not block {'them' if len(freed) > 1 else 'it'}."
+        if freed
+        else ""
+    )
     return (
         f"With the training augmentation the model is {configured['gain_vs_control']:+.0%} vs the chance level's "
-        f"loss (p = {configured['p_value']:.2g}); on the same items without it, training {_effect(effect)}{stuck}. "
+        f"loss (p = {configured['p_value']:.2g}); on the same items without it, training {_effect(effect)}{stuck}."
+        f"{slowed} "
         "An augmentation that changes an image and its label in ways that disagree (a sign, an axis order, a "
         "label update forgotten) leaves the labels inconsistent with the images: draw a few augmented samples "
         "with their labels. If they agree, the augmentation is too strong for this model to learn through.",
-        {"configured_vs_chance": configured, "no_augmentation_fix": effect},
+        {
+            "configured_vs_chance": configured,
+            "no_augmentation_fix": effect,
+            "freed_by_training_longer": freed,
+        },
     )
 
 
