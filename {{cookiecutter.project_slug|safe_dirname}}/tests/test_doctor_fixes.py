@@ -273,11 +273,12 @@ AUGMENTATION = next(r for r in fixes.TABLE if r.variant is fixes._unaugmented_va
 
 class AugmentationLab(ScriptedLab):
     """The configured run beats the chance level or not; the run without the augmentation helps or not, and
-    makes the parts in `unstuck` learn."""
+    makes the parts in `unstuck` learn; the configured run trained longer frees them too or not."""
 
-    def __init__(self, beats_chance, helped, unstuck=()):
+    def __init__(self, beats_chance, helped, unstuck=(), longer_frees=False):
         super().__init__()
         self.beats_chance, self.helped, self.unstuck = beats_chance, helped, list(unstuck)
+        self.longer_frees = longer_frees
         self.adapter.augmentation = object()
         self.adapter.unaugmented_train_items = lambda: ["plain"] * 4
         self.adapter.fault_fix = lambda text: f"debugging.fault=null  # {text}"
@@ -299,7 +300,13 @@ class AugmentationLab(ScriptedLab):
             "p_value": 1e-4 if self.beats_chance else 0.4,
         }
 
+    def longer(self):
+        return self.task, self.train("longer", self.task)
+
     def fix_effect(self, ref, fixed):
+        if fixed is self.runs.get("longer"):
+            return {"helped": True, "unstuck": self.unstuck if self.longer_frees else [], "metric": "loss",
+                    "p_value": 1e-4, "gain": 0.1, "val_loss_after": fixed.val_loss}  # fmt: skip
         return {"helped": self.helped, "unstuck": self.unstuck if self.helped else [], "metric": "loss",
                 "p_value": 1e-4 if self.helped else 0.5, "gain": 0.25 if self.helped else 0.0,
                 "val_loss_after": fixed.val_loss}  # fmt: skip
@@ -311,21 +318,25 @@ def augmentation_context(lab):
 
 
 @pytest.mark.parametrize(
-    "beats_chance, helped, unstuck, present",
+    "beats_chance, helped, unstuck, longer_frees, present",
     [
-        (False, True, (), True),  # at chance with it, learns without it on both seeds: the label update
-        (True, True, (), False),  # learns with it, faster without: an augmentation that slows learning
-        (False, False, (), False),  # no better without it: not the augmentation
-        (True, True, ("rot",), True),  # a part that stayed at the control's level learns without it
+        (False, True, (), False, True),  # at chance with it, learns without it on two seeds: the label update
+        (True, True, (), False, False),  # learns with it, faster without: an augmentation that slows learning
+        (False, False, (), False, False),  # no better without it: not the augmentation
+        (True, True, ("rot",), False, True),  # a part that stayed at the control's level learns without it
+        # ... and learns with it too when trained longer: slowed, not blocked (a healthy run's translation)
+        (True, True, ("trans",), True, False),
+        (False, True, ("trans",), True, True),  # at chance with it: the longer run does not excuse that
     ],
 )
 def test_an_augmentation_is_the_cause_only_when_the_run_with_it_learns_nothing(
-    beats_chance, helped, unstuck, present
+    beats_chance, helped, unstuck, longer_frees, present
 ):
     """The augmentation row (last in the table): a label-consistent augmentation can make a healthy run on the
     doctor's budget slower, so training without it helping is not enough; the configured run must not beat
-    the chance level (or leave a part of the output at the control's level) while the run without it does."""
-    lab = AugmentationLab(beats_chance, helped, unstuck)
+    the chance level (or leave a part of the output at the control's level, even trained longer) while the
+    run without it does."""
+    lab = AugmentationLab(beats_chance, helped, unstuck, longer_frees)
     assert AUGMENTATION.cause == "implementation_bug" and AUGMENTATION in engine.rows(
         fixes.TABLE, augmentation_context(lab).screen, training_fixes=True
     )
@@ -335,6 +346,8 @@ def test_an_augmentation_is_the_cause_only_when_the_run_with_it_learns_nothing(
     assert ("no_augmentation_seed+1" in lab.runs) is helped  # a fix that helped is repeated
     assert found["evidence"]["configured_vs_chance"]["learned"] is beats_chance
     assert found["fix"].startswith("debugging.fault=null")
+    assert found["evidence"]["freed_by_training_longer"] == (list(unstuck) if longer_frees else [])
+    assert ("learn too: the augmentation slows" in found["summary"]) is longer_frees
     lab.adapter.augmentation = None
     assert not AUGMENTATION.applies(augmentation_context(lab))  # nothing to turn off
 

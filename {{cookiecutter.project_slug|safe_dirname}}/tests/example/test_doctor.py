@@ -445,49 +445,6 @@ def test_a_fix_counts_only_when_the_next_seed_repeats_it():
     assert lab.trained == [("fixed", 3)]
 
 
-def test_the_augmentation_row_ignores_a_part_that_training_longer_frees_too():
-    """The augmentation row names `implementation_bug` for a part of the output that learns only without the
-    augmentation; when the configured setup trained longer, augmentation on, frees that part as well, the
-    augmentation slowed it (a healthy run on the doctor's budget) and the finding is absent. A configured run
-    at the chance level is the row's other evidence and does not depend on the longer run."""
-    row = next(r for r in fixes.TABLE if r.variant is fixes._unaugmented_variant)
-
-    class Lab:
-        def __init__(self, learns, longer_frees):
-            self.learns, self.longer_frees, self.trained = learns, longer_frees, []
-            self.adapter = SimpleNamespace(
-                augmentation=object(), unaugmented_train_items=lambda: [], fault_fix=lambda hint=None: hint
-            )
-
-        def learned(self, run, control):
-            return {"learned": self.learns, "gain_vs_control": 0.2 if self.learns else 0.0, "p_value": 1e-4}
-
-        def chance_level(self):
-            return None
-
-        def train(self, name, task):
-            self.trained.append(name)
-            return SimpleNamespace(name=name)
-
-        def longer(self):
-            return None, self.train("longer", None)
-
-        def fix_effect(self, ref, run):
-            freed = run.name != "longer" or self.longer_frees
-            return {"helped": True, "unstuck": ["trans"] if freed else [], "p_value": 0.4, "gain": 0.0,
-                    "val_loss_after": 6.1, "metric": "loss"}  # fmt: skip
-
-    task = runs.Task(None, None, [], [], seed=0)
-    for learns, longer_frees, present in ((True, False, True), (True, True, False), (False, True, True)):
-        lab = Lab(learns, longer_frees)
-        ctx = SimpleNamespace(lab=lab, ref=SimpleNamespace(base=None), task=task)
-        found = engine.run(ctx, [row])["implementation_bug"]
-        assert found["present"] is present, (learns, longer_frees)
-        assert ("trans learn too" in found["summary"]) is longer_frees
-        assert found["evidence"]["freed_by_training_longer"] == (["trans"] if longer_frees else [])
-        assert {"no_augmentation", "no_augmentation_seed+1"} <= set(lab.trained)
-
-
 def test_clamped_outputs_are_the_clean_outputs_cut_at_zero():
     batch = collate([PoseLike(64)[i] for i in range(64)])
     clean = two_head_net()(batch["image"])
