@@ -794,11 +794,12 @@ def zoo_dataset(tmp_path_factory):
     return capture_dataset(tmp_path_factory, "zoo_data", 2048, 400, 8)
 
 
+# `make doctor-benchmark` runs every config of the zoo; this end-to-end test keeps three kinds of verdict: a
+# code bug a probe finds, a knob a fix that helps on two seeds finds, and a healthy run that must stay clean
+# (five doctors took 25 min on 2 AVX2 cores in float32; CI runs this test on such machines too).
 REDUCED_ZOO = [
     ("implementation_bug_input", "implementation_bug"),
-    ("test_set_too_small", "test_set_too_small"),
     ("lr_too_high", "lr_too_high"),
-    ("not_started", "not_started"),
     ("healthy", "none"),
 ]
 
