@@ -107,7 +107,8 @@ def test_zoo_benchmark_scores_the_doctor_it_runs(tmp_path, monkeypatch, capsys):
     # the conditions say what the doctors ran with: float32 forced here reached every doctor
     assert amp == {False} and cond["precision"] == "float32"
     assert cond["overrides"] == [f"paths.root={tmp_path}", "logger=none", "training.amp=false"]
-    assert cond["jobs"] == 1 and cond["cpu_model"] and cond["started"] <= cond["finished"]
+    assert cond["jobs"] == 1 and cond["first_seed"] == 0
+    assert cond["cpu_model"] and cond["started"] <= cond["finished"]
     assert list(parts) == ["zoo", "zoo_test"]
     summary, held_out = parts["zoo"], parts["zoo_test"]
     assert (held_out["correct"], held_out["faulty_configs"], held_out["false_alarms"], held_out["healthy_runs"]) == (
@@ -160,6 +161,12 @@ def test_zoo_benchmark_runs_faulty_configs_over_two_seeds_by_default():
         ("lr_too_high", 0, "lr_too_high/seed0"), ("lr_too_high", 1, "lr_too_high/seed1"),
         ("healthy", 0, "healthy/seed0"), ("healthy", 1, "healthy/seed1"), ("healthy", 2, "healthy/seed2"),
     ]  # fmt: skip
+    # other seeds (benchmark.first_seed): every report folder names its seed, so none overwrites seed 0's
+    assert zoo_benchmark.plan(names, seeds=2, faulty_seeds=1, first_seed=2) == [
+        ("lr_too_high", 2, "lr_too_high/seed2"), ("healthy", 2, "healthy/seed2"), ("healthy", 3, "healthy/seed3"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"benchmark.first_seed must be >= 0"):
+        zoo_benchmark.run(OmegaConf.create({"benchmark": {"configs": names, "first_seed": -1}}), [])
     cfg = compose()
     with pytest.raises(ValueError, match=r"benchmark.jobs must be >= 1"):
         zoo_benchmark.run(OmegaConf.create({"benchmark": {"configs": names, "jobs": 0}}), [])

@@ -4,12 +4,13 @@
     python -m <package>.debugging.zoo_benchmark benchmark.jobs=2                 # two doctors side by side
     python -m <package>.debugging.zoo_benchmark benchmark.parts=[zoo_test]       # the held-out part only
     python -m <package>.debugging.zoo_benchmark benchmark.configs=[lr_too_high,zoo_test/healthy_quaternion]
+    python -m <package>.debugging.zoo_benchmark benchmark.first_seed=2           # seeds 2, 3 (healthy: 2, 3, 4)
 
 The zoo has two parts: the development part (configs/experiment/zoo), which the doctor's rules and thresholds
 were chosen by looking at, and the held-out test part (configs/experiment/zoo_test), which they were not.
 Every <part>/<name>.yaml is diagnosed by the doctor; the injected cause is the file name (`healthy*` = no
-cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds` seeds (0, 1, ...), the
-faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each in its own process
+cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds` seeds (`benchmark.first_seed`,
+default 0, and the next ones), the faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each in its own process
 (on `debugging.doctor.threads` torch threads); the table keeps the configs' order. Prints, per part, the
 confusion table, top-1 accuracy over the faulty runs, false alarms on the healthy ones and the wall time per
 run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings and verdicts depend on the machine,
@@ -72,15 +73,16 @@ def injected_cause(name):
     return max(matches, key=len)
 
 
-def plan(names, seeds, faulty_seeds):
-    """(config, seed, label) for every doctor run, in the table's order."""
+def plan(names, seeds, faulty_seeds, first_seed=0):
+    """(config, seed, label) for every doctor run, in the table's order; seeds first_seed, first_seed + 1, ...
+    A label (the report's folder) names its seed, except a faulty config's only run on seed 0."""
     runs = []
     for name in names:
         healthy = injected_cause(name) == "none"
         count = seeds if healthy else faulty_seeds
         runs += [
-            (name, seed, name if count == 1 and not healthy else f"{name}/seed{seed}")
-            for seed in range(count)
+            (name, seed, name if count == 1 and seed == 0 and not healthy else f"{name}/seed{seed}")
+            for seed in range(first_seed, first_seed + count)
         ]
     return runs
 
@@ -143,17 +145,19 @@ def run(cfg, overrides):
     names = [canonical(n) for n in bench.get("configs") or [n for p in parts for n in zoo_names(part=p)]]
     for name in names:
         injected_cause(name)  # a bad name fails before any doctor runs
-    seeds, faulty_seeds, jobs = (
-        int(bench.get(k, d)) for k, d in (("seeds", 3), ("faulty_seeds", 2), ("jobs", 1))
+    seeds, faulty_seeds, jobs, first_seed = (
+        int(bench.get(k, d)) for k, d in (("seeds", 3), ("faulty_seeds", 2), ("jobs", 1), ("first_seed", 0))
     )
     if min(seeds, faulty_seeds, jobs) < 1:
         raise ValueError(
             f"benchmark.seeds, benchmark.faulty_seeds and benchmark.jobs must be >= 1 (got {seeds}, {faulty_seeds}, {jobs})"
         )
+    if first_seed < 0:
+        raise ValueError(f"benchmark.first_seed must be >= 0 (got {first_seed})")
     verbose = bool(bench.get("verbose", False))
     work = [
         (name, seed, label, list(overrides), verbose)
-        for name, seed, label in plan(names, seeds, faulty_seeds)
+        for name, seed, label in plan(names, seeds, faulty_seeds, first_seed)
     ]
     if jobs == 1:
         GlobalHydra.instance().clear()
@@ -237,6 +241,7 @@ def conditions(cfg, overrides, started):
         "cpus": os.cpu_count(),
         "precision": precision(cfg, pick_device(cfg)),
         "jobs": int(bench.get("jobs", 1)),
+        "first_seed": int(bench.get("first_seed", 0)),
         "torch_threads_per_doctor": int(cfg.debugging.doctor.threads or torch.get_num_threads()),
         "torch": torch.__version__,
         "overrides": list(overrides),
@@ -257,7 +262,8 @@ def report(parts, cond=None):
     if cond:
         lines += ["", f"Measured on {cond['cpu_model']} ({cond['cpus']} cores; {cond['jobs']} doctor(s) side by side, "
                       f"{cond['torch_threads_per_doctor']} torch thread(s) each) in {cond['precision']}, torch "
-                      f"{cond['torch']}, {cond['started']} to {cond['finished']}; every doctor's overrides: "
+                      f"{cond['torch']}, {cond['started']} to {cond['finished']}; seeds from {cond.get('first_seed', 0)}; "
+                      "every doctor's overrides: "
                       f"`{' '.join(cond['overrides']) or 'none'}`."]  # fmt: skip
     for part, summary in parts.items():
         title = f"{PARTS[part].capitalize()} part: configs/experiment/{part}"
