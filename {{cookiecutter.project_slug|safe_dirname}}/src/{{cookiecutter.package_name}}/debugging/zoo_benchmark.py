@@ -10,10 +10,10 @@ The zoo has two parts: the development part (configs/experiment/zoo), which the 
 were chosen by looking at, and the held-out test part (configs/experiment/zoo_test), which they were not.
 Every <part>/<name>.yaml is diagnosed by the doctor; the injected cause is the file name (`healthy*` = no
 cause; `<cause>_<variant>` = <cause>). Healthy configs run with `benchmark.seeds` seeds (`benchmark.first_seed`,
-default 0, and the next ones), the faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run side by side, each in its own process
-(on `debugging.doctor.threads` torch threads); the table keeps the configs' order. Prints, per part, the
-confusion table, top-1 accuracy over the faulty runs, false alarms on the healthy ones and the wall time per
-run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings and verdicts depend on the machine,
+default 0, and the next ones), the faulty ones with `benchmark.faulty_seeds`. `benchmark.jobs` doctors run
+side by side, each in its own process (on `debugging.doctor.threads` torch threads); the table keeps the
+configs' order. Prints, per part, the confusion table, top-1 accuracy over the faulty runs, false alarms on
+the healthy ones and the wall time per run, and writes 4_debugging/doctor/benchmark.json and benchmark.md. Timings and verdicts depend on the machine,
 the precision and how many doctors share it: both files record these conditions (CPU, precision, jobs, times).
 """
 
@@ -139,12 +139,8 @@ def _diagnose_in_worker(args):
     return diagnose(*args)
 
 
-def run(cfg, overrides):
-    bench = cfg.get("benchmark") or {}
-    parts = list(bench.get("parts") or PARTS)
-    names = [canonical(n) for n in bench.get("configs") or [n for p in parts for n in zoo_names(part=p)]]
-    for name in names:
-        injected_cause(name)  # a bad name fails before any doctor runs
+def settings(bench):
+    """The benchmark's counts, defaults filled in and checked: (seeds, faulty_seeds, jobs, first_seed)."""
     seeds, faulty_seeds, jobs, first_seed = (
         int(bench.get(k, d)) for k, d in (("seeds", 3), ("faulty_seeds", 2), ("jobs", 1), ("first_seed", 0))
     )
@@ -154,6 +150,16 @@ def run(cfg, overrides):
         )
     if first_seed < 0:
         raise ValueError(f"benchmark.first_seed must be >= 0 (got {first_seed})")
+    return seeds, faulty_seeds, jobs, first_seed
+
+
+def run(cfg, overrides):
+    bench = cfg.get("benchmark") or {}
+    parts = list(bench.get("parts") or PARTS)
+    names = [canonical(n) for n in bench.get("configs") or [n for p in parts for n in zoo_names(part=p)]]
+    for name in names:
+        injected_cause(name)  # a bad name fails before any doctor runs
+    seeds, faulty_seeds, jobs, first_seed = settings(bench)
     verbose = bool(bench.get("verbose", False))
     work = [
         (name, seed, label, list(overrides), verbose)
@@ -235,13 +241,13 @@ def conditions(cfg, overrides, started):
     """What the numbers depend on besides the code: the machine, the precision of the doctor's runs (bfloat16
     on a CPU with native bf16, else float32: verdicts can differ between the two), the doctors side by side,
     the overrides every doctor ran with, and when."""
-    bench = cfg.get("benchmark") or {}
+    _, _, jobs, first_seed = settings(cfg.get("benchmark") or {})
     return {
         "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "precision": precision(cfg, pick_device(cfg)),
-        "jobs": int(bench.get("jobs", 1)),
-        "first_seed": int(bench.get("first_seed", 0)),
+        "jobs": jobs,
+        "first_seed": first_seed,
         "torch_threads_per_doctor": int(cfg.debugging.doctor.threads or torch.get_num_threads()),
         "torch": torch.__version__,
         "overrides": list(overrides),
@@ -262,7 +268,7 @@ def report(parts, cond=None):
     if cond:
         lines += ["", f"Measured on {cond['cpu_model']} ({cond['cpus']} cores; {cond['jobs']} doctor(s) side by side, "
                       f"{cond['torch_threads_per_doctor']} torch thread(s) each) in {cond['precision']}, torch "
-                      f"{cond['torch']}, {cond['started']} to {cond['finished']}; seeds from {cond.get('first_seed', 0)}; "
+                      f"{cond['torch']}, {cond['started']} to {cond['finished']}; seeds from {cond['first_seed']}; "
                       "every doctor's overrides: "
                       f"`{' '.join(cond['overrides']) or 'none'}`."]  # fmt: skip
     for part, summary in parts.items():
