@@ -359,6 +359,13 @@ def test_held_out_faults_do_what_they_say():
         torch.testing.assert_close(tr[i]["R"], from_xyzw(w, x, y, z), atol=1e-5, rtol=0)  # w,x,y,z as x,y,z,w
         assert float((tr[i]["R"] - train[i]["R"]).abs().amax()) > 0.1
 
+    tr, va = zoo.fault_datasets(fault_cfg("centimetre_recording"), train, val)
+    assert va is val and len(tr) == 64
+    for i in range(64):
+        assert torch.equal(tr[i]["image"], train[i]["image"]) and torch.equal(tr[i]["R"], train[i]["R"])
+        t = train[i]["t"] / 10 if i >= 64 - 21 else train[i]["t"]  # the last third (21 of 64) in cm
+        assert torch.equal(tr[i]["t"], t), i
+
     clean = two_head_net()(batch["image"])
     rounded = zoo.fault_model(fault_cfg("rounded_output"), two_head_net())(batch["image"])
     torch.testing.assert_close(rounded["rot"], clean["rot"])
@@ -707,6 +714,25 @@ def test_a_grown_budget_draws_more_training_samples_the_way_the_screen_did(tiny_
     # distinct samples, not the screen's six repeated
     assert len({float(item["t"][2]) for item in more}) == 12
     assert len(adapter.more_train_items(1000)) == len(training.build(cfg).train_set)
+
+
+def test_each_half_of_the_stored_training_set_gives_training_items_of_its_own(tiny_dataset):
+    """TaskAdapter.half_train_items: items through the training pipeline (the batch fault applied), every one
+    from its half of the training set in stored order, up to `n`, all of that half when it has fewer."""
+    overrides = ("logger=none", "debugging.doctor.n_train=6", "debugging.doctor.image_size=32")
+    cfg = compose(*tiny_dataset.overrides, *overrides, "debugging.fault=black_level")
+    adapter = TaskAdapter(budget_config(cfg))
+    train_set = adapter.sets[0]
+    cut = len(train_set) // 2
+    where = {round(float(train_set[i]["t"].norm()), 3): i for i in range(len(train_set))}
+    for half in (0, 1):
+        items = adapter.half_train_items(half, 1000)
+        assert len(items) == (cut if half == 0 else len(train_set) - cut)
+        index = {where[round(float(item["t"].norm()), 3)] for item in items}
+        assert len(index) == len(items) and all((i >= cut) == bool(half) for i in index)
+        assert all(float(item["image"].min()) >= 1000.0 for item in items)  # the batch fault still applies
+        assert items[0]["image"].shape == adapter.train_items[0]["image"].shape
+    assert len(adapter.half_train_items(1, 3)) == 3
 
 
 def test_training_items_without_the_augmentation_and_validation_items_with_it(tiny_dataset):

@@ -289,6 +289,60 @@ def worse_on_training_items(lab, fit, worse):
     )  # fmt: skip
 
 
+HALVES = ("first_half", "second_half")
+
+
+def training_halves(lab, screen):
+    """The parts of the output the screen's model does not learn (beside parts that it does), trained on each
+    half of the stored training set alone (`TaskAdapter.half_train_items`: the first and the second half in
+    stored order, where joined recordings, scenes or files stay together), the same number of samples on the
+    same budget. Less data never helps a model learn a part it could not learn from all of it, unless the
+    rest of the data teaches it something else: a half whose model learns a stuck part (beats the
+    input-independent control on it, and the configured run clearly, `Lab.unstuck`), on two seeds, says the
+    other half's labels of that part disagree with it (recordings joined with another convention: quaternion
+    order, units, frames). Returns ({half: {"seed": seed, "learns": parts} per run}, (half, parts) or None)."""
+    stuck = list(screen.symptoms["no_learning"].get("terms_not_learning") or [])
+    if not stuck:
+        return {}, None
+    t, numbers = lab.task, {}
+    for k, half in enumerate(HALVES):
+        items = lab.adapter.half_train_items(k, len(t.train_items))
+        learns, numbers[half] = set(stuck), []
+        for seed in (t.seed, t.seed + 1):
+            name = f"{half}_only" + ("_seed+1" if seed != t.seed else "")
+            run = lab.train(name, t.replace(train_items=items, seed=seed))
+            learns &= set(lab.unstuck(screen.base, run, screen.control, stuck))
+            numbers[half].append({"seed": seed, "n_train": len(items), "val_loss": run.val_loss,
+                                  "learns": sorted(learns),
+                                  "parts": {p: float(np.mean(run.val_parts[p])) for p in stuck if p in run.val_parts}})  # fmt: skip
+            if not learns:
+                break
+        if learns:
+            return numbers, (half, sorted(learns))
+    return numbers, None
+
+
+def disagreeing_half(lab, screen, numbers, learner):
+    """The `implementation_bug` finding of `training_halves`."""
+    half, parts = learner
+    other = HALVES[1 - HALVES.index(half)].replace("_", " ")
+    base = screen.base.val_parts
+    p = parts[0]
+    level = numbers[half][0]["parts"][p]
+    configured = float(np.mean(base[p])) if p in base else float("nan")
+    return finding(
+        "implementation_bug", True, 1.0 - level / configured if configured > 0 else 1.0,
+        {"training_halves": numbers, "learns": parts, "stuck": screen.symptoms["no_learning"]["terms_not_learning"]},
+        lab.adapter.fault_fix(f"compare the labels ({', '.join(parts)}) of the {other} of the training set with "
+                              "the rest (the same convention, units and frame?)"),
+        f"Part of the output ({', '.join(parts)}) does not learn from the whole training set, but does from its "
+        f"{half.replace('_', ' ')} alone, on two seeds ({p}: {level:.4g} on validation vs {configured:.4g}, the same "
+        f"number of samples and steps). Less data does not teach a model what all of it cannot: the {other}'s "
+        f"labels of {', '.join(parts)} disagree with the rest (another recording's convention joined in?).",
+        "curves.png",
+    )  # fmt: skip
+
+
 # Where to look when a symptom stays unexplained: the talk's causes for its row that no fix the doctor can
 # try tests (labels, a loss term's code, the data pipeline).
 LOOK_NEXT = {
@@ -357,8 +411,10 @@ def unexplained(lab, screen, findings):
     showed it, no cause is present, and it is still there on the grown budget (`lab.grown_budget`). A symptom
     that the grown budget does away with is a young run's (the doctor's budget is small): healthy runs stay
     clean by that evidence. Before either, the grown run must fit its own training items at least as well as
-    the validation items (`training_items_fit`), else the training pipeline is an `implementation_bug`.
-    Returns ({cause: finding}, checks)."""
+    the validation items (`training_items_fit`), else the training pipeline is an `implementation_bug`; and
+    before a symptom is called unexplained, a part of the output that does not learn from the whole training
+    set must not learn from either half of it alone (`training_halves`), else the halves' labels disagree: an
+    `implementation_bug` in the data. Returns ({cause: finding}, checks)."""
     shown = [name for name, s in screen.symptoms.items() if s["present"]]
     if not shown or any(f["present"] for f in findings.values()):
         return {}, {}
@@ -369,6 +425,14 @@ def unexplained(lab, screen, findings):
     if worse:
         return {"implementation_bug": worse_on_training_items(lab, fit, worse)}, {
             "symptoms_on_grown_budget": after, "training_items_fit": fit}  # fmt: skip
+    checks = {"symptoms_on_grown_budget": after, "training_items_fit": fit}
+    if any(after[name]["present"] for name in shown):
+        # before calling the symptom unexplained: do the two halves of the training set agree?
+        halves, learner = training_halves(lab, screen)
+        if halves:
+            checks["training_halves"] = halves
+        if learner:
+            return {"implementation_bug": disagreeing_half(lab, screen, halves, learner)}, checks
     budget = f"{more.epochs} epochs, {len(more.train_items)} samples"
     tried = sorted(findings)
     found = {}
@@ -386,4 +450,4 @@ def unexplained(lab, screen, findings):
             f"{LOOK_NEXT[name]}.",
             "curves.png",
         )  # fmt: skip
-    return found, {"symptoms_on_grown_budget": after, "training_items_fit": fit}
+    return found, checks

@@ -19,7 +19,8 @@ bottom (`diagnose`):
 5. `causes.unexplained`: a symptom that no cause explains and that the grown budget does not do away with is
    reported as `unexplained_<symptom>`, with what to look at next (never as health); first, a grown-budget
    model that fits its own training items worse than the unseen validation items is an `implementation_bug`
-   in the training pipeline;
+   in the training pipeline, and so is a part of the output that one half of the stored training set alone
+   teaches while all of it does not (the other half's labels disagree);
 6. rank the causes by evidence and write 4_debugging/doctor/<experiment>/report.md, report.json and plots
    (`report.py`).
 

@@ -92,6 +92,19 @@ class TaskAdapter:
                                   self.spec.fault_batch(self.cfg))  # fmt: skip
         return runs.take_items(loader, len(self.val_items))
 
+    def half_train_items(self, half, n):
+        """Up to `n` training items through the training pipeline (augmentation, an injected batch fault), drawn
+        from one half of the stored training set only: 0 its first half, 1 its second, in stored order (joined
+        recordings, scenes or files stay together there)."""
+        train_set = self.sets[0]
+        cut = len(train_set) // 2
+        index = range(cut) if half == 0 else range(cut, len(train_set))
+        part = torch.utils.data.Subset(train_set, list(index))
+        loader, _ = build_loaders(
+            self.cfg, part, self.sets[1], self.augmentation, self.spec.fault_batch(self.cfg)
+        )
+        return runs.take_items(loader, n)
+
     def task(self, cfg=None, **changes):
         cfg = cfg or self.cfg
         t, d = cfg.training, cfg.debugging.doctor
@@ -265,6 +278,21 @@ class Lab:
         p, gain = stats.paired_test(base.val_parts[term], run.val_parts[term])
         return p < self.th.alpha and gain >= self.th.min_fix_gain
 
+    def unstuck(self, base, run, control, stuck):
+        """The parts of `stuck` (named parts of the output that do not beat the input-independent `control` in
+        `base`) that `run` learns: it beats the control on them and is significantly and clearly below `base`."""
+        if run.diverged:
+            return []
+        learning = self.learned(run, control)
+        if not learning["learned"]:
+            return []
+        still = stats.terms_not_learning(learning, self.th.alpha, self.th.min_learning_gain)
+        return [
+            t
+            for t in stuck
+            if t in learning["metrics"] and t not in still and self._term_better(base, run, t)
+        ]
+
     def fix_effect(self, ref, run):
         """Paired permutation test that the fixed run's validation loss is lower, and by how much. The loss
         only: one loss term can improve just because a fix speeds up learning its mean target."""
@@ -273,15 +301,8 @@ class Lab:
             base = ref.reseeded  # a fix must beat the better of two seeds: seed-to-seed luck is not a fix
         r = stats.compare_runs(base, run, self.th.alpha, self.th.min_fix_gain, parts=False)
         unstuck = []
-        if ref.stuck and ref.control is not None and not run.diverged:
-            learning = self.learned(run, ref.control)
-            still = stats.terms_not_learning(learning, self.th.alpha, self.th.min_learning_gain)
-            if learning["learned"]:
-                unstuck = [
-                    t
-                    for t in ref.stuck
-                    if t in learning["metrics"] and t not in still and self._term_better(base, run, t)
-                ]
+        if ref.stuck and ref.control is not None:
+            unstuck = self.unstuck(base, run, ref.control, ref.stuck)
             if r["total_worse"]:
                 unstuck = []  # a part learned at the cost of a significantly worse total: not a fix
         # "won't go above random": a fix counts only if the fixed model beats the converged chance level

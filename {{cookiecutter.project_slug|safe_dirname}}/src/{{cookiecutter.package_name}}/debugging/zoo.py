@@ -32,14 +32,15 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     labels_turned_back the in-plane rotation augmentation turns each image one way and its pose the other (implementation_bug)
     turned_in_object_frame  the augmentation multiplies the turn on the wrong side of the rotation (R Q, not Q R) (implementation_bug)
     quaternion_order   the second half of the training set (another recording) stores w,x,y,z, read as x,y,z,w (implementation_bug)
+    centimetre_recording  the last third of the training set (a third recording) stores translations in cm, read as mm (implementation_bug)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
-`clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target`, `labels_turned_back` and
-`mirrored_images`; these six and `raw_pixels` were each held out until the doctor missed them and a check was
-added for them (the input statistics deciding, the frozen-parameter row, the dead-output check, two
-shuffled-target controls, finer thumbnails in the shortcut probe, the overfit test's check of each part of the
-output, the fit of the training items against the validation items), and `labels_turned_back` was built beside
-the fix table's augmentation row. The held-out part
+`clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target`, `labels_turned_back`,
+`mirrored_images` and `quaternion_order`; these seven and `raw_pixels` were each held out until the doctor
+missed them and a check was added for them (the input statistics deciding, the frozen-parameter row, the
+dead-output check, two shuffled-target controls, finer thumbnails in the shortcut probe, the overfit test's
+check of each part of the output, the fit of the training items against the validation items, the training
+set's halves trained alone), and `labels_turned_back` was built beside the fix table's augmentation row. The held-out part
 (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
 
@@ -76,6 +77,7 @@ FAULTS = (
     "labels_turned_back",
     "turned_in_object_frame",
     "quaternion_order",
+    "centimetre_recording",
 )
 
 
@@ -298,6 +300,20 @@ def turned_in_object_frame(augment):
 AUGMENT_FAULTS = {"labels_turned_back": labels_turned_back, "turned_in_object_frame": turned_in_object_frame}
 
 
+def centimetre_recording(dataset):
+    """A training set joined from three recordings, the last of which stores its translations in centimetres
+    where the others (and the loader) use millimetres: the last third's translations read 10x too small; the
+    rotations are right."""
+    start = len(dataset) - len(dataset) // 3
+
+    def fn(i, item):
+        if i >= start:
+            item["t"] = item["t"] / 10.0
+        return item
+
+    return Mapped(dataset, fn=fn)
+
+
 def fault_augment(cfg, augment):
     """The training batches' augmentation (batch -> batch, or None), broken when a fault is in it."""
     fault = AUGMENT_FAULTS.get(fault_of(cfg))
@@ -327,6 +343,8 @@ def fault_datasets(cfg, train_set, val_set):
         return mirrored_images(train_set), val_set
     if fault == "quaternion_order":
         return quaternion_order(train_set), val_set
+    if fault == "centimetre_recording":
+        return centimetre_recording(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
     return train_set, val_set
