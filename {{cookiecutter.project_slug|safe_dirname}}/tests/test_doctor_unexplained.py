@@ -204,10 +204,10 @@ def test_a_part_that_one_half_of_the_training_set_teaches_and_all_of_it_does_not
     halves, expected
 ):
     """Rotation is stuck at the control's 4.0 on the screen and on the grown budget. Trained on each half of
-    the stored training set alone (same samples count, same budget, two seeds): a half whose model takes the
-    rotation to 2.4 on both seeds says the other half's rotation labels disagree -> `implementation_bug`
-    naming the half and the part; a half that does it on one seed only, or neither half, leaves the
-    symptom unexplained."""
+    the stored training set alone (as many samples and the same budget as the grown run, two seeds): a half
+    whose model takes the rotation to 2.4 on both seeds says the other half's rotation labels disagree ->
+    `implementation_bug` naming the half and the part; a half that does it on one seed only, or neither half,
+    leaves the symptom unexplained."""
     control = run(8.0, {"rot": 4.0, "trans": 4.0}, seed=3)
     base = run(6.0, {"rot": 4.0, "trans": 2.0}, seed=1)
     lab = lab_with(run(5.0, {"rot": 4.0, "trans": 1.0}, seed=2))
@@ -224,7 +224,7 @@ def test_a_part_that_one_half_of_the_training_set_teaches_and_all_of_it_does_not
         if not name.startswith(("first_half", "second_half")):
             return grown_train(name, task, **kwargs)
         half = "first_half" if name.startswith("first_half") else "second_half"
-        assert task.train_items == [f"half {int(half == 'second_half')} item"] * 5 and task.epochs == 8
+        assert task.train_items == [f"half {int(half == 'second_half')} item"] * 5 and task.epochs == 16
         assert task.seed == (1 if name.endswith("_seed+1") else 0)
         level = halves[half][int(name.endswith("_seed+1"))]
         lab.runs[name] = run(5.0, {"rot": level, "trans": 2.0}, seed=20 + len(lab.runs))
@@ -232,7 +232,7 @@ def test_a_part_that_one_half_of_the_training_set_teaches_and_all_of_it_does_not
 
     lab.train = train
     found, checks = causes.unexplained(lab, screened(base, control, no_learning=True, stuck=["rot"]), {})
-    assert asked[0] == (0, 8)  # as many samples as the screen's run
+    assert asked[0] == (0, 32)  # as many samples as the grown run
     assert set(checks["training_halves"]) == (
         {"first_half"} if expected == "first_half" else set(causes.HALVES)
     )

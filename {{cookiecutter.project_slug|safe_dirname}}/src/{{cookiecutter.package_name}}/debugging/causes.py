@@ -292,26 +292,27 @@ def worse_on_training_items(lab, fit, worse):
 HALVES = ("first_half", "second_half")
 
 
-def training_halves(lab, screen):
+def training_halves(lab, screen, more, grown):
     """The parts of the output the screen's model does not learn (beside parts that it does), trained on each
     half of the stored training set alone (`TaskAdapter.half_train_items`: the first and the second half in
-    stored order, where joined recordings, scenes or files stay together), the same number of samples on the
-    same budget. Less data never helps a model learn a part it could not learn from all of it, unless the
-    rest of the data teaches it something else: a half whose model learns a stuck part (beats the
-    input-independent control on it, and the configured run clearly, `Lab.unstuck`), on two seeds, says the
-    other half's labels of that part disagree with it (recordings joined with another convention: quaternion
-    order, units, frames). Returns ({half: {"seed": seed, "learns": parts} per run}, (half, parts) or None)."""
+    stored order, where joined recordings, scenes or files stay together), as many samples on the same budget
+    as the grown-budget run `grown` (task `more`; on the screen's budget a clean half does not learn a slow
+    part either). Less data does not teach a model a part that all of it cannot, unless the rest of the data
+    teaches it something else: a half whose model learns a stuck part (beats the input-independent control on
+    it, and the grown run clearly, `Lab.unstuck`) on two seeds says the other half's labels of that part
+    disagree with it (recordings joined with another convention: quaternion order, units, frames). Returns
+    ({half: [{"seed", "n_train", "val_loss", "learns", "parts"} per run]}, (half, parts) or None)."""
     stuck = list(screen.symptoms["no_learning"].get("terms_not_learning") or [])
     if not stuck:
         return {}, None
-    t, numbers = lab.task, {}
+    numbers = {}
     for k, half in enumerate(HALVES):
-        items = lab.adapter.half_train_items(k, len(t.train_items))
+        items = lab.adapter.half_train_items(k, len(more.train_items))
         learns, numbers[half] = set(stuck), []
-        for seed in (t.seed, t.seed + 1):
-            name = f"{half}_only" + ("_seed+1" if seed != t.seed else "")
-            run = lab.train(name, t.replace(train_items=items, seed=seed))
-            learns &= set(lab.unstuck(screen.base, run, screen.control, stuck))
+        for seed in (more.seed, more.seed + 1):
+            name = f"{half}_only" + ("_seed+1" if seed != more.seed else "")
+            run = lab.train(name, more.replace(train_items=items, seed=seed))
+            learns &= set(lab.unstuck(grown, run, screen.control, stuck))
             numbers[half].append({"seed": seed, "n_train": len(items), "val_loss": run.val_loss,
                                   "learns": sorted(learns),
                                   "parts": {p: float(np.mean(run.val_parts[p])) for p in stuck if p in run.val_parts}})  # fmt: skip
@@ -322,11 +323,11 @@ def training_halves(lab, screen):
     return numbers, None
 
 
-def disagreeing_half(lab, screen, numbers, learner):
+def disagreeing_half(lab, screen, grown, numbers, learner):
     """The `implementation_bug` finding of `training_halves`."""
     half, parts = learner
     other = HALVES[1 - HALVES.index(half)].replace("_", " ")
-    base = screen.base.val_parts
+    base = grown.val_parts
     p = parts[0]
     level = numbers[half][0]["parts"][p]
     configured = float(np.mean(base[p])) if p in base else float("nan")
@@ -337,7 +338,7 @@ def disagreeing_half(lab, screen, numbers, learner):
                               "the rest (the same convention, units and frame?)"),
         f"Part of the output ({', '.join(parts)}) does not learn from the whole training set, but does from its "
         f"{half.replace('_', ' ')} alone, on two seeds ({p}: {level:.4g} on validation vs {configured:.4g}, the same "
-        f"number of samples and steps). Less data does not teach a model what all of it cannot: the {other}'s "
+        f"number of samples and steps, the grown budget). Less data does not teach a model what all of it cannot: the {other}'s "
         f"labels of {', '.join(parts)} disagree with the rest (another recording's convention joined in?).",
         "curves.png",
     )  # fmt: skip
@@ -428,11 +429,11 @@ def unexplained(lab, screen, findings):
     checks = {"symptoms_on_grown_budget": after, "training_items_fit": fit}
     if any(after[name]["present"] for name in shown):
         # before calling the symptom unexplained: do the two halves of the training set agree?
-        halves, learner = training_halves(lab, screen)
+        halves, learner = training_halves(lab, screen, more, grown)
         if halves:
             checks["training_halves"] = halves
         if learner:
-            return {"implementation_bug": disagreeing_half(lab, screen, halves, learner)}, checks
+            return {"implementation_bug": disagreeing_half(lab, screen, grown, halves, learner)}, checks
     budget = f"{more.epochs} epochs, {len(more.train_items)} samples"
     tried = sorted(findings)
     found = {}
