@@ -366,6 +366,15 @@ def test_held_out_faults_do_what_they_say():
         t = train[i]["t"] / 10 if i >= 64 - 21 else train[i]["t"]  # the last third (21 of 64) in cm
         assert torch.equal(tr[i]["t"], t), i
 
+    tr, va = zoo.fault_datasets(fault_cfg("dropped_frame"), train, val)
+    assert va is val and len(tr) == 63  # frame 25 (40 % of 64) dropped from the images, not from the labels
+    for i in range(63):
+        image = train[i if i < 25 else i + 1]["image"]
+        assert torch.equal(tr[i]["image"], image) and torch.equal(tr[i]["t"], train[i]["t"]), i
+        assert torch.equal(tr[i]["R"], train[i]["R"]), i
+    # the image after the drop carries the dropped frame's pose, not its own
+    assert not torch.equal(tr[25]["t"], train[26]["t"])
+
     clean = two_head_net()(batch["image"])
     rounded = zoo.fault_model(fault_cfg("rounded_output"), two_head_net())(batch["image"])
     torch.testing.assert_close(rounded["rot"], clean["rot"])

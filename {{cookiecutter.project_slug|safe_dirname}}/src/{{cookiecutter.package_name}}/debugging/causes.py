@@ -8,9 +8,10 @@
   helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
   network passes it; `implementation_bug` too when some part of the output stays near the level of a
   constant prediction on the memorized samples), then `unsolvable`, but only when the model beats neither of
-  two shuffled-target controls and the configured setup, trained on a grown budget (twice the steps, four
+  two shuffled-target controls, the configured setup, trained on a grown budget (twice the steps, four
   times the samples), still does not beat the chance level (a budget too small to show learning is not
-  evidence against the task).
+  evidence against the task), and that model fits its own training items no worse than unseen ones (else
+  the training pipeline's labels disagree with validation's: `implementation_bug`).
 """
 
 import math
@@ -164,9 +165,9 @@ def capacity(lab, ctx, over):
 
 
 def residual(lab, screen, ctx, findings):
-    """`implementation_bug` (failed overfit test; `architecture` when a wider network passes it) or
-    `unsolvable` for a model that learns nothing that no fix explains (never when part of the output beats
-    both controls);
+    """`implementation_bug` (failed overfit test; `architecture` when a wider network passes it; a grown-budget
+    model that fits its training items worse than unseen ones) or `unsolvable` for a model that learns nothing
+    that no fix explains (never when part of the output beats both controls);
     returns ({cause: finding}, checks)."""
     if not screen.present("no_learning") or any(f["present"] for f in findings.values()):
         return {}, {}
@@ -224,6 +225,13 @@ def residual(lab, screen, ctx, findings):
                               "n_train": len(more.train_items), **grown_learning}  # fmt: skip
     if grown_learning["learned"]:
         return {}, checks  # the doctor's budget was too small to show learning: no evidence against the task
+    # Targets that are no function of the input are as hard on the training items as on unseen ones; a model
+    # that fits its own training items worse says the training pipeline's labels disagree with validation's
+    # (a recording joined with other units or another convention), not that the task cannot be learned.
+    fit, worse = training_items_fit(lab, more, grown)
+    checks["training_items_fit"] = fit
+    if worse:
+        return {"implementation_bug": worse_on_training_items(lab, fit, worse)}, checks
     return {
         "unsolvable": finding(
             "unsolvable",

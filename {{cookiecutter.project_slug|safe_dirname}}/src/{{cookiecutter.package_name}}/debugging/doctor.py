@@ -15,7 +15,7 @@ bottom (`diagnose`):
    it helps" with a paired permutation test;
 4. `causes.residual`: for a model that learns nothing and no fix that helped, the overfit test (of the loss
    and of each part of the output), then `unsolvable` (only if a grown budget, twice the steps on four times
-   the samples, does not learn either);
+   the samples, does not learn either, and fits its own training items no worse than unseen ones);
 5. `causes.unexplained`: a symptom that no cause explains and that the grown budget does not do away with is
    reported as `unexplained_<symptom>`, with what to look at next (never as health); first, a grown-budget
    model that fits its own training items worse than the unseen validation items is an `implementation_bug`

@@ -33,14 +33,16 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     turned_in_object_frame  the augmentation multiplies the turn on the wrong side of the rotation (R Q, not Q R) (implementation_bug)
     quaternion_order   the second half of the training set (another recording) stores w,x,y,z, read as x,y,z,w (implementation_bug)
     centimetre_recording  the last third of the training set (a third recording) stores translations in cm, read as mm (implementation_bug)
+    dropped_frame      the training images lost one frame 40 % in, their labels did not: later images get the previous pose (implementation_bug)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
 `clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target`, `labels_turned_back`,
-`mirrored_images` and `quaternion_order`; these seven and `raw_pixels` were each held out until the doctor
-missed them and a check was added for them (the input statistics deciding, the frozen-parameter row, the
-dead-output check, two shuffled-target controls, finer thumbnails in the shortcut probe, the overfit test's
-check of each part of the output, the fit of the training items against the validation items, the training
-set's halves trained alone), and `labels_turned_back` was built beside the fix table's augmentation row. The held-out part
+`mirrored_images`, `quaternion_order` and `centimetre_recording`; these eight and `raw_pixels` were each held
+out until the doctor missed them and a check was added for them (the input statistics deciding, the
+frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in the shortcut
+probe, the overfit test's check of each part of the output, the fit of the training items against the
+validation items, the training set's halves trained alone, that fit checked before `unsolvable` too), and
+`labels_turned_back` was built beside the fix table's augmentation row. The held-out part
 (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
 
@@ -78,6 +80,7 @@ FAULTS = (
     "turned_in_object_frame",
     "quaternion_order",
     "centimetre_recording",
+    "dropped_frame",
 )
 
 
@@ -314,6 +317,20 @@ def centimetre_recording(dataset):
     return Mapped(dataset, fn=fn)
 
 
+def dropped_frame(dataset):
+    """A recording whose image list lost one frame 40 % of the way through (a corrupt file skipped on export)
+    while its label file kept every row, joined by row: the images before the drop keep their poses, every
+    image after it carries the pose of the frame before it, and the last label has no image."""
+    targets = _targets(dataset)
+    drop = int(0.4 * len(dataset))
+
+    def fn(i, item):
+        item["R"], item["t"] = targets[i]
+        return item
+
+    return Mapped(dataset, index=[*range(drop), *range(drop + 1, len(dataset))], fn=fn)
+
+
 def fault_augment(cfg, augment):
     """The training batches' augmentation (batch -> batch, or None), broken when a fault is in it."""
     fault = AUGMENT_FAULTS.get(fault_of(cfg))
@@ -345,6 +362,8 @@ def fault_datasets(cfg, train_set, val_set):
         return quaternion_order(train_set), val_set
     if fault == "centimetre_recording":
         return centimetre_recording(train_set), val_set
+    if fault == "dropped_frame":
+        return dropped_frame(train_set), val_set
     if fault == "tiny_val":
         return train_set, Mapped(val_set, index=range(min(size, len(val_set))))
     return train_set, val_set
