@@ -15,8 +15,8 @@ from {{ cookiecutter.package_name }}.debugging.lab import Lab
 
 class ScriptedLab:
     """A lab whose runs are names and whose learning test answers from a script: {run name: learned} or
-    {"run vs control": learned}. Its models' per-sample losses on their training items are `train_fit` x
-    those on validation items put through the training pipeline (1.0: as well; a trained model does better)."""
+    {"run vs control": learned}. Its models' per-sample translation losses on their training items are
+    `train_fit` x those on validation items put through the training pipeline (1.0: as well)."""
 
     def __init__(self, learns, train_fit=1.0):
         self.learns = learns
@@ -52,8 +52,8 @@ class ScriptedLab:
         return name
 
     def item_losses(self, task, run, items):
-        """Per-sample (loss, {part: losses}) of `run` on `items`: skewed around 5 (rot 2, trans 1) on validation,
-        translation x `train_fit` on the run's own training items (the grown run's)."""
+        """Per-sample (loss, {part: losses}) of `run` on `items`: rot skewed around 2, trans around 1 (x
+        `train_fit` on the run's own training items, the grown run's), the loss twice their sum."""
         training = items != ["validation"] * 300
         assert not training or (run == "configured_grown_budget" and items == task.train_items)
         rng = np.random.default_rng(int(training))
