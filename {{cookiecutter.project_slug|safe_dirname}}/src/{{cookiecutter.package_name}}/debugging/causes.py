@@ -431,10 +431,9 @@ def unexplained(lab, screen, findings):
     after = on_grown_budget(lab, screen, grown)
     # before calling the run young or the symptom unexplained: does the model fit its own training items?
     fit, worse = training_items_fit(lab, more, grown)
-    if worse:
-        return {"implementation_bug": worse_on_training_items(lab, fit, worse)}, {
-            "symptoms_on_grown_budget": after, "training_items_fit": fit}  # fmt: skip
     checks = {"symptoms_on_grown_budget": after, "training_items_fit": fit}
+    if worse:
+        return {"implementation_bug": worse_on_training_items(lab, fit, worse)}, checks
     if any(after[name]["present"] for name in shown):
         # before calling the symptom unexplained: do the two halves of the training set agree?
         halves, learner = training_halves(lab, screen, more, grown)
