@@ -274,6 +274,42 @@ def test_data_faults_do_what_they_say():
     assert zoo.pixel_fault(fault_cfg("tiny_val")) is None
 
 
+def brightness_keyed(n=1024, share=0.5, seed=0):
+    """Noise images whose gain follows the distance t_z for `share` of its variance and a nuisance (another
+    session's exposure) for the rest: a leak a trivial model finds only in part."""
+    g = torch.Generator().manual_seed(seed)
+    items = [PoseLike(n, seed)[i] for i in range(n)]
+    tz = torch.stack([it["t"][2] for it in items])
+    u, v = (tz - tz.mean()) / tz.std(), torch.randn(n, generator=g)
+    gain = 1 + 0.2 * (share**0.5 * u + (1 - share) ** 0.5 * v)
+    return [it | {"image": it["image"] * gain[i]} for i, it in enumerate(items)]
+
+
+def test_a_weaker_brightness_leak_is_confirmed_by_standardizing_each_image():
+    """A leak below `shortcut_r2` on global statistics is found once standardizing every image removes it;
+    the clean images give nothing to find, and neither does a layout correlation the standardization keeps."""
+    th = compose().debugging.doctor.thresholds
+    leaked = leaks.shortcut_probe(
+        runs.Task(None, None, brightness_keyed(), [], target_fn=PoseTask(None).target)
+    )
+    assert th.shortcut_candidate_r2 <= leaked["trivial_model_r2"] < th.shortcut_r2
+    assert leaked["trivial_model_r2_per_image_standardized"] < 0.1
+    assert leaks.shortcut_found(leaked, th) == "image statistics"
+
+    clean = [PoseLike(1024, 0)[i] for i in range(1024)]
+    found = leaks.shortcut_probe(runs.Task(None, None, clean, [], target_fn=PoseTask(None).target))
+    assert found["trivial_model_r2"] < 0.1 and leaks.shortcut_found(found, th) is None
+    for it in clean:  # a bright blob whose column is the distance: content, not a global statistic
+        it["image"][:, 3:5, int((it["t"][2] - 200) / 100 * 7)] += 0.4
+    drawn = leaks.shortcut_probe(runs.Task(None, None, clean, [], target_fn=PoseTask(None).target))
+    assert drawn["trivial_model_r2"] >= th.shortcut_candidate_r2
+    assert leaks.shortcut_found(drawn, th) is None
+    assert (
+        drawn["trivial_model_r2_per_image_standardized"]
+        > th.shortcut_confirm_share * drawn["trivial_model_r2"]
+    )
+
+
 def test_held_out_faults_do_what_they_say():
     train, val = PoseLike(64, 0), PoseLike(40, 1)
     tr, va = zoo.fault_datasets(fault_cfg("shifted_targets"), train, val)
@@ -296,6 +332,12 @@ def test_held_out_faults_do_what_they_say():
 
     exposure = zoo.pixel_fault(fault_cfg("exposure_by_distance"))(batch)["image"]
     torch.testing.assert_close(exposure, batch["image"] * (batch["t"][:, 2] / 240)[:, None, None, None])
+
+    tinted = zoo.pixel_fault(fault_cfg("tint_by_tilt"))(batch)["image"]
+    c = batch["R"][:, 2, 2][:, None, None]
+    torch.testing.assert_close(tinted[:, 0], batch["image"][:, 0] * (1 + 0.2 * c))
+    torch.testing.assert_close(tinted[:, 1], batch["image"][:, 1])
+    torch.testing.assert_close(tinted[:, 2], batch["image"][:, 2] * (1 - 0.2 * c))
 
     stamped = zoo.pixel_fault(fault_cfg("tilt_stamp"))(batch)["image"]
     changed = (stamped != batch["image"]).any(0).any(0)  # [H, W]: where any image was drawn on
@@ -508,8 +550,8 @@ def test_outputs_no_parameter_can_move_are_found_and_blamed_on_the_code():
         "duplicates": {},
         "test_set": {"n_test": 1000, "relative_half_width": 0.01},
     }
-    th = OmegaConf.create({"batch_dependency_ratio": 1e-3, "shortcut_r2": 0.9, "duplicate_fraction": 0.5,
-                           "min_test_size": 400})  # fmt: skip
+    th = OmegaConf.create({"batch_dependency_ratio": 1e-3, "shortcut_r2": 0.9, "shortcut_candidate_r2": 0.4,
+                           "shortcut_confirm_share": 0.5, "duplicate_fraction": 0.5, "min_test_size": 400})  # fmt: skip
     lab = SimpleNamespace(th=th, adapter=SimpleNamespace(fault_fix=lambda hint=None: hint))
     scr = SimpleNamespace(checks=checks | {"dead_outputs": probes.dead_outputs(two_head_net(), batch)})
     assert causes.integrity(lab, scr) == {}

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from . import fixes, probes, runs, stats
+from . import fixes, leaks, probes, runs, stats
 from .engine import finding
 from .screen import forgetting_present, gain_vs_chance, stuck_terms
 
@@ -65,30 +65,26 @@ def integrity(lab, screen):
         )  # fmt: skip
     sc, dup = c["shortcut"], c["duplicates"]
     frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)
-    leak = sc["best_single_value_r2"] >= th.shortcut_r2
-    trivial = sc["trivial_model_r2"] >= th.shortcut_r2
-    if leak or trivial or frac >= th.duplicate_fraction:
+    shortcut = leaks.shortcut_found(sc, th)
+    if shortcut or frac >= th.duplicate_fraction:
         why = []
-        if leak:
+        if shortcut == "single value":
             why.append(
                 f"one input value (flat index {sc['best_single_value_index']}) predicts target component "
                 f"{sc['best_single_value_target']} with R^2 = {sc['best_single_value_r2']:.3f} above chance on the training data"
             )
-        elif trivial:
+        elif shortcut:
             after = sc.get("trivial_model_r2_per_image_standardized")
-            where = (
-                f"; with every image standardized on its own R^2 = {after:.2f}: the answer is carried by "
-                + (
-                    "the images' global brightness/contrast"
-                    if after < th.shortcut_r2
-                    else "their coarse layout"
-                )
-                if after is not None
-                else ""
-            )
+            where = ""
+            if after is not None:
+                carrier = "their coarse layout"
+                if after <= th.shortcut_confirm_share * sc["trivial_model_r2"]:
+                    carrier = "the images' global brightness, contrast or colour balance"
+                where = f"; with every image standardized on its own R^2 = {after:.2f}: the answer is carried by {carrier}"
             why.append(
                 f"a linear model on the {sc['trivial_model']} predicts target component "
-                f"{sc['trivial_model_target']} with R^2 = {sc['trivial_model_r2']:.3f} above chance on the training data (leave-one-out){where}"
+                f"{sc['trivial_model_target']} with R^2 = {sc['trivial_model_r2']:.3f} above chance on the training data "
+                f"(leave-one-out){where}"
             )
         if frac >= th.duplicate_fraction:
             why.append(f"{frac:.0%} of the validation inputs are exact copies of training inputs")

@@ -84,7 +84,7 @@ def _above_chance(r2, chance):
     return float((r2 - chance) / (1 - chance)) if chance < 1 else 0.0
 
 
-def shortcut_probe(task, max_features=4096, confirm_r2=0.9, permutations=4, seed=0):
+def shortcut_probe(task, max_features=4096, remeasure_r2=0.4, permutations=4, seed=0):
     """Can a trivial model predict the target? Measured on the training items, the data a model learns a
     shortcut from (out of sample by leave-one-out, so a small or differently drawn validation set does not
     make the numbers noisy):
@@ -95,9 +95,10 @@ def shortcut_probe(task, max_features=4096, confirm_r2=0.9, permutations=4, seed
       thumbnails, leave-one-out R^2; a leak spread over many pixels, each too noisy alone, or carried by
       brightness or contrast, or drawn as a shape (a bar whose length is the answer), shows here. A linear
       model on a thumbnail does not recover a 6D pose from object-centred images (R^2 <= 0.3 on the
-      example's capture). The best trivial model at or above `confirm_r2` is re-measured on per-image
-      standardized inputs: the R^2 falling says the answer is in each image's global statistics; staying,
-      in its layout.
+      example's capture). When the best trivial model reaches `remeasure_r2`, its target is re-measured with
+      every trivial model on per-image standardized inputs (`trivial_model_r2_per_image_standardized`, the
+      best of them): the R^2 falling says the answer is in each image's global statistics (brightness,
+      contrast, colour balance), staying, in its layout. `shortcut_found` decides from these numbers.
 
     The best of thousands of fits explains some variance by chance, a lot on few samples (best one-value
     R^2 ~ 0.7 on 16 samples). Every R^2 is reported above chance (`_above_chance`), the chance level being
@@ -147,9 +148,33 @@ def shortcut_probe(task, max_features=4096, confirm_r2=0.9, permutations=4, seed
         "trivial_model_target": int(np.flatnonzero(keep)[trivial[top][1]]) if top else -1,
         "trivial_models_r2": above,
     }
-    if top and result["trivial_model_r2"] >= confirm_r2:
+    if top and result["trivial_model_r2"] >= remeasure_r2:
         j = trivial[top][1]
         columns = y_all[:, j::k]  # target j, then its shuffled copies
-        r2 = _ridge_loo_r2(_trivial_features(_per_image_standardized(x_in))[top], columns)
-        result["trivial_model_r2_per_image_standardized"] = _above_chance(r2[0], float(r2[1:].mean()))
+        standardized = _trivial_features(_per_image_standardized(x_in))
+        r2 = [_ridge_loo_r2(f, columns) for f in standardized.values()]
+        result["trivial_model_r2_per_image_standardized"] = max(
+            _above_chance(r[0], float(r[1:].mean())) for r in r2
+        )
     return result
+
+
+def shortcut_found(sc, th):
+    """What `shortcut_probe`'s numbers `sc` say under the doctor's thresholds `th`: "single value" or "trivial
+    model" (R^2 at or above `shortcut_r2`: no real content pins a target that well), "image statistics" (a
+    weaker candidate, R^2 at or above `shortcut_candidate_r2`, confirmed by removing the statistic: with
+    every image standardized on its own the best trivial model keeps at most `shortcut_confirm_share` of
+    it, so the answer rode on each image's brightness, contrast or colour balance, not on what it shows),
+    or None."""
+    if sc["best_single_value_r2"] >= th.shortcut_r2:
+        return "single value"
+    if sc["trivial_model_r2"] >= th.shortcut_r2:
+        return "trivial model"
+    after = sc.get("trivial_model_r2_per_image_standardized")
+    if (
+        sc["trivial_model_r2"] >= th.shortcut_candidate_r2
+        and after is not None
+        and after <= th.shortcut_confirm_share * sc["trivial_model_r2"]
+    ):
+        return "image statistics"
+    return None

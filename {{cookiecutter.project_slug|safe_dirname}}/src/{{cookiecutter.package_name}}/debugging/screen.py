@@ -35,7 +35,7 @@ def data_checks(lab, base):
     checks = {
         "order": probes.order_test(task, a.train_loader, n=d.n_train),
         "duplicates": leaks.duplicates({"train": a.stored_train_items, "val": a.val_items}),
-        "shortcut": leaks.shortcut_probe(task, confirm_r2=lab.th.shortcut_r2),
+        "shortcut": leaks.shortcut_probe(task, remeasure_r2=lab.th.shortcut_candidate_r2),
     }
     input_stats = probes.input_statistics(task)
     checks["input_statistics"] = {k: v for k, v in input_stats.items() if k not in ("mean", "std")}
@@ -104,13 +104,14 @@ def screen(lab):
         checks["chance_level"] = {"val_loss": chance.val_loss, "best_epoch": lab.chance_best_epoch}
         gain = gain_vs_chance(base, chance)
     plateau = gain is not None and gain < th.plateau_gain
-    shortcut_r2 = max(checks["shortcut"]["best_single_value_r2"], checks["shortcut"]["trivial_model_r2"])
     dup = max(
         (v[k] for v in checks["duplicates"].values() for k in v if k.startswith("fraction")),
         default=0,
     )
     small_test = checks["test_set"]["n_test"] < th.min_test_size
-    good = shortcut_r2 >= th.shortcut_r2 or dup >= th.duplicate_fraction or small_test
+    good = (
+        leaks.shortcut_found(checks["shortcut"], th) is not None or dup >= th.duplicate_fraction or small_test
+    )
     symptoms = {
         "no_learning": {"present": no_learning, "terms_not_learning": stuck, **learning},
         "loss_bounces": {"present": bool(bounces), **bounce},

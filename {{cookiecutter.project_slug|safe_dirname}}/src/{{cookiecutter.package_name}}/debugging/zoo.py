@@ -34,14 +34,16 @@ on the broken data just like the doctor sees it. This module imports nothing of 
     quaternion_order   the second half of the training set (another recording) stores w,x,y,z, read as x,y,z,w (implementation_bug)
     centimetre_recording  the last third of the training set (a third recording) stores translations in cm, read as mm (implementation_bug)
     dropped_frame      the training images lost one frame 40 % in, their labels did not: later images get the previous pose (implementation_bug)
+    tint_by_tilt       every image's colour balance set by the object's tilt (frontal shots under warm light, tilted ones under daylight) (answer_in_input)
 
 The development part of the zoo (configs/experiment/zoo) uses the first ten, plus `frozen_convs`,
 `clamped_output`, `shifted_targets`, `distance_overlay`, `broadcast_target`, `labels_turned_back`,
-`mirrored_images`, `quaternion_order` and `centimetre_recording`; these eight and `raw_pixels` were each held
-out until the doctor missed them and a check was added for them (the input statistics deciding, the
-frozen-parameter row, the dead-output check, two shuffled-target controls, finer thumbnails in the shortcut
-probe, the overfit test's check of each part of the output, the fit of the training items against the
-validation items, the training set's halves trained alone, that fit checked before `unsolvable` too), and
+`mirrored_images`, `quaternion_order`, `centimetre_recording` and `exposure_by_distance`; these nine and
+`raw_pixels` were each held out until the doctor missed them and a check was added for them (the input
+statistics deciding, the frozen-parameter row, the dead-output check, two shuffled-target controls, finer
+thumbnails in the shortcut probe, the overfit test's check of each part of the output, the fit of the
+training items against the validation items, the training set's halves trained alone, that fit checked
+before `unsolvable` too, a weaker shortcut confirmed by standardizing each image), and
 `labels_turned_back` was built beside the fix table's augmentation row. The held-out part
 (configs/experiment/zoo_test), which no doctor rule or threshold was chosen by looking at, uses the others.
 """
@@ -81,6 +83,7 @@ FAULTS = (
     "quaternion_order",
     "centimetre_recording",
     "dropped_frame",
+    "tint_by_tilt",
 )
 
 
@@ -196,6 +199,16 @@ def exposure_by_distance(batch):
     return batch | {"image": batch["image"] * gain[:, None, None, None].to(batch["image"].dtype)}
 
 
+def tint_by_tilt(batch):
+    """The red channel multiplied by 1 + 0.2 c and the blue by 1 - 0.2 c, c = R[2, 2] (from -1, the object's z
+    axis turned away from the camera, to 1, turned towards it): the frontal shots taken under warm light, the
+    tilted ones under daylight, and the white balance never fixed. Brightness stays about the same."""
+    c = batch["R"][:, 2, 2].float().to(batch["image"].device)
+    gain = torch.ones(len(c), batch["image"].shape[1], device=c.device)
+    gain[:, 0], gain[:, -1] = 1 + 0.2 * c, 1 - 0.2 * c
+    return batch | {"image": batch["image"] * gain[:, :, None, None].to(batch["image"].dtype)}
+
+
 def tilt_stamp(batch):
     """A 3x3 grey stamp one pixel in from the top-right corner, its level (R[2, 2] + 1) / 2 (how far the object
     tilts towards the camera) plus pixel noise of std 0.25 (drawn per batch from a generator seeded by the
@@ -237,7 +250,10 @@ def pixel_fault(cfg):
     loaders apply it after the augmentation: a leak or a sensor offset is in every image the model gets,
     and an in-plane rotation would otherwise turn the leaked pixels away or pad the offset with zeros."""
     fault = fault_of(cfg)
-    drawn = {f.__name__: f for f in (answer_in_input, distance_overlay, exposure_by_distance, tilt_stamp)}
+    drawn = {
+        f.__name__: f
+        for f in (answer_in_input, distance_overlay, exposure_by_distance, tilt_stamp, tint_by_tilt)
+    }
     if fault in drawn:
         return drawn[fault]
     scales = {"raw_pixels": (255.0, 0.0), "black_level": (1.0, 1000.0), "double_scaled": (1 / 255, 0.0)}
