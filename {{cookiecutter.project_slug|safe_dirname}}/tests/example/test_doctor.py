@@ -278,7 +278,8 @@ def brightness_keyed(n=1024, share=0.5, seed=0):
     """Noise images whose gain follows the distance t_z for `share` of its variance and a nuisance (another
     session's exposure) for the rest: a leak a trivial model finds only in part."""
     g = torch.Generator().manual_seed(seed)
-    items = [PoseLike(n, seed)[i] for i in range(n)]
+    data = PoseLike(n, seed)
+    items = [data[i] for i in range(n)]
     tz = torch.stack([it["t"][2] for it in items])
     u, v = (tz - tz.mean()) / tz.std(), torch.randn(n, generator=g)
     gain = 1 + 0.2 * (share**0.5 * u + (1 - share) ** 0.5 * v)
@@ -296,7 +297,8 @@ def test_a_weaker_brightness_leak_is_confirmed_by_standardizing_each_image():
     assert leaked["trivial_model_r2_per_image_standardized"] < 0.1
     assert leaks.shortcut_found(leaked, th) == "image statistics"
 
-    clean = [PoseLike(1024, 0)[i] for i in range(1024)]
+    data = PoseLike(1024, 0)
+    clean = [data[i] for i in range(1024)]
     found = leaks.shortcut_probe(runs.Task(None, None, clean, [], target_fn=PoseTask(None).target))
     assert found["trivial_model_r2"] < 0.1 and leaks.shortcut_found(found, th) is None
     for it in clean:  # a bright blob whose column is the distance: content, not a global statistic
