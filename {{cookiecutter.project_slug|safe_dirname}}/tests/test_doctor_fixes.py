@@ -146,10 +146,10 @@ def test_the_larger_batch_runs_at_an_lr_the_range_test_calls_safe(lr, fixed_lr, 
     assert row("batch_too_small").fix(ctx, v) == fix
 
 
-def integrity_of(shortcut, shortcut_r2=0.9):
+def integrity_of(shortcut):
     lab = SimpleNamespace(
         th=SimpleNamespace(
-            shortcut_r2=shortcut_r2, shortcut_candidate_r2=0.4, shortcut_confirm_share=0.5,
+            shortcut_r2=0.9, shortcut_candidate_r2=0.4, shortcut_confirm_share=0.5,
             duplicate_fraction=0.01, batch_dependency_ratio=1e-6, min_test_size=385,
         ),
         adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text),

@@ -78,7 +78,7 @@ def integrity(lab, screen):
             where = ""
             if after is not None:
                 carrier = "their coarse layout"
-                if after <= th.shortcut_confirm_share * sc["trivial_model_r2"]:
+                if leaks.carried_by_image_statistics(sc, th):
                     carrier = "the images' global brightness, contrast or colour balance"
                 where = f"; with every image standardized on its own R^2 = {after:.2f}: the answer is carried by {carrier}"
             why.append(

@@ -170,11 +170,13 @@ def shortcut_found(sc, th):
         return "single value"
     if sc["trivial_model_r2"] >= th.shortcut_r2:
         return "trivial model"
-    after = sc.get("trivial_model_r2_per_image_standardized")
-    if (
-        sc["trivial_model_r2"] >= th.shortcut_candidate_r2
-        and after is not None
-        and after <= th.shortcut_confirm_share * sc["trivial_model_r2"]
-    ):
+    if sc["trivial_model_r2"] >= th.shortcut_candidate_r2 and carried_by_image_statistics(sc, th):
         return "image statistics"
     return None
+
+
+def carried_by_image_statistics(sc, th):
+    """Did standardizing every image on its own take the best trivial model's R^2 down to at most
+    `shortcut_confirm_share` of it? (False when it was not re-measured.)"""
+    after = sc.get("trivial_model_r2_per_image_standardized")
+    return after is not None and after <= th.shortcut_confirm_share * sc["trivial_model_r2"]
