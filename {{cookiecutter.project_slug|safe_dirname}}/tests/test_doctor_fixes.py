@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from {{ cookiecutter.package_name }}.debugging import causes, engine, fixes, probes, runs
+from {{ cookiecutter.package_name }}.debugging import causes, doctor, engine, fixes, probes, runs
 
 TH = SimpleNamespace(
     init_std_factor=3.0, generalization_gap=0.1, alpha=0.01, min_fix_gain=0.05, noise_batch_factor=1
@@ -395,3 +395,78 @@ def test_the_augmentation_row_is_a_last_resort_and_a_present_finding_is_kept():
     first = dataclasses.replace(absent_next, explain=lambda ctx, v, effect: ("the first row's", {}))
     found = engine.run(augmentation_context(AugmentationLab(False, True)), [first, absent_next])
     assert found["implementation_bug"]["summary"] == "the first row's"  # its evidence stays in the report
+
+
+def bottleneck_net(hidden, outputs=(4, 5)):
+    """Flatten -> Linear(48, hidden) -> tanh (no unit dead on every sample) -> two linear heads (`outputs`
+    components each) in a dict."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, hidden), torch.nn.Tanh())
+            self.rot, self.trans = (torch.nn.Linear(hidden, k) for k in outputs)
+
+        def forward(self, x):
+            h = self.body(x)
+            return {"rot": self.rot(h), "trans": self.trans(h)}
+
+    return Net()
+
+
+def span_screen(span, *symptoms):
+    names = ("no_learning", "plateau", "loss_bounces", "forgetting", "suspiciously_good")
+    return SimpleNamespace(
+        checks={"output_span": span}, symptoms={n: {"present": n in symptoms} for n in names},
+        present=lambda *which: any(w in symptoms for w in which),
+    )  # fmt: skip
+
+
+def test_a_layer_narrower_than_the_output_caps_its_span_and_is_blamed_on_the_architecture():
+    """Nine linear outputs of a 4-unit layer span 4 dimensions on 64 samples, of a 16-unit layer all 9; an
+    output held flat (a clamp) is left out rather than counted as a missing dimension. A model that does not
+    learn or plateaus with such a span is `architecture`, with the hidden width the outputs need as the fix;
+    a run without those symptoms is not accused, nor is a net whose span is full."""
+    batch = {"image": torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(1))}
+    narrow = probes.output_span(bottleneck_net(4), batch)
+    assert (narrow["n_components"], narrow["varying"], narrow["span"], narrow["n_samples"]) == (9, 9, 4, 64)
+    assert narrow["relative_singular_values"][3] > 1e-3 > 1e-5 > narrow["relative_singular_values"][4]
+    assert probes.output_span(bottleneck_net(16), batch)["span"] == 9
+    flat = bottleneck_net(16)
+    with torch.no_grad():
+        flat.trans.weight[2:] = 0.0  # three translation outputs constant over the batch
+    held = probes.output_span(flat, batch)
+    assert (held["varying"], held["span"]) == (6, 6)
+
+    lab = SimpleNamespace(cfg=OmegaConf.create({"model": {"hidden": 4}}))
+    found = causes.output_bottleneck(lab, span_screen(narrow, "plateau"))["architecture"]
+    assert found["present"] and found["strength"] == pytest.approx(1 - 4 / 9)
+    assert found["fix"] == "model.hidden=16"
+    assert "9 output components span only 4 dimensions" in found["summary"]
+    assert causes.output_bottleneck(lab, span_screen(narrow, "no_learning"))["architecture"]["present"]
+    assert causes.output_bottleneck(lab, span_screen(narrow)) == {}  # a run that learns fine
+    assert causes.output_bottleneck(lab, span_screen(narrow, "loss_bounces")) == {}
+    assert causes.output_bottleneck(lab, span_screen(held, "plateau")) == {}
+    few = dict(narrow, n_samples=9)  # 9 samples cannot show 9 dimensions
+    assert causes.output_bottleneck(lab, span_screen(few, "plateau")) == {}
+    unknown = SimpleNamespace(cfg=OmegaConf.create({}))
+    text = causes.output_bottleneck(unknown, span_screen(narrow, "plateau"))["architecture"]["fix"]
+    assert text == "widen the layers before the output to at least 9 units"
+
+
+def test_a_cause_found_present_keeps_its_finding_when_a_later_check_finds_it_absent():
+    """The output span finds `architecture` before the fix table; the table's wider network, which may not
+    help on the doctor's short budget, must not replace that finding with an absent one; a present later
+    finding replaces it, and an absent one replaces an absent one."""
+    present = engine.finding("architecture", True, 0.5, {"output_span": {}}, "model.hidden=16", "span")
+    absent = engine.finding("architecture", False, 0.0, {"wider_fix": {}}, "model.width=64", "wider")
+    wider = engine.finding("architecture", True, 0.2, {"wider_fix": {}}, "model.width=64", "wider helped")
+    other = engine.finding("lr_too_low", False, 0.0, {}, "training.lr=0.01", "")
+    assert doctor.merge({"architecture": present}, {"architecture": absent, "lr_too_low": other}) == {
+        "architecture": present, "lr_too_low": other,
+    }  # fmt: skip
+    assert doctor.merge({"architecture": present}, {"architecture": wider})["architecture"] is wider
+    assert doctor.merge({"architecture": absent}, {"architecture": other | {"id": "architecture"}})[
+        "architecture"
+    ]["fix"] == "training.lr=0.01"

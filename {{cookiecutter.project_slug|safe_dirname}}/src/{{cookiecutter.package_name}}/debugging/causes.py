@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from . import fixes, leaks, probes, runs, stats
-from .engine import finding
+from .engine import NO_LEARNING, finding
 from .screen import forgetting_present, gain_vs_chance, stuck_terms
 
 
@@ -102,6 +102,35 @@ def integrity(lab, screen):
             f"+-{1.96 * math.sqrt(0.25 / max(1, ts['n_test'])):.0%}; {th.min_test_size} samples give +-5 points.",
         )  # fmt: skip
     return found
+
+
+def output_bottleneck(lab, screen):
+    """`architecture` measured directly, for a model that does not learn or plateaus: its output components
+    span fewer dimensions than they have (`probes.output_span` on the trained screen run). Linear outputs of
+    a k-unit layer span at most k dimensions, so a layer narrower than the output caps the fit however long
+    it trains, and a wider run on the doctor's short budget may not show it. Returns {cause: finding}."""
+    span = screen.checks.get("output_span")
+    if not span or not screen.present(*NO_LEARNING):
+        return {}
+    k, n = span["span"], span["varying"]
+    if not (k < n < span["n_samples"]):
+        return {}
+    model = lab.cfg.get("model") or {}
+    fix = (
+        f"model.hidden={max(4 * model['hidden'], n)}"
+        if model.get("hidden")
+        else f"widen the layers before the output to at least {n} units"
+    )
+    return {
+        "architecture": finding(
+            "architecture", True, 1.0 - k / n, {"output_span": span}, fix,
+            f"The model's {n} output components span only {k} dimension{'s' if k != 1 else ''} on {span['n_samples']} training samples "
+            f"(the next singular value is {span['relative_singular_values'][k]:.1e} of the largest): some layer "
+            f"between the input and the output has at most {k} active unit{'s' if k != 1 else ''}, a bottleneck "
+            f"no training can widen; the outputs cannot follow targets that vary in {n} directions.",
+            "curves.png",
+        )
+    }  # fmt: skip
 
 
 def overfit_test(lab, task=None):

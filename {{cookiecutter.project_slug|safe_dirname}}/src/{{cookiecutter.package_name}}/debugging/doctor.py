@@ -77,20 +77,27 @@ TIER = {
 }
 
 
+def merge(found, more):
+    """`found` with the findings in `more`; a cause found present keeps its evidence when a later check of
+    the same cause finds nothing (the wider network of the fix table does not help a bottleneck that the
+    output span measured)."""
+    return found | {k: f for k, f in more.items() if f["present"] or not found.get(k, {}).get("present")}
+
+
 def diagnose(lab):
     """Screen -> integrity -> the fix table -> residual -> ranked causes. Returns report.json's body."""
     start = time.perf_counter()
     scr = screen.screen(lab)
     checks = dict(scr.checks)
-    found = causes.integrity(lab, scr)
+    found = causes.integrity(lab, scr) | causes.output_bottleneck(lab, scr)
     # the rows measured directly (data order), whatever the training curves look like
     ctx, _ = engine.context(lab, scr, training_fixes=False)
-    found |= engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=False))
+    found = merge(found, engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=False)))
     if not any(found.get(c, {}).get("present") for c in ("implementation_bug", "answer_in_input")):
         if scr.present(*engine.BAD):
             ctx, more = engine.context(lab, scr, training_fixes=True)
             checks |= more
-            found |= engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=True), found)
+            found = merge(found, engine.run(ctx, engine.rows(fixes.TABLE, scr, training_fixes=True), found))
         residual, more = causes.residual(lab, scr, ctx, found)
         checks |= more
         found |= residual

@@ -228,6 +228,37 @@ def dead_outputs(model, batch, forward=None, input_key="image"):
     return {"n_components": n, "n_samples": len(get_input(batch, input_key)), "dead": dead}
 
 
+def output_span(model, batch, forward=None, input_key="image", tol=1e-4):
+    """How many dimensions the model's outputs span on `batch` (eval mode, float32): every output component
+    flattened side by side, each sample a row; the components that vary over the batch; the rank of their
+    centred matrix (singular values above `tol` x the largest; float32 round-off leaves ~1e-6).
+
+    Components computed by linear layers from one hidden layer of k units span at most k dimensions, however
+    they are trained: a layer narrower than the output caps what the model can fit (a bottleneck). A healthy
+    network's outputs span every component they have. Components that do not vary at all (an output clamped
+    flat) are left out: dead_outputs names those."""
+    forward = forward or (lambda m, b: m(get_input(b, input_key)))
+    model.eval()
+    with torch.no_grad():
+        out = forward(model, batch)
+    columns = [o.detach().double().reshape(len(o), -1) for o in named_outputs(out).values() if o.is_floating_point()]
+    if not columns:
+        return {"n_components": 0, "varying": 0, "span": 0, "n_samples": 0, "relative_singular_values": []}
+    x = torch.cat(columns, 1)
+    x = x - x.mean(0)
+    scale = x.norm(dim=0)
+    varying = x[:, scale > tol * float(scale.max())] if float(scale.max()) > 0 and scale.isfinite().all() else x[:, :0]
+    s = torch.linalg.svdvals(varying) if varying.shape[1] else torch.zeros(0, dtype=x.dtype)
+    relative = (s / s[0]).tolist() if len(s) and s[0] > 0 else []
+    return {
+        "n_components": x.shape[1],
+        "varying": varying.shape[1],
+        "span": sum(r > tol for r in relative),
+        "n_samples": len(x),
+        "relative_singular_values": relative,
+    }
+
+
 def _step(task, model, batch, optimizer, scaler):
     """The project's training step (looked up at call time, so what breaks it breaks the probes)."""
     return training.train_step(
