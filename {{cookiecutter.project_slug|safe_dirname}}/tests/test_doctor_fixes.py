@@ -467,6 +467,5 @@ def test_a_cause_found_present_keeps_its_finding_when_a_later_check_finds_it_abs
         "architecture": present, "lr_too_low": other,
     }  # fmt: skip
     assert doctor.merge({"architecture": present}, {"architecture": wider})["architecture"] is wider
-    assert doctor.merge({"architecture": absent}, {"architecture": other | {"id": "architecture"}})[
-        "architecture"
-    ]["fix"] == "training.lr=0.01"
+    replaced = doctor.merge({"architecture": absent}, {"architecture": other | {"id": "architecture"}})
+    assert replaced["architecture"]["fix"] == "training.lr=0.01"  # an absent one replaces an absent one

@@ -4,6 +4,8 @@
   mixes the batch, ignores its input, has parameters the loss never reaches or, once trained, outputs no
   parameter can move (`implementation_bug`), the answer is in the input
   (`answer_in_input`), the validation set is too small to measure anything (`test_set_too_small`).
+- `output_bottleneck(lab, screen)`: a model that does not learn or plateaus whose outputs span fewer
+  dimensions than it has output components (`architecture`: a layer narrower than the output).
 - `residual(lab, screen, ctx, findings)`: for a model that learns nothing and no fix from the table that
   helped: Karpathy's overfit test (`implementation_bug` when it fails, `architecture` when only a wider
   network passes it; `implementation_bug` too when some part of the output stays near the level of a

@@ -241,13 +241,19 @@ def output_span(model, batch, forward=None, input_key="image", tol=1e-4):
     model.eval()
     with torch.no_grad():
         out = forward(model, batch)
-    columns = [o.detach().double().reshape(len(o), -1) for o in named_outputs(out).values() if o.is_floating_point()]
+    columns = [
+        o.detach().double().reshape(len(o), -1) for o in named_outputs(out).values() if o.is_floating_point()
+    ]
     if not columns:
         return {"n_components": 0, "varying": 0, "span": 0, "n_samples": 0, "relative_singular_values": []}
     x = torch.cat(columns, 1)
     x = x - x.mean(0)
     scale = x.norm(dim=0)
-    varying = x[:, scale > tol * float(scale.max())] if float(scale.max()) > 0 and scale.isfinite().all() else x[:, :0]
+    varying = (
+        x[:, scale > tol * float(scale.max())]
+        if float(scale.max()) > 0 and scale.isfinite().all()
+        else x[:, :0]
+    )
     s = torch.linalg.svdvals(varying) if varying.shape[1] else torch.zeros(0, dtype=x.dtype)
     relative = (s / s[0]).tolist() if len(s) and s[0] > 0 else []
     return {
