@@ -171,6 +171,11 @@ def test_duplicates_across_splits_are_found():
     items = regression_items()
     found = leaks.duplicates({"train": items[:200], "val": items[190:240]}, input_key=0)
     assert found["train/val"]["shared"] == 10
+    assert leaks.duplicate_fraction(found) == pytest.approx(10 / 50)  # of the validation split's 50
+    three = leaks.duplicates(
+        {"train": items[:200], "val": items[190:240], "test": items[195:200]}, input_key=0
+    )
+    assert leaks.duplicate_fraction(three) == 1.0  # every test input is a training input
     assert (
         leaks.duplicates({"train": items[:200], "val": items[200:]}, input_key=0)["train/val"]["shared"] == 0
     )

@@ -66,7 +66,7 @@ def integrity(lab, screen):
             "input left its range, a round, a detach) cuts it off.",
         )  # fmt: skip
     sc, dup = c["shortcut"], c["duplicates"]
-    frac = max((v[k] for v in dup.values() for k in v if k.startswith("fraction")), default=0.0)
+    frac = leaks.duplicate_fraction(dup)
     shortcut = leaks.shortcut_found(sc, th)
     if shortcut or frac >= th.duplicate_fraction:
         why = []

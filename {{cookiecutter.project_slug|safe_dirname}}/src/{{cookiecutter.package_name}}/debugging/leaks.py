@@ -37,6 +37,11 @@ def duplicates(splits, input_key="image"):
     return result
 
 
+def duplicate_fraction(result):
+    """The largest share of a split's inputs that are copies of another split's, in a `duplicates` result."""
+    return max((v[k] for v in result.values() for k in v if k.startswith("fraction")), default=0.0)
+
+
 PENALTIES = 10.0 ** np.arange(-2, 7)  # ridge penalties tried on standardized features
 
 

@@ -107,10 +107,7 @@ def screen(lab):
         checks["chance_level"] = {"val_loss": chance.val_loss, "best_epoch": lab.chance_best_epoch}
         gain = gain_vs_chance(base, chance)
     plateau = gain is not None and gain < th.plateau_gain
-    dup = max(
-        (v[k] for v in checks["duplicates"].values() for k in v if k.startswith("fraction")),
-        default=0,
-    )
+    dup = leaks.duplicate_fraction(checks["duplicates"])
     small_test = checks["test_set"]["n_test"] < th.min_test_size
     good = (
         leaks.shortcut_found(checks["shortcut"], th) is not None or dup >= th.duplicate_fraction or small_test
