@@ -415,10 +415,11 @@ def bottleneck_net(hidden, outputs=(4, 5)):
     return Net()
 
 
-def span_screen(span, *symptoms):
+def span_screen(span, *symptoms, at_init=None):
     names = ("no_learning", "plateau", "loss_bounces", "forgetting", "suspiciously_good")
     return SimpleNamespace(
-        checks={"output_span": span}, symptoms={n: {"present": n in symptoms} for n in names},
+        checks={"output_span": span, "output_span_at_init": at_init or span},
+        symptoms={n: {"present": n in symptoms} for n in names},
         present=lambda *which: any(w in symptoms for w in which),
     )  # fmt: skip
 
@@ -426,8 +427,10 @@ def span_screen(span, *symptoms):
 def test_a_layer_narrower_than_the_output_caps_its_span_and_is_blamed_on_the_architecture():
     """Nine linear outputs of a 4-unit layer span 4 dimensions on 64 samples, of a 16-unit layer all 9; an
     output held flat (a clamp) is left out rather than counted as a missing dimension. A model that does not
-    learn or plateaus with such a span is `architecture`, with the hidden width the outputs need as the fix;
-    a run without those symptoms is not accused, nor is a net whose span is full."""
+    learn or plateaus with such a span, at initialization too, is `architecture`, with the hidden width the
+    outputs need as the fix; a run without those symptoms is not accused, nor is a net whose span is full,
+    nor one that spanned every dimension before training (its units died in training: a noisy batch or a
+    high LR, not a narrow layer)."""
     batch = {"image": torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(1))}
     narrow = probes.output_span(bottleneck_net(4), batch)
     assert (narrow["n_components"], narrow["varying"], narrow["span"], narrow["n_samples"]) == (9, 9, 4, 64)
@@ -448,6 +451,9 @@ def test_a_layer_narrower_than_the_output_caps_its_span_and_is_blamed_on_the_arc
     assert causes.output_bottleneck(lab, span_screen(narrow)) == {}  # a run that learns fine
     assert causes.output_bottleneck(lab, span_screen(narrow, "loss_bounces")) == {}
     assert causes.output_bottleneck(lab, span_screen(held, "plateau")) == {}
+    wide = probes.output_span(bottleneck_net(16), batch)
+    assert causes.output_bottleneck(lab, span_screen(narrow, "plateau", at_init=wide)) == {}  # units died
+    assert "before training the same network's outputs spanned 4" in found["summary"]
     few = dict(narrow, n_samples=9)  # 9 samples cannot show 9 dimensions
     assert causes.output_bottleneck(lab, span_screen(few, "plateau")) == {}
     unknown = SimpleNamespace(cfg=OmegaConf.create({}))

@@ -108,15 +108,17 @@ def integrity(lab, screen):
 
 def output_bottleneck(lab, screen):
     """`architecture` measured directly, for a model that does not learn or plateaus: its output components
-    span fewer dimensions than they have (`probes.output_span` on the trained screen run). Linear outputs of
-    a k-unit layer span at most k dimensions, so a layer narrower than the output caps the fit however long
-    it trains, and a wider run on the doctor's short budget may not show it. Returns {cause: finding}."""
-    span = screen.checks.get("output_span")
-    if not span or not screen.present(*NO_LEARNING):
+    span fewer dimensions than they have (`probes.output_span` on the trained screen run), and did at
+    initialization too. Linear outputs of a k-unit layer span at most k dimensions, so a layer narrower than
+    the output caps the fit however long it trains, and a wider run on the doctor's short budget may not show
+    it. A span that only training narrowed is units that died (ReLUs pushed below zero on every sample by a
+    noisy batch or a high LR): the network is wide enough, its training is not right. Returns {cause: finding}."""
+    span, init = screen.checks.get("output_span"), screen.checks.get("output_span_at_init")
+    if not span or not init or not screen.present(*NO_LEARNING):
         return {}
     k, n = span["span"], span["varying"]
-    if not (k < n < span["n_samples"]):
-        return {}
+    if not (k < n < span["n_samples"]) or init["span"] >= init["varying"]:
+        return {}  # full, or narrowed in training only: hidden units that died (a noisy batch, a high LR)
     model = lab.cfg.get("model") or {}
     fix = (
         f"model.hidden={max(4 * model['hidden'], n)}"
@@ -125,11 +127,12 @@ def output_bottleneck(lab, screen):
     )
     return {
         "architecture": finding(
-            "architecture", True, 1.0 - k / n, {"output_span": span}, fix,
+            "architecture", True, 1.0 - k / n, {"output_span": span, "output_span_at_init": init}, fix,
             f"The model's {n} output components span only {k} dimension{'s' if k != 1 else ''} on {span['n_samples']} training samples "
             f"(the next singular value is {span['relative_singular_values'][k]:.1e} of the largest): some layer "
-            f"between the input and the output has at most {k} active unit{'s' if k != 1 else ''}, a bottleneck "
-            f"no training can widen; the outputs cannot follow targets that vary in {n} directions.",
+            f"between the input and the output has at most {k} active unit{'s' if k != 1 else ''}, and before "
+            f"training the same network's outputs spanned {init['span']}: a layer narrower than the output, a "
+            f"bottleneck no training can widen; the outputs cannot follow targets that vary in {n} directions.",
             "curves.png",
         )
     }  # fmt: skip

@@ -51,9 +51,15 @@ def data_checks(lab, base):
     if base.model is not None and not base.diverged:
         many = to_device(collate(a.train_items[: min(64, len(a.train_items))]), a.device)
         checks["dead_outputs"] = probes.dead_outputs(base.model, many, forward=task.forward)
-        checks["output_span"] = probes.output_span(
-            base.model, many, forward=task.forward, tol=lab.th.output_span_tol
-        )
+        span = probes.output_span(base.model, many, forward=task.forward, tol=lab.th.output_span_tol)
+        checks["output_span"] = span
+        if span["span"] < span["varying"]:
+            # units die in training (a noisy batch, a high LR); a layer narrower than the output is narrow
+            # before training too
+            fresh = task.model_factory().to(a.device)
+            checks["output_span_at_init"] = probes.output_span(
+                fresh, many, forward=task.forward, tol=lab.th.output_span_tol
+            )
     return checks
 
 
