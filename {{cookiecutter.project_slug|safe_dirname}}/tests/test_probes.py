@@ -395,3 +395,43 @@ def test_the_chance_level_trains_at_the_reference_batch_at_least(batch, chance_b
     assert lab.runs["chance_level"] is chance and np.isfinite(chance.val_loss)
     # whole epochs of 256 items at the chance batch (at batch 2 it would be one epoch cut to the 40 steps)
     assert {len(e) for e in chance.epoch_step_losses} == {256 // chance_batch}, chance.epoch_step_losses
+
+
+def keypoint_batch(n=32, size=16, seed=0):
+    """A keypoint task that is not pose: each image a bright blob, its label the blob's (x, y) in pixels."""
+    g = torch.Generator().manual_seed(seed)
+    xy = 3 + torch.rand(n, 2, generator=g) * (size - 7)
+    return {"image": draw_points(xy, size), "xy": xy}
+
+
+def draw_points(xy, size=16):
+    grid = torch.arange(size, dtype=torch.float32)
+    wx = torch.exp(-((grid - xy[:, :1]) ** 2) / 2)  # [B, W]
+    wy = torch.exp(-((grid - xy[:, 1:]) ** 2) / 2)  # [B, H]
+    return (wy[:, :, None] * wx[:, None, :])[:, None].expand(-1, 3, -1, -1)
+
+
+def random_flip(batch, forget_label=False):
+    """Flip each image left-right with probability 1/2 (torch's global generator); x -> W - 1 - x with it."""
+    flip = torch.rand(len(batch["xy"])) < 0.5
+    image = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
+    x = torch.where(flip, batch["image"].shape[-1] - 1 - batch["xy"][:, 0], batch["xy"][:, 0])
+    return batch | {"image": image, "xy": batch["xy"] if forget_label else torch.stack([x, batch["xy"][:, 1]], 1)}
+
+
+def test_augmentation_agreement_finds_a_label_update_that_disagrees_with_the_image():
+    """The augmentation check on a task that is not pose: a flip that mirrors the keypoint with the image agrees
+    on every sample; one that forgets the label disagrees on the flipped half. Generators are left untouched."""
+    batch = keypoint_batch()
+    draw = lambda b: draw_points(b["xy"])  # noqa: E731
+    torch.manual_seed(5)
+    np.random.seed(5)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    right = probes.augmentation_agreement(draw, random_flip, batch)
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert right["n_samples"] == 32 and right["correlation_min"] > 0.999
+    wrong = probes.augmentation_agreement(draw, lambda b: random_flip(b, forget_label=True), batch)
+    low = np.array(wrong["correlations"]) < 0.9
+    assert 0.25 < low.mean() < 0.75  # the flipped samples, about half
+    assert wrong == probes.augmentation_agreement(draw, lambda b: random_flip(b, forget_label=True), batch)
+    assert probes.augmentation_agreement(lambda b: None, random_flip, batch) is None  # the task draws nothing

@@ -78,6 +78,14 @@ class Task:
 
     # --- the doctor --------------------------------------------------------------------------------------------
 
+    def draw_labels(self, batch):
+        """A batch's labels drawn as inputs (a tensor shaped like batch[input_key]), or None (the default: no
+        such check). The doctor puts this drawing through `train_transform` in place of the images and
+        compares it with the drawing of the labels that come out: an augmentation whose label update
+        disagrees with what it does to the image is an implementation bug. Draw what the labels say about
+        the image, smoothly (blobs, not 1-pixel lines), so an image warp's interpolation keeps it."""
+        return None
+
     def target(self, batch):
         """The targets of a batch as [B, k] floats: what the doctor's order and shortcut probes correlate."""
         raise NotImplementedError

@@ -444,6 +444,7 @@ def test_augmentation_faults_turn_the_labels_the_wrong_way():
     for fault, R, t in (
         ("labels_turned_back", Q.transpose(1, 2) @ batch["R"], Q.transpose(1, 2) @ batch["t"].unsqueeze(-1)),
         ("turned_in_object_frame", batch["R"] @ Q, Q @ batch["t"].unsqueeze(-1)),
+        ("translation_left_unturned", Q @ batch["R"], batch["t"].unsqueeze(-1)),
     ):
         assert zoo.fault_augment(fault_cfg(fault), None) is None
         torch.manual_seed(3)
@@ -451,7 +452,47 @@ def test_augmentation_faults_turn_the_labels_the_wrong_way():
         assert torch.equal(wrong["image"], right["image"]) and not torch.equal(right["image"], batch["image"])
         torch.testing.assert_close(wrong["R"], R)
         torch.testing.assert_close(wrong["t"], t.squeeze(-1), rtol=1e-4, atol=1e-3)  # mm
-        assert float((wrong["R"] - right["R"]).abs().amax()) > 0.5, fault
+        assert float((wrong["R"] - right["R"]).abs().amax() + (wrong["t"] - right["t"]).abs().amax()) > 0.5, fault
+
+
+def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augmentation():
+    """PoseTask.draw_labels through the in-plane rotation: the right label update agrees with the turned drawing
+    on every sample; the development faults (`labels_turned_back`, `turned_in_object_frame`) and a construction
+    of this test's own (the labels turned, the image returned as it was) disagree on most, and
+    `causes.integrity` names `implementation_bug` for them only."""
+    from {{ cookiecutter.package_name }}.pose.task import rotate_in_plane
+
+    g = torch.Generator().manual_seed(0)
+    task = PoseTask(compose())
+    task.points_mm = torch.randn(200, 3, generator=g) * torch.tensor([40.0, 20.0, 10.0]) + torch.tensor([5.0, 0, 0])
+    n = 64
+    K = torch.tensor([[40.0, 0.0, 15.5], [0.0, 40.0, 15.5], [0.0, 0.0, 1.0]]).expand(n, 3, 3)
+    t = torch.cat([(torch.rand(n, 2, generator=g) - 0.5) * 120, 300 + 100 * torch.rand(n, 1, generator=g)], 1)
+    batch = {"image": torch.rand(n, 3, 32, 32, generator=g), "K": K, "R": roma.random_rotmat(n, generator=g), "t": t}
+    augment = functools.partial(rotate_in_plane, max_deg=180)
+    th = SimpleNamespace(augmentation_label_correlation=0.9, augmentation_disagreeing_share=0.1,
+                         batch_dependency_ratio=1e-6, shortcut_r2=0.9, shortcut_candidate_r2=0.4,
+                         shortcut_confirm_share=0.5, duplicate_fraction=0.01, min_test_size=385)  # fmt: skip
+    lab = SimpleNamespace(th=th, adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text))
+    checks = {
+        "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
+        "init": {"without_gradient": [], "n_trainable": 4},
+        "shortcut": {"best_single_value_r2": 0.0, "trivial_model_r2": 0.0},
+        "duplicates": {},
+        "test_set": {"n_test": 400, "relative_half_width": 0.03},
+    }
+
+    def check(augmentation):
+        agreement = probes.augmentation_agreement(task.draw_labels, augmentation, batch)
+        return agreement, causes.integrity(lab, SimpleNamespace(checks=checks | {"augmentation_labels": agreement}))
+
+    right, found = check(augment)
+    assert right["correlation_min"] > 0.95 and found == {}
+    image_kept = lambda b: augment(b) | {"image": b["image"]}  # noqa: E731
+    for name, wrong in [(f, zoo.fault_augment(fault_cfg(f), augment)) for f in ("labels_turned_back", "turned_in_object_frame")] + [("image_kept", image_kept)]:  # fmt: skip
+        agreement, found = check(wrong)
+        bug = found["implementation_bug"]
+        assert bug["strength"] > 0.5 and "augmentation" in bug["summary"], name
 
 
 def two_head_net():

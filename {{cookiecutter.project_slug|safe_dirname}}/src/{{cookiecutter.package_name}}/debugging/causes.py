@@ -65,6 +65,20 @@ def integrity(lab, screen):
             "output layer always passes gradient to its bias; something flat after it (a ReLU or clamp whose "
             "input left its range, a round, a detach) cuts it off.",
         )  # fmt: skip
+    aug = c.get("augmentation_labels")
+    if aug and "implementation_bug" not in found:
+        low = sum(r < th.augmentation_label_correlation for r in aug["correlations"]) / aug["n_samples"]
+        if low > th.augmentation_disagreeing_share:
+            found["implementation_bug"] = finding(
+                "implementation_bug", True, low, {"augmentation_labels": aug},
+                fault_fix("make the augmentation change each label as it changes the image"),
+                f"The training augmentation changes the labels in a way that disagrees with what it does to the "
+                f"images: the labels drawn as images (Task.draw_labels), put through the augmentation, match a "
+                f"drawing of the labels it returns with correlation {aug['correlation_median']:.2f} (median; "
+                f"{low:.0%} of {aug['n_samples']} samples below {th.augmentation_label_correlation}). A right "
+                "label update leaves only the warp's interpolation; look at its sign, its axis order and "
+                "whether every label it should change is changed.",
+            )  # fmt: skip
     sc, dup = c["shortcut"], c["duplicates"]
     frac = leaks.duplicate_fraction(dup)
     shortcut = leaks.shortcut_found(sc, th)

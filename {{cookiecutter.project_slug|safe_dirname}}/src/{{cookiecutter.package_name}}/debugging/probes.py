@@ -13,6 +13,7 @@ range test) step through the project's training step (`training.train_step`), li
 
 import copy
 import math
+import random
 
 import numpy as np
 import torch
@@ -226,6 +227,34 @@ def dead_outputs(model, batch, forward=None, input_key="image"):
             if sum(float(g.abs().sum()) for g in grads if g is not None) == 0.0:  # NaN (diverged) is not zero
                 dead.append(f"{name}[{c}]")
     return {"n_components": n, "n_samples": len(get_input(batch, input_key)), "dead": dead}
+
+
+def augmentation_agreement(draw, augment, batch, input_key="image", seed=0):
+    """Does an augmentation change the labels as it changes the images? The labels drawn as inputs
+    (Task.draw_labels), that drawing put through the augmentation in place of the images, against a drawing
+    of the labels the augmentation returns: the Pearson correlation of the two per sample (1: they agree; a
+    right label update leaves only the warp's interpolation). None when the task draws no labels. The
+    augmentation's random draws come from generators seeded here and restored afterwards, so the doctor's
+    runs draw what they would without this check."""
+    drawn = draw(batch)
+    if drawn is None:
+        return None
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            out = augment(batch | {input_key: drawn})
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    warped, redrawn = (x.flatten(1).double() for x in (out[input_key], draw(out)))
+    warped, redrawn = warped - warped.mean(1, keepdim=True), redrawn - redrawn.mean(1, keepdim=True)
+    corr = (warped * redrawn).sum(1) / (warped.norm(dim=1) * redrawn.norm(dim=1)).clamp_min(1e-12)
+    q = torch.quantile(corr, torch.tensor([0.0, 0.1, 0.5], dtype=corr.dtype)).tolist()
+    return {"n_samples": len(corr), "correlation_min": q[0], "correlation_p10": q[1], "correlation_median": q[2],
+            "correlations": [round(c, 4) for c in corr.tolist()]}  # fmt: skip
 
 
 def output_span(model, batch, forward=None, input_key="image", tol=1e-4):

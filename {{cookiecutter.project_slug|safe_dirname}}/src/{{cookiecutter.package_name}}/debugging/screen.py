@@ -37,6 +37,11 @@ def data_checks(lab, base):
         "duplicates": leaks.duplicates({"train": a.stored_train_items, "val": a.val_items}),
         "shortcut": leaks.shortcut_probe(task, remeasure_r2=lab.th.shortcut_candidate_r2),
     }
+    if a.augmentation is not None:
+        drawn = collate(a.stored_train_items[: min(64, len(a.stored_train_items))])
+        agreement = probes.augmentation_agreement(a.spec.draw_labels, a.augmentation, drawn, a.spec.input_key)
+        if agreement is not None:
+            checks["augmentation_labels"] = agreement
     input_stats = probes.input_statistics(task)
     checks["input_statistics"] = {k: v for k, v in input_stats.items() if k not in ("mean", "std")}
     checks["test_set"] = probes.test_set_precision(base.val_losses, a.n_val_total)

@@ -1,5 +1,6 @@
-"""The one way poses are drawn: the object's x, y, z axes projected onto an image (training's prediction
-grid, evaluation's predictions.png, error analysis' contact sheet)."""
+"""The one way poses are drawn for people: the object's x, y, z axes projected onto an image (training's
+prediction grid, evaluation's predictions.png, error analysis' contact sheet); and `label_drawing`, poses
+drawn for the doctor's augmentation check."""
 
 import math
 
@@ -7,6 +8,8 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageDraw
+
+from . import geometry
 
 AXIS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))  # x red, y green, z blue
 
@@ -57,3 +60,20 @@ def pose_grid(images, K, true_poses, predicted_poses, length_mm, min_size=0):
             image = draw_axes(image, R, t, k, length_mm, shade, width=scale)
         drawn.append(image)
     return torchvision.utils.make_grid(drawn, nrow=max(1, math.ceil(math.sqrt(len(drawn)))), padding=2)
+
+
+def label_drawing(points, K, R, t, size, sigma=1.0):
+    """Poses drawn as images [B, 3, H, W] for checks, not for people: each sample's model points (mm, [N, 3])
+    projected under its pose, each a Gaussian blob of `sigma` pixels coloured by its object coordinates
+    (x, y, z scaled to [0, 1] over the model). Unlike a silhouette the colours turn with the object, so a
+    turn about the object's own axis changes the drawing too. A splat rather than a rendering: it needs no
+    mesh, and a smooth drawing survives an image warp's interpolation (warped and redrawn agree)."""
+    H, W = size
+    uv = geometry.project(points, R, t, K)  # [B, N, 2]
+    lo, hi = points.min(0).values, points.max(0).values
+    colours = (points - lo) / (hi - lo).clamp_min(1e-9)  # [N, 3]
+    xs = torch.arange(W, dtype=uv.dtype, device=uv.device)
+    ys = torch.arange(H, dtype=uv.dtype, device=uv.device)
+    wx = torch.exp(-((xs - uv[..., :1]) ** 2) / (2 * sigma**2))  # [B, N, W]
+    wy = torch.exp(-((ys - uv[..., 1:]) ** 2) / (2 * sigma**2))  # [B, N, H]
+    return torch.einsum("bnh,bnw,nc->bchw", wy, wx, colours.to(uv.dtype))

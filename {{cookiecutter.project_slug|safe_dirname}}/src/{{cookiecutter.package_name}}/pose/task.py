@@ -21,6 +21,7 @@ class PoseTask(task.Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.diameter_mm = None  # of the object, set by build_loss (it reads the models)
+        self.points_mm = None  # up to 256 of its model points, set by build_loss
 
     def build_datasets(self, cfg):
         d = cfg.data
@@ -37,6 +38,7 @@ class PoseTask(task.Task):
         info = bop.load_models_info(cfg.data.root)[cfg.data.obj_id]
         self.diameter_mm = float(info["diameter"])
         points = torch.as_tensor(bop.load_model_points(cfg.data.root, cfg.data.obj_id), dtype=torch.float32)
+        self.points_mm = points[:: max(1, len(points) // 256)]
         criterion = losses.build_criterion(
             cfg.loss, points, bop.is_symmetric(info), image_size=cfg.data.image_size
         )
@@ -68,6 +70,13 @@ class PoseTask(task.Task):
         true = list(zip(cpu["R"], cpu["t"], strict=True))
         predicted = list(zip(R.cpu(), t.cpu(), strict=True))
         return draw.pose_grid(images.cpu(), cpu["K"], true, predicted, 0.5 * self.diameter_mm)
+
+    def draw_labels(self, batch):
+        """The poses drawn as images (draw.label_drawing): the doctor augments this drawing and compares it with
+        a drawing of the augmented poses."""
+        image, K = batch["image"], batch["K"]
+        points = self.points_mm.to(device=K.device, dtype=K.dtype)
+        return draw.label_drawing(points, K, batch["R"].to(K.dtype), batch["t"].to(K.dtype), image.shape[-2:])
 
     def fault_datasets(self, cfg, train_set, val_set):
         return zoo.fault_datasets(cfg, train_set, val_set)
