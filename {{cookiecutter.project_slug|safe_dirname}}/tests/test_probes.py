@@ -416,7 +416,10 @@ def random_flip(batch, forget_label=False):
     flip = torch.rand(len(batch["xy"])) < 0.5
     image = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
     x = torch.where(flip, batch["image"].shape[-1] - 1 - batch["xy"][:, 0], batch["xy"][:, 0])
-    return batch | {"image": image, "xy": batch["xy"] if forget_label else torch.stack([x, batch["xy"][:, 1]], 1)}
+    return batch | {
+        "image": image,
+        "xy": batch["xy"] if forget_label else torch.stack([x, batch["xy"][:, 1]], 1),
+    }
 
 
 def test_augmentation_agreement_finds_a_label_update_that_disagrees_with_the_image():
@@ -428,7 +431,9 @@ def test_augmentation_agreement_finds_a_label_update_that_disagrees_with_the_ima
     np.random.seed(5)
     before = torch.get_rng_state(), np.random.get_state()[1].copy()
     right = probes.augmentation_agreement(draw, random_flip, batch)
-    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(
+        np.random.get_state()[1], before[1]
+    )
     assert right["n_samples"] == 32 and right["correlation_min"] > 0.999
     wrong = probes.augmentation_agreement(draw, lambda b: random_flip(b, forget_label=True), batch)
     low = np.array(wrong["correlations"]) < 0.9

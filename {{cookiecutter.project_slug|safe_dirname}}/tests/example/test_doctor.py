@@ -452,7 +452,9 @@ def test_augmentation_faults_turn_the_labels_the_wrong_way():
         assert torch.equal(wrong["image"], right["image"]) and not torch.equal(right["image"], batch["image"])
         torch.testing.assert_close(wrong["R"], R)
         torch.testing.assert_close(wrong["t"], t.squeeze(-1), rtol=1e-4, atol=1e-3)  # mm
-        assert float((wrong["R"] - right["R"]).abs().amax() + (wrong["t"] - right["t"]).abs().amax()) > 0.5, fault
+        assert float((wrong["R"] - right["R"]).abs().amax() + (wrong["t"] - right["t"]).abs().amax()) > 0.5, (
+            fault
+        )
 
 
 def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augmentation():
@@ -464,16 +466,25 @@ def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augment
 
     g = torch.Generator().manual_seed(0)
     task = PoseTask(compose())
-    task.points_mm = torch.randn(200, 3, generator=g) * torch.tensor([40.0, 20.0, 10.0]) + torch.tensor([5.0, 0, 0])
+    task.points_mm = torch.randn(200, 3, generator=g) * torch.tensor([40.0, 20.0, 10.0]) + torch.tensor(
+        [5.0, 0, 0]
+    )
     n = 64
     K = torch.tensor([[40.0, 0.0, 15.5], [0.0, 40.0, 15.5], [0.0, 0.0, 1.0]]).expand(n, 3, 3)
     t = torch.cat([(torch.rand(n, 2, generator=g) - 0.5) * 120, 300 + 100 * torch.rand(n, 1, generator=g)], 1)
-    batch = {"image": torch.rand(n, 3, 32, 32, generator=g), "K": K, "R": roma.random_rotmat(n, generator=g), "t": t}
+    batch = {
+        "image": torch.rand(n, 3, 32, 32, generator=g),
+        "K": K,
+        "R": roma.random_rotmat(n, generator=g),
+        "t": t,
+    }
     augment = functools.partial(rotate_in_plane, max_deg=180)
     th = SimpleNamespace(augmentation_label_correlation=0.9, augmentation_disagreeing_share=0.1,
                          batch_dependency_ratio=1e-6, shortcut_r2=0.9, shortcut_candidate_r2=0.4,
                          shortcut_confirm_share=0.5, duplicate_fraction=0.01, min_test_size=385)  # fmt: skip
-    lab = SimpleNamespace(th=th, adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text))
+    lab = SimpleNamespace(
+        th=th, adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text)
+    )
     checks = {
         "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
         "init": {"without_gradient": [], "n_trainable": 4},
@@ -484,7 +495,9 @@ def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augment
 
     def check(augmentation):
         agreement = probes.augmentation_agreement(task.draw_labels, augmentation, batch)
-        return agreement, causes.integrity(lab, SimpleNamespace(checks=checks | {"augmentation_labels": agreement}))
+        return agreement, causes.integrity(
+            lab, SimpleNamespace(checks=checks | {"augmentation_labels": agreement})
+        )
 
     right, found = check(augment)
     assert right["correlation_min"] > 0.95 and found == {}
