@@ -457,6 +457,25 @@ def test_augmentation_faults_turn_the_labels_the_wrong_way():
         )
 
 
+# the screen's checks with nothing wrong in them: `causes.integrity` finds nothing on these alone
+CLEAN_CHECKS = {
+    "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
+    "init": {"without_gradient": [], "n_trainable": 4},
+    "shortcut": {"best_single_value_r2": 0.0, "trivial_model_r2": 0.0},
+    "duplicates": {},
+    "test_set": {"n_test": 1000, "relative_half_width": 0.01},
+}
+
+
+def integrity_lab(**thresholds):
+    """The lab `causes.integrity` reads: the thresholds it needs (the defaults' values), and `fault_fix`."""
+    th = SimpleNamespace(batch_dependency_ratio=1e-6, shortcut_r2=0.6, shortcut_candidate_r2=0.4,
+                         shortcut_confirm_share=0.5, duplicate_fraction=0.01, min_test_size=385, **thresholds)  # fmt: skip
+    return SimpleNamespace(
+        th=th, adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text)
+    )
+
+
 def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augmentation():
     """PoseTask.draw_labels through the in-plane rotation: the right label update agrees with the turned drawing
     on every sample; the development faults (`labels_turned_back`, `turned_in_object_frame`) and a construction
@@ -479,24 +498,12 @@ def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augment
         "t": t,
     }
     augment = functools.partial(rotate_in_plane, max_deg=180)
-    th = SimpleNamespace(augmentation_label_correlation=0.9, augmentation_disagreeing_share=0.1,
-                         batch_dependency_ratio=1e-6, shortcut_r2=0.9, shortcut_candidate_r2=0.4,
-                         shortcut_confirm_share=0.5, duplicate_fraction=0.01, min_test_size=385)  # fmt: skip
-    lab = SimpleNamespace(
-        th=th, adapter=SimpleNamespace(fault_fix=lambda text="fix the data/model code": text)
-    )
-    checks = {
-        "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
-        "init": {"without_gradient": [], "n_trainable": 4},
-        "shortcut": {"best_single_value_r2": 0.0, "trivial_model_r2": 0.0},
-        "duplicates": {},
-        "test_set": {"n_test": 400, "relative_half_width": 0.03},
-    }
+    lab = integrity_lab(augmentation_label_correlation=0.9, augmentation_disagreeing_share=0.1)
 
     def check(augmentation):
         agreement = probes.augmentation_agreement(task.draw_labels, augmentation, batch)
         return agreement, causes.integrity(
-            lab, SimpleNamespace(checks=checks | {"augmentation_labels": agreement})
+            lab, SimpleNamespace(checks=CLEAN_CHECKS | {"augmentation_labels": agreement})
         )
 
     right, found = check(augment)
@@ -599,17 +606,8 @@ def test_outputs_no_parameter_can_move_are_found_and_blamed_on_the_code():
         diverged.body[1].weight.fill_(float("nan"))
     assert probes.dead_outputs(diverged, batch)["dead"] == []  # NaN is not "no gradient"
 
-    checks = {
-        "batch_dependency_eval": {"ratio": 0.0, "own_gradient": 1.0},
-        "init": {"without_gradient": [], "n_trainable": 2},
-        "shortcut": {"best_single_value_r2": 0.0, "trivial_model_r2": 0.0},
-        "duplicates": {},
-        "test_set": {"n_test": 1000, "relative_half_width": 0.01},
-    }
-    th = OmegaConf.create({"batch_dependency_ratio": 1e-3, "shortcut_r2": 0.9, "shortcut_candidate_r2": 0.4,
-                           "shortcut_confirm_share": 0.5, "duplicate_fraction": 0.5, "min_test_size": 400})  # fmt: skip
-    lab = SimpleNamespace(th=th, adapter=SimpleNamespace(fault_fix=lambda hint=None: hint))
-    scr = SimpleNamespace(checks=checks | {"dead_outputs": probes.dead_outputs(two_head_net(), batch)})
+    lab = integrity_lab()
+    scr = SimpleNamespace(checks=CLEAN_CHECKS | {"dead_outputs": probes.dead_outputs(two_head_net(), batch)})
     assert causes.integrity(lab, scr) == {}
     scr.checks["dead_outputs"] = probes.dead_outputs(rounded, batch)
     bug = causes.integrity(lab, scr)["implementation_bug"]
