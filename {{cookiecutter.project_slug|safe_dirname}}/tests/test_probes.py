@@ -440,3 +440,34 @@ def test_augmentation_agreement_finds_a_label_update_that_disagrees_with_the_ima
     assert 0.25 < low.mean() < 0.75  # the flipped samples, about half
     assert wrong == probes.augmentation_agreement(draw, lambda b: random_flip(b, forget_label=True), batch)
     assert probes.augmentation_agreement(lambda b: None, random_flip, batch) is None  # the task draws nothing
+
+
+def random_shift(batch, forget_label=False, most=6):
+    """Shift each image sideways by a random whole number of pixels in [-most, most] (torch's global
+    generator), the columns it brings in black; x moves with it."""
+    shifts = torch.randint(-most, most + 1, (len(batch["xy"]),))
+    image = torch.zeros_like(batch["image"])
+    width = image.shape[-1]
+    for i, s in enumerate(shifts.tolist()):
+        image[i, ..., max(s, 0) : width + min(s, 0)] = batch["image"][i, ..., max(-s, 0) : width - max(s, 0)]
+    xy = batch["xy"] if forget_label else batch["xy"] + torch.stack([shifts, 0 * shifts], 1)
+    return batch | {"image": image, "xy": xy}
+
+
+def test_augmentation_agreement_compares_only_what_the_frame_held():
+    """Keypoints near and over the frame's edges: their blobs are cut by the frame, and a shift brings in the
+    part the stored image never held, black in the shifted drawing, drawn in full from the shifted label.
+    That is no disagreement: a right shift agrees on every sample (only pixels whose source lies inside the
+    frame are compared), a shift that forgets the label still disagrees, and samples drawn wholly off the
+    frame on both sides are left out."""
+    g = torch.Generator().manual_seed(1)
+    xy = torch.stack([torch.rand(40, generator=g) * 22 - 3, 3 + torch.rand(40, generator=g) * 9], 1)
+    xy[:2, 0] = -60.0  # far off the frame: nothing of either drawing lies inside it
+    batch = {"image": draw_points(xy), "xy": xy}
+    draw = lambda b: draw_points(b["xy"])  # noqa: E731
+    right = probes.augmentation_agreement(draw, random_shift, batch)
+    assert right["n_drawn_off_frame"] >= 2 and right["n_samples"] + right["n_drawn_off_frame"] == 40
+    assert right["correlation_min"] > 0.999, right["correlations"]
+    assert 0.6 < right["inside_share_median"] < 1.0
+    wrong = probes.augmentation_agreement(draw, lambda b: random_shift(b, forget_label=True), batch)
+    assert (np.array(wrong["correlations"]) < 0.9).mean() > 0.5

@@ -478,7 +478,7 @@ def integrity_lab(**thresholds):
 
 def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augmentation():
     """PoseTask.draw_labels through the in-plane rotation: the right label update agrees with the turned drawing
-    on every sample; the development faults (`labels_turned_back`, `turned_in_object_frame`) and a construction
+    on every sample, also for objects larger than the frame; the development faults (`labels_turned_back`, `turned_in_object_frame`) and a construction
     of this test's own (the labels turned, the image returned as it was) disagree on most, and
     `causes.integrity` names `implementation_bug` for them only."""
     from {{ cookiecutter.package_name }}.pose.task import rotate_in_plane
@@ -500,7 +500,7 @@ def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augment
     augment = functools.partial(rotate_in_plane, max_deg=180)
     lab = integrity_lab(augmentation_label_correlation=0.9, augmentation_disagreeing_share=0.1)
 
-    def check(augmentation):
+    def check(augmentation, batch=batch):
         agreement = probes.augmentation_agreement(task.draw_labels, augmentation, batch)
         return agreement, causes.integrity(
             lab, SimpleNamespace(checks=CLEAN_CHECKS | {"augmentation_labels": agreement})
@@ -508,6 +508,9 @@ def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augment
 
     right, found = check(augment)
     assert right["correlation_min"] > 0.95 and found == {}
+    # the same poses ten times nearer: objects larger than the frame, cut by it, and turned into view
+    near, found = check(augment, batch | {"t": batch["t"] / 10})
+    assert near["inside_share_median"] < 0.9 and near["correlation_min"] > 0.95 and found == {}
     image_kept = lambda b: augment(b) | {"image": b["image"]}  # noqa: E731
     for name, wrong in [(f, zoo.fault_augment(fault_cfg(f), augment)) for f in ("labels_turned_back", "turned_in_object_frame")] + [("image_kept", image_kept)]:  # fmt: skip
         agreement, found = check(wrong)

@@ -233,27 +233,47 @@ def augmentation_agreement(draw, augment, batch, input_key="image", seed=0):
     """Does an augmentation change the labels as it changes the images? The labels drawn as inputs
     (Task.draw_labels), that drawing put through the augmentation in place of the images, against a drawing
     of the labels the augmentation returns: the Pearson correlation of the two per sample (1: they agree; a
-    right label update leaves only the warp's interpolation). None when the task draws no labels. The
-    augmentation's random draws come from generators seeded here and restored afterwards, so the doctor's
-    runs draw what they would without this check."""
+    right label update leaves only the warp's interpolation). Only pixels whose source lies inside the frame
+    are compared (an all-ones image put through the same augmentation, kept where it stays at its maximum):
+    a label drawn partly off the frame (a truncated object, a near one) is drawn in full from the returned
+    labels but cut in the warped drawing, and a warp that brings that part in is no disagreement. A sample
+    with nothing drawn on either side there is not compared. None when the task draws no labels. The
+    augmentation's random draws come from generators seeded here and restored afterwards (each of the two
+    passes draws the same numbers), so the doctor's runs draw what they would without this check."""
     drawn = draw(batch)
     if drawn is None:
         return None
     states = random.getstate(), np.random.get_state()
-    try:
+
+    def augmented(images):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             np.random.seed(seed)
             random.seed(seed)
-            out = augment(batch | {input_key: drawn})
+            return augment(batch | {input_key: images})
+
+    try:
+        out = augmented(drawn)
+        ones = augmented(torch.ones_like(drawn))[input_key].flatten(2).double().amin(1)  # [B, HW]
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
+    inside = (ones >= 0.999 * ones.amax(1, keepdim=True)).double()
+    mask = inside.repeat(1, drawn.shape[1])  # the flattened [B, C*H*W] drawings are channel-major
     warped, redrawn = (x.flatten(1).double() for x in (out[input_key], draw(out)))
-    warped, redrawn = warped - warped.mean(1, keepdim=True), redrawn - redrawn.mean(1, keepdim=True)
-    corr = (warped * redrawn).sum(1) / (warped.norm(dim=1) * redrawn.norm(dim=1)).clamp_min(1e-12)
+    n = mask.sum(1, keepdim=True).clamp_min(1)
+    warped, redrawn = (mask * (x - (mask * x).sum(1, keepdim=True) / n) for x in (warped, redrawn))
+    norms = torch.stack([warped.norm(dim=1), redrawn.norm(dim=1)])
+    varies = norms > 1e-6 * norms.max()  # a side that does not vary inside the frame drew nothing there
+    corr = torch.where(varies.all(0), (warped * redrawn).sum(1) / norms.prod(0).clamp_min(1e-300), 0.0)
+    drawn_any = varies.any(0)  # nothing drawn on either side: nothing to compare
+    corr = corr[drawn_any]
+    if len(corr) == 0:
+        return None
     q = torch.quantile(corr, torch.tensor([0.0, 0.1, 0.5], dtype=corr.dtype)).tolist()
-    return {"n_samples": len(corr), "correlation_min": q[0], "correlation_p10": q[1], "correlation_median": q[2],
+    return {"n_samples": len(corr), "n_drawn_off_frame": int((~drawn_any).sum()),
+            "inside_share_median": float(inside.mean(1).median()), "correlation_min": q[0],
+            "correlation_p10": q[1], "correlation_median": q[2],
             "correlations": [round(c, 4) for c in corr.tolist()]}  # fmt: skip
 
 
