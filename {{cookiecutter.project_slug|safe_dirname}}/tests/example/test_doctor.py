@@ -478,9 +478,9 @@ def integrity_lab(**thresholds):
 
 def test_augmentation_label_check_names_a_wrong_label_update_of_the_pose_augmentation():
     """PoseTask.draw_labels through the in-plane rotation: the right label update agrees with the turned drawing
-    on every sample, also for objects larger than the frame; the development faults (`labels_turned_back`, `turned_in_object_frame`) and a construction
-    of this test's own (the labels turned, the image returned as it was) disagree on most, and
-    `causes.integrity` names `implementation_bug` for them only."""
+    on every sample, also for objects larger than the frame; the development faults (`labels_turned_back`,
+    `turned_in_object_frame`) and a construction of this test's own (the labels turned, the image returned as
+    it was) disagree on most, and `causes.integrity` names `implementation_bug` for them only."""
     from {{ cookiecutter.package_name }}.pose.task import rotate_in_plane
 
     g = torch.Generator().manual_seed(0)

@@ -237,9 +237,10 @@ def augmentation_agreement(draw, augment, batch, input_key="image", seed=0):
     are compared (an all-ones image put through the same augmentation, kept where it stays at its maximum):
     a label drawn partly off the frame (a truncated object, a near one) is drawn in full from the returned
     labels but cut in the warped drawing, and a warp that brings that part in is no disagreement. A sample
-    with nothing drawn on either side there is not compared. None when the task draws no labels. The
-    augmentation's random draws come from generators seeded here and restored afterwards (each of the two
-    passes draws the same numbers), so the doctor's runs draw what they would without this check."""
+    with nothing drawn on either side there is not compared. None when the task draws no labels (or none
+    inside the frame). The augmentation's random draws come from generators seeded here and restored
+    afterwards (each of the two passes draws the same numbers), so the doctor's runs draw what they would
+    without this check."""
     drawn = draw(batch)
     if drawn is None:
         return None
